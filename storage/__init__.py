@@ -1,0 +1,36 @@
+"""Tunebot storage: the SQLite schema, migrations and typed access (`Store`)."""
+
+from storage.db import open_db, migrate, MIGRATIONS
+from storage.errors import StorageError, NotFound, DuplicateExample, InvalidValue
+from storage.records import (
+    Assistant,
+    Member,
+    Invite,
+    Example,
+    ExampleRevision,
+    Document,
+    GenerationRun,
+    Job,
+    ModelVersion,
+    RetrainPolicy,
+    ApiKey,
+    AuditEntry,
+    User,
+    ROLES,
+    SOURCES,
+    STATUSES,
+    SPLITS,
+    JOB_KINDS,
+    JOB_STATES,
+)
+from storage.store import Store
+from storage.text import normalize_question, question_hash
+
+__all__ = [
+    "open_db", "migrate", "MIGRATIONS", "Store",
+    "StorageError", "NotFound", "DuplicateExample", "InvalidValue",
+    "Assistant", "Member", "Invite", "Example", "ExampleRevision", "Document", "GenerationRun",
+    "Job", "ModelVersion", "RetrainPolicy", "ApiKey", "AuditEntry", "User",
+    "ROLES", "SOURCES", "STATUSES", "SPLITS", "JOB_KINDS", "JOB_STATES",
+    "normalize_question", "question_hash",
+]

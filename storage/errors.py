@@ -1,0 +1,22 @@
+"""Small exception classes whose messages a user can act on."""
+
+
+class StorageError(Exception):
+    """Base class for storage errors."""
+
+
+class NotFound(StorageError):
+    """A record that was asked for does not exist (or was deleted)."""
+
+
+class InvalidValue(StorageError):
+    """A value outside its allowed set (role, status, split, …)."""
+
+
+class DuplicateExample(StorageError):
+    """An example with the same normalized question already exists in the assistant."""
+
+    def __init__(self, existing_id: int, question: str):
+        self.existing_id = existing_id
+        self.question = question
+        super().__init__(f"duplicate of example #{existing_id}: {question[:80]!r}")

@@ -1,0 +1,552 @@
+"""Typed access to the database: the only place that writes SQL for the other layers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+from typing import Any, Callable, Iterable
+
+import sqlite_utils
+
+from storage.errors import DuplicateExample, InvalidValue, NotFound
+from storage.records import (
+    JOB_KINDS, JOB_STATES, ROLES, SOURCES, SPLITS, STATUSES, VERSION_STATES,
+    ApiKey, Assistant, AuditEntry, Document, Example, ExampleRevision, GenerationRun, Invite,
+    Job, Member, ModelVersion, RetrainPolicy, User, from_row,
+)
+from storage.text import question_hash
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def fmt_time(when: dt.datetime) -> str:
+    """Times are stored as UTC 'YYYY-MM-DD HH:MM:SS' so that they sort as strings."""
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc)
+    return when.strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=dt.timezone.utc)
+
+
+def _check(value: str, allowed: Iterable[str], what: str) -> str:
+    if value not in allowed:
+        raise InvalidValue(f"unknown {what} {value!r}; expected one of: {', '.join(allowed)}")
+    return value
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class Store:
+    """Methods over one `sqlite_utils.Database`; `clock` is injectable for tests."""
+
+    def __init__(self, db: sqlite_utils.Database, *, clock: Callable[[], dt.datetime] = utcnow):
+        self.db = db
+        self.clock = clock
+
+    def now(self) -> str:
+        return fmt_time(self.clock())
+
+    # ---------------------------------------------------------------- users
+    def upsert_user(self, user_id: int, *, name: str | None = None, language: str | None = None) -> User:
+        existing = self.db["users"].rows_where("id = ?", [user_id])
+        row = next(iter(existing), None)
+        if row is None:
+            self.db["users"].insert({"id": user_id, "name": name, "language": language, "created_at": self.now()})
+        else:
+            updates = {k: v for k, v in {"name": name, "language": language}.items() if v is not None}
+            if updates:
+                self.db["users"].update(user_id, updates)
+        return self.get_user(user_id)
+
+    def get_user(self, user_id: int) -> User | None:
+        row = next(iter(self.db["users"].rows_where("id = ?", [user_id])), None)
+        return from_row(User, row) if row else None
+
+    def set_user_language(self, user_id: int, language: str) -> None:
+        self.upsert_user(user_id, language=language)
+
+    # ----------------------------------------------------------- assistants
+    def create_assistant(self, name: str, *, description: str = "", system_prompt: str = "",
+                         base_model: str = "", owner_id: int | None = None) -> Assistant:
+        name = name.strip()
+        if not name:
+            raise InvalidValue("assistant name must not be empty")
+        if len(name) > 64:
+            raise InvalidValue("assistant name must be at most 64 characters")
+        if self.find_assistant(name) is not None:
+            raise InvalidValue(f"an assistant named {name!r} already exists")
+        with self.db.conn:
+            aid = self.db["assistants"].insert({
+                "name": name, "description": description, "system_prompt": system_prompt,
+                "base_model": base_model, "created_by": owner_id, "created_at": self.now(),
+            }).last_pk
+            if owner_id is not None:
+                self.upsert_user(owner_id)
+                self.db["members"].insert({"assistant_id": aid, "user_id": owner_id, "role": "owner",
+                                           "added_at": self.now()})
+        self.audit("assistant.create", user_id=owner_id, assistant_id=aid, details={"name": name})
+        return self.get_assistant(aid)
+
+    def get_assistant(self, assistant_id: int) -> Assistant:
+        row = next(iter(self.db["assistants"].rows_where("id = ? and deleted_at is null", [assistant_id])), None)
+        if row is None:
+            raise NotFound(f"assistant #{assistant_id} not found")
+        return from_row(Assistant, row)
+
+    def find_assistant(self, name: str) -> Assistant | None:
+        row = next(iter(self.db["assistants"].rows_where("name = ? and deleted_at is null", [name.strip()])), None)
+        return from_row(Assistant, row) if row else None
+
+    def assistant_by_name(self, name: str) -> Assistant:
+        found = self.find_assistant(name)
+        if found is None:
+            raise NotFound(f"no assistant named {name!r}; see `tunebot assistants list`")
+        return found
+
+    def list_assistants(self, *, user_id: int | None = None) -> list[Assistant]:
+        if user_id is None:
+            rows = self.db["assistants"].rows_where("deleted_at is null", order_by="id")
+        else:
+            rows = self.db.query(
+                "select a.* from assistants a join members m on m.assistant_id = a.id "
+                "where m.user_id = ? and a.deleted_at is null order by a.id", [user_id])
+        return [from_row(Assistant, r) for r in rows]
+
+    def update_assistant(self, assistant_id: int, **fields: Any) -> Assistant:
+        allowed = {"description", "system_prompt", "base_model", "active_version_id", "name"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidValue(f"cannot update {', '.join(sorted(unknown))}")
+        self.get_assistant(assistant_id)
+        self.db["assistants"].update(assistant_id, fields)
+        return self.get_assistant(assistant_id)
+
+    # -------------------------------------------------------------- members
+    def add_member(self, assistant_id: int, user_id: int, role: str) -> Member:
+        _check(role, ROLES, "role")
+        self.get_assistant(assistant_id)
+        self.upsert_user(user_id)
+        self.db["members"].upsert({"assistant_id": assistant_id, "user_id": user_id, "role": role,
+                                   "added_at": self.now()}, pk=("assistant_id", "user_id"))
+        self.audit("member.set", assistant_id=assistant_id, details={"user_id": user_id, "role": role})
+        return self.get_member(assistant_id, user_id)
+
+    def get_member(self, assistant_id: int, user_id: int) -> Member | None:
+        row = next(iter(self.db["members"].rows_where("assistant_id = ? and user_id = ?",
+                                                      [assistant_id, user_id])), None)
+        return from_row(Member, row) if row else None
+
+    def role_of(self, assistant_id: int, user_id: int) -> str | None:
+        member = self.get_member(assistant_id, user_id)
+        return member.role if member else None
+
+    def list_members(self, assistant_id: int) -> list[Member]:
+        return [from_row(Member, r) for r in
+                self.db["members"].rows_where("assistant_id = ?", [assistant_id], order_by="added_at")]
+
+    def remove_member(self, assistant_id: int, user_id: int, *, by: int | None = None) -> None:
+        member = self.get_member(assistant_id, user_id)
+        if member is None:
+            raise NotFound(f"user {user_id} is not a member")
+        if member.role == "owner" and sum(m.role == "owner" for m in self.list_members(assistant_id)) == 1:
+            raise InvalidValue("the last owner cannot be removed; make someone else owner first")
+        self.db["members"].delete((assistant_id, user_id))
+        self.audit("member.remove", user_id=by, assistant_id=assistant_id, details={"user_id": user_id})
+
+    # -------------------------------------------------------------- invites
+    def create_invite(self, assistant_id: int, role: str, *, uses: int = 1, ttl_hours: float = 72,
+                      created_by: int | None = None) -> Invite:
+        _check(role, ROLES, "role")
+        if uses < 1:
+            raise InvalidValue("an invite needs at least one use")
+        token = secrets.token_urlsafe(12)
+        expires = fmt_time(self.clock() + dt.timedelta(hours=ttl_hours))
+        self.db["invites"].insert({"token": token, "assistant_id": assistant_id, "role": role,
+                                   "expires_at": expires, "uses_left": uses, "created_by": created_by,
+                                   "created_at": self.now()})
+        self.audit("invite.create", user_id=created_by, assistant_id=assistant_id, details={"role": role, "uses": uses})
+        return from_row(Invite, self.db["invites"].get(token))
+
+    def redeem_invite(self, token: str, user_id: int) -> Member:
+        """Use one invite: the user becomes a member with its role (an existing higher role is kept)."""
+        with self.db.conn:
+            row = next(iter(self.db["invites"].rows_where("token = ?", [token])), None)
+            if row is None:
+                raise NotFound("this invite link is not valid")
+            if row["uses_left"] <= 0:
+                raise InvalidValue("this invite link has been used up; ask for a new one")
+            if row["expires_at"] and row["expires_at"] < self.now():
+                raise InvalidValue("this invite link has expired; ask for a new one")
+            self.db.execute("update invites set uses_left = uses_left - 1 where token = ?", [token])
+        current = self.role_of(row["assistant_id"], user_id)
+        if current is not None and ROLES.index(current) <= ROLES.index(row["role"]):
+            return self.get_member(row["assistant_id"], user_id)
+        return self.add_member(row["assistant_id"], user_id, row["role"])
+
+    # ------------------------------------------------------------- examples
+    def find_duplicate(self, assistant_id: int, question: str, *, exclude_id: int | None = None) -> Example | None:
+        """The live example of this assistant whose normalized question equals this one."""
+        qh = question_hash(question)
+        rows = self.db["examples"].rows_where(
+            "assistant_id = ? and question_hash = ? and deleted_at is null and status != 'rejected' and id != ?",
+            [assistant_id, qh, exclude_id or -1], limit=1)
+        row = next(iter(rows), None)
+        return from_row(Example, row) if row else None
+
+    def add_example(self, assistant_id: int, question: str, answer: str, *, source: str = "expert",
+                    status: str = "approved", split: str = "train", parent_id: int | None = None,
+                    method: str | None = None, author_id: int | None = None,
+                    generation_run_id: int | None = None, document_id: int | None = None,
+                    chunk_ref: str | None = None, judge_score: float | None = None,
+                    must_contain: list[str] | None = None, allow_duplicate: bool = False) -> Example:
+        """Insert one example; raises DuplicateExample when its normalized question exists."""
+        _check(source, SOURCES, "source")
+        _check(status, STATUSES, "status")
+        _check(split, SPLITS, "split")
+        question, answer = question.strip(), answer.strip()
+        if not question or not answer:
+            raise InvalidValue("question and answer must both be non-empty")
+        if not allow_duplicate:
+            dup = self.find_duplicate(assistant_id, question)
+            if dup is not None:
+                raise DuplicateExample(dup.id, dup.question)
+        now = self.now()
+        eid = self.db["examples"].insert({
+            "assistant_id": assistant_id, "question": question, "answer": answer, "source": source,
+            "status": status, "split": split, "parent_id": parent_id, "method": method,
+            "author_id": author_id, "generation_run_id": generation_run_id, "document_id": document_id,
+            "chunk_ref": chunk_ref, "judge_score": judge_score,
+            "must_contain": json.dumps(must_contain, ensure_ascii=False) if must_contain else None,
+            "question_hash": question_hash(question), "created_at": now, "updated_at": now,
+        }).last_pk
+        self._history(eid, "create", question, answer, status, author_id)
+        return self.get_example(eid)
+
+    def _history(self, example_id: int, action: str, question: str, answer: str, status: str,
+                 by: int | None) -> None:
+        self.db["example_history"].insert({"example_id": example_id, "action": action, "question": question,
+                                           "answer": answer, "status": status, "changed_by": by,
+                                           "changed_at": self.now()})
+
+    def get_example(self, example_id: int, *, include_deleted: bool = False) -> Example:
+        where = "id = ?" + ("" if include_deleted else " and deleted_at is null")
+        row = next(iter(self.db["examples"].rows_where(where, [example_id])), None)
+        if row is None:
+            raise NotFound(f"example #{example_id} not found")
+        return from_row(Example, row)
+
+    def edit_example(self, example_id: int, *, question: str | None = None, answer: str | None = None,
+                     split: str | None = None, by: int | None = None) -> Example:
+        """Change the text; the previous text stays in `example_history`."""
+        ex = self.get_example(example_id)
+        updates: dict[str, Any] = {}
+        if question is not None and question.strip() and question.strip() != ex.question:
+            dup = self.find_duplicate(ex.assistant_id, question, exclude_id=example_id)
+            if dup is not None:
+                raise DuplicateExample(dup.id, dup.question)
+            updates["question"] = question.strip()
+            updates["question_hash"] = question_hash(question)
+        if answer is not None and answer.strip() and answer.strip() != ex.answer:
+            updates["answer"] = answer.strip()
+        if split is not None and split != ex.split:
+            updates["split"] = _check(split, SPLITS, "split")
+        if not updates:
+            return ex
+        updates["updated_at"] = self.now()
+        with self.db.conn:
+            self.db["examples"].update(example_id, updates)
+            new = self.get_example(example_id)
+            self._history(example_id, "edit", new.question, new.answer, new.status, by)
+        return new
+
+    def delete_example(self, example_id: int, *, by: int | None = None) -> None:
+        """Soft delete: the row stays, marked deleted, and the history records who did it."""
+        ex = self.get_example(example_id)
+        with self.db.conn:
+            self.db["examples"].update(example_id, {"deleted_at": self.now(), "updated_at": self.now()})
+            self._history(example_id, "delete", ex.question, ex.answer, ex.status, by)
+
+    def restore_example(self, example_id: int, *, by: int | None = None) -> Example:
+        ex = self.get_example(example_id, include_deleted=True)
+        with self.db.conn:
+            self.db["examples"].update(example_id, {"deleted_at": None, "updated_at": self.now()})
+            self._history(example_id, "restore", ex.question, ex.answer, ex.status, by)
+        return self.get_example(example_id)
+
+    def example_history(self, example_id: int) -> list[ExampleRevision]:
+        return [from_row(ExampleRevision, r) for r in
+                self.db["example_history"].rows_where("example_id = ?", [example_id], order_by="id")]
+
+    def set_status(self, example_id: int, status: str, *, by: int | None = None) -> Example:
+        _check(status, STATUSES, "status")
+        ex = self.get_example(example_id)
+        with self.db.conn:
+            self.db["examples"].update(example_id, {"status": status, "reviewer_id": by, "updated_at": self.now()})
+            self._history(example_id, status if status != "pending" else "reset", ex.question, ex.answer, status, by)
+        return self.get_example(example_id)
+
+    def approve(self, example_id: int, *, by: int | None = None) -> Example:
+        return self.set_status(example_id, "approved", by=by)
+
+    def reject(self, example_id: int, *, by: int | None = None) -> Example:
+        return self.set_status(example_id, "rejected", by=by)
+
+    def list_examples(self, assistant_id: int, *, status: str | None = None, split: str | None = None,
+                      source: str | None = None, generation_run_id: int | None = None,
+                      parent_id: int | None = None, roots_only: bool = False,
+                      limit: int | None = None, offset: int = 0) -> list[Example]:
+        where = ["assistant_id = ?", "deleted_at is null"]
+        args: list[Any] = [assistant_id]
+        for col, val in (("status", status), ("split", split), ("source", source),
+                         ("generation_run_id", generation_run_id), ("parent_id", parent_id)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if roots_only:
+            where.append("parent_id is null")
+        rows = self.db["examples"].rows_where(" and ".join(where), args, order_by="id",
+                                              limit=limit, offset=offset or None)
+        return [from_row(Example, r) for r in rows]
+
+    def count_examples(self, assistant_id: int, **filters: Any) -> int:
+        return len(self.list_examples(assistant_id, **filters))
+
+    def example_counts(self, assistant_id: int) -> dict[str, dict[str, int]]:
+        """Counts of live examples by source, status and split."""
+        out: dict[str, dict[str, int]] = {}
+        for col in ("source", "status", "split"):
+            rows = self.db.query(
+                f"select {col} as k, count(*) as n from examples where assistant_id = ? and deleted_at is null "
+                f"group by {col} order by {col}", [assistant_id])
+            out[col] = {r["k"]: r["n"] for r in rows}
+        return out
+
+    # ------------------------------------------------------------ documents
+    def add_document(self, assistant_id: int, filename: str, text: str, *, uploaded_by: int | None = None) -> Document:
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        did = self.db["documents"].insert({"assistant_id": assistant_id, "filename": filename, "sha256": sha,
+                                           "text": text, "uploaded_by": uploaded_by,
+                                           "created_at": self.now()}).last_pk
+        return from_row(Document, self.db["documents"].get(did))
+
+    def get_document(self, document_id: int) -> Document:
+        try:
+            return from_row(Document, self.db["documents"].get(document_id))
+        except sqlite_utils.db.NotFoundError:
+            raise NotFound(f"document #{document_id} not found") from None
+
+    # ------------------------------------------------------ generation runs
+    def create_generation_run(self, assistant_id: int, *, method: str, model: str, requested: int = 0,
+                              params: dict | None = None) -> GenerationRun:
+        rid = self.db["generation_runs"].insert({
+            "assistant_id": assistant_id, "method": method, "model": model, "status": "running",
+            "requested": requested, "params": json.dumps(params or {}), "created_at": self.now(),
+        }).last_pk
+        return self.get_generation_run(rid)
+
+    def get_generation_run(self, run_id: int) -> GenerationRun:
+        try:
+            return from_row(GenerationRun, self.db["generation_runs"].get(run_id))
+        except sqlite_utils.db.NotFoundError:
+            raise NotFound(f"generation run #{run_id} not found") from None
+
+    def add_generation_usage(self, run_id: int, *, requests: int = 0, prompt_tokens: int = 0,
+                             completion_tokens: int = 0, cost_usd: float = 0.0, generated: int = 0,
+                             kept: int = 0) -> None:
+        """Add to a run's counters atomically (several coroutines may report at once)."""
+        self.db.execute(
+            "update generation_runs set requests = requests + ?, prompt_tokens = prompt_tokens + ?, "
+            "completion_tokens = completion_tokens + ?, cost_usd = cost_usd + ?, generated = generated + ?, "
+            "kept = kept + ? where id = ?",
+            [requests, prompt_tokens, completion_tokens, cost_usd, generated, kept, run_id])
+        self.db.conn.commit()
+
+    def finish_generation_run(self, run_id: int, *, status: str = "succeeded", error: str | None = None) -> GenerationRun:
+        self.db["generation_runs"].update(run_id, {"status": status, "error": error, "finished_at": self.now()})
+        return self.get_generation_run(run_id)
+
+    def list_generation_runs(self, assistant_id: int) -> list[GenerationRun]:
+        return [from_row(GenerationRun, r) for r in
+                self.db["generation_runs"].rows_where("assistant_id = ?", [assistant_id], order_by="id")]
+
+    # ----------------------------------------------------------------- jobs
+    def create_job(self, kind: str, *, assistant_id: int | None = None, params: dict | None = None,
+                   priority: int = 0, gpus: int = 0, scheduled_at: str | None = None,
+                   max_attempts: int = 3, created_by: int | None = None) -> Job:
+        _check(kind, JOB_KINDS, "job kind")
+        jid = self.db["jobs"].insert({
+            "kind": kind, "assistant_id": assistant_id, "status": "scheduled" if scheduled_at else "queued",
+            "priority": priority, "gpus": gpus, "params": json.dumps(params or {}, ensure_ascii=False),
+            "scheduled_at": scheduled_at, "max_attempts": max_attempts, "created_by": created_by,
+            "created_at": self.now(),
+        }).last_pk
+        self.audit("job.create", user_id=created_by, assistant_id=assistant_id, details={"job_id": jid, "kind": kind})
+        return self.get_job(jid)
+
+    def get_job(self, job_id: int) -> Job:
+        try:
+            return from_row(Job, self.db["jobs"].get(job_id))
+        except sqlite_utils.db.NotFoundError:
+            raise NotFound(f"job #{job_id} not found") from None
+
+    def list_jobs(self, *, assistant_id: int | None = None, status: str | Iterable[str] | None = None,
+                  limit: int | None = None) -> list[Job]:
+        where, args = [], []
+        if assistant_id is not None:
+            where.append("assistant_id = ?")
+            args.append(assistant_id)
+        if status is not None:
+            states = [status] if isinstance(status, str) else list(status)
+            where.append(f"status in ({', '.join('?' * len(states))})")
+            args.extend(states)
+        rows = self.db["jobs"].rows_where(" and ".join(where) or None, args, order_by="id desc", limit=limit)
+        return [from_row(Job, r) for r in rows]
+
+    def update_job(self, job_id: int, **fields: Any) -> Job:
+        if "status" in fields:
+            _check(fields["status"], JOB_STATES, "job status")
+        for key in ("params", "progress", "result"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key], ensure_ascii=False)
+        self.db["jobs"].update(job_id, fields)
+        self.db.conn.commit()
+        return self.get_job(job_id)
+
+    # ------------------------------------------------------- model versions
+    def add_model_version(self, assistant_id: int, *, adapter_path: str, base_model: str,
+                          job_id: int | None = None, dataset_hash: str | None = None,
+                          hyperparameters: dict | None = None, metrics: dict | None = None) -> ModelVersion:
+        vid = self.db["model_versions"].insert({
+            "assistant_id": assistant_id, "job_id": job_id, "adapter_path": adapter_path,
+            "base_model": base_model, "dataset_hash": dataset_hash,
+            "hyperparameters": json.dumps(hyperparameters or {}), "metrics": json.dumps(metrics or {}),
+            "status": "candidate", "created_at": self.now(),
+        }).last_pk
+        self.audit("version.create", assistant_id=assistant_id, details={"version_id": vid, "job_id": job_id})
+        return self.get_model_version(vid)
+
+    def get_model_version(self, version_id: int) -> ModelVersion:
+        try:
+            return from_row(ModelVersion, self.db["model_versions"].get(version_id))
+        except sqlite_utils.db.NotFoundError:
+            raise NotFound(f"model version #{version_id} not found") from None
+
+    def list_model_versions(self, assistant_id: int) -> list[ModelVersion]:
+        return [from_row(ModelVersion, r) for r in
+                self.db["model_versions"].rows_where("assistant_id = ?", [assistant_id], order_by="id")]
+
+    def activate_version(self, version_id: int, *, by: int | None = None) -> ModelVersion:
+        """Make this version the assistant's active one; the previous active one is archived."""
+        version = self.get_model_version(version_id)
+        with self.db.conn:
+            self.db.execute("update model_versions set status = 'archived' where assistant_id = ? and status = 'active'",
+                            [version.assistant_id])
+            self.db["model_versions"].update(version_id, {"status": "active", "promoted_at": self.now()})
+            self.db["assistants"].update(version.assistant_id, {"active_version_id": version_id})
+        self.audit("version.activate", user_id=by, assistant_id=version.assistant_id, details={"version_id": version_id})
+        return self.get_model_version(version_id)
+
+    def set_version_status(self, version_id: int, status: str, *, by: int | None = None) -> ModelVersion:
+        _check(status, VERSION_STATES, "version status")
+        version = self.get_model_version(version_id)
+        if status == "active":
+            return self.activate_version(version_id, by=by)
+        with self.db.conn:
+            self.db["model_versions"].update(version_id, {"status": status})
+            if version.status == "active":
+                self.db["assistants"].update(version.assistant_id, {"active_version_id": None})
+        self.audit(f"version.{status}", user_id=by, assistant_id=version.assistant_id, details={"version_id": version_id})
+        return self.get_model_version(version_id)
+
+    # ------------------------------------------------------ retrain policies
+    def set_retrain_policy(self, assistant_id: int, *, cron: str, min_new: int = 1, enabled: bool = True) -> RetrainPolicy:
+        self.get_assistant(assistant_id)
+        self.db["retrain_policies"].upsert({"assistant_id": assistant_id, "cron": cron, "min_new": min_new,
+                                            "enabled": int(enabled), "created_at": self.now()}, pk="assistant_id")
+        return self.get_retrain_policy(assistant_id)
+
+    def get_retrain_policy(self, assistant_id: int) -> RetrainPolicy | None:
+        row = next(iter(self.db["retrain_policies"].rows_where("assistant_id = ?", [assistant_id])), None)
+        return from_row(RetrainPolicy, row) if row else None
+
+    def list_retrain_policies(self) -> list[RetrainPolicy]:
+        return [from_row(RetrainPolicy, r) for r in self.db["retrain_policies"].rows_where("enabled = 1")]
+
+    def mark_policy_run(self, assistant_id: int) -> None:
+        self.db["retrain_policies"].update(assistant_id, {"last_run_at": self.now()})
+
+    # ------------------------------------------------------------- api keys
+    def create_api_key(self, assistant_id: int, *, name: str = "", created_by: int | None = None) -> tuple[ApiKey, str]:
+        """Return the record and the plain key, which is shown once and stored only hashed."""
+        self.get_assistant(assistant_id)
+        key = "tb-" + secrets.token_urlsafe(32)
+        kid = self.db["api_keys"].insert({"assistant_id": assistant_id, "prefix": key[:10], "key_hash": hash_api_key(key),
+                                          "name": name, "created_by": created_by, "created_at": self.now()}).last_pk
+        self.audit("apikey.create", user_id=created_by, assistant_id=assistant_id, details={"key_id": kid, "prefix": key[:10]})
+        return from_row(ApiKey, self.db["api_keys"].get(kid)), key
+
+    def lookup_api_key(self, key: str) -> ApiKey | None:
+        row = next(iter(self.db["api_keys"].rows_where("key_hash = ? and revoked_at is null", [hash_api_key(key)])), None)
+        return from_row(ApiKey, row) if row else None
+
+    def list_api_keys(self, assistant_id: int) -> list[ApiKey]:
+        return [from_row(ApiKey, r) for r in self.db["api_keys"].rows_where("assistant_id = ?", [assistant_id], order_by="id")]
+
+    def revoke_api_key(self, key_id: int, *, by: int | None = None) -> None:
+        row = next(iter(self.db["api_keys"].rows_where("id = ?", [key_id])), None)
+        if row is None:
+            raise NotFound(f"API key #{key_id} not found")
+        self.db["api_keys"].update(key_id, {"revoked_at": self.now()})
+        self.audit("apikey.revoke", user_id=by, assistant_id=row["assistant_id"], details={"key_id": key_id})
+
+    # ---------------------------------------------------------- conversations
+    def start_conversation(self, assistant_id: int, user_id: int | None, *, mode: str = "tuned") -> int:
+        return self.db["conversations"].insert({"assistant_id": assistant_id, "user_id": user_id, "mode": mode,
+                                                "created_at": self.now()}).last_pk
+
+    def add_message(self, conversation_id: int, role: str, text: str, *, model_version_id: int | None = None,
+                    mode: str | None = None, latency_ms: float | None = None) -> int:
+        return self.db["messages"].insert({"conversation_id": conversation_id, "role": role, "text": text,
+                                           "model_version_id": model_version_id, "mode": mode,
+                                           "latency_ms": latency_ms, "created_at": self.now()}).last_pk
+
+    def get_message(self, message_id: int) -> dict:
+        try:
+            return self.db["messages"].get(message_id)
+        except sqlite_utils.db.NotFoundError:
+            raise NotFound(f"message #{message_id} not found") from None
+
+    def set_feedback(self, message_id: int, feedback: str, *, correction: str | None = None,
+                     correction_example_id: int | None = None) -> None:
+        self.db["messages"].update(message_id, {"feedback": feedback, "correction": correction,
+                                                "correction_example_id": correction_example_id})
+
+    # ------------------------------------------------------------ bot state
+    def get_state(self, key: str) -> Any:
+        row = next(iter(self.db["bot_state"].rows_where("key = ?", [key])), None)
+        return json.loads(row["value"]) if row else None
+
+    def set_state(self, key: str, value: Any) -> None:
+        self.db["bot_state"].upsert({"key": key, "value": json.dumps(value, ensure_ascii=False, default=str),
+                                     "updated_at": self.now()}, pk="key")
+
+    # ---------------------------------------------------------------- audit
+    def audit(self, action: str, *, user_id: int | None = None, assistant_id: int | None = None,
+              details: dict | None = None) -> None:
+        self.db["audit_log"].insert({"at": self.now(), "user_id": user_id, "assistant_id": assistant_id,
+                                     "action": action, "details": json.dumps(details or {}, ensure_ascii=False)})
+
+    def audit_entries(self, *, assistant_id: int | None = None, limit: int = 100) -> list[AuditEntry]:
+        rows = self.db["audit_log"].rows_where("assistant_id = ?" if assistant_id else None,
+                                               [assistant_id] if assistant_id else [], order_by="id desc", limit=limit)
+        return [from_row(AuditEntry, r) for r in rows]

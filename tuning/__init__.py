@@ -1,0 +1,1 @@
+"""Everything from examples to answers: formats, synthetic data, training, evaluation, inference, jobs."""
