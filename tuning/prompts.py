@@ -1,0 +1,30 @@
+"""Chat messages for a question: the system prompt, optional few-shot turns, the question."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Always sent when the assistant has no system prompt of its own: without any system message,
+# SmolLM2's chat template injects "You are a helpful AI assistant named SmolLM…".
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question briefly and accurately."
+
+
+def system_message(system_prompt: str = "") -> dict:
+    """The system message: the assistant's own prompt or the neutral default."""
+    return {"role": "system", "content": system_prompt.strip() or DEFAULT_SYSTEM_PROMPT}
+
+
+def build_messages(question: str, *, system_prompt: str = "",
+                   fewshot: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """[system, (user, assistant) per few-shot pair, user question], ready for a chat template."""
+    messages = [system_message(system_prompt)]
+    for q, a in fewshot:
+        messages.append({"role": "user", "content": q})
+        messages.append({"role": "assistant", "content": a})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def training_messages(question: str, answer: str, *, system_prompt: str = "") -> list[dict]:
+    """One training conversation: system, question, answer."""
+    return [*build_messages(question, system_prompt=system_prompt), {"role": "assistant", "content": answer}]
