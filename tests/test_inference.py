@@ -1,0 +1,131 @@
+"""The inference engine on the tiny model: adapters per request, the LRU, modes and the answer service."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from inference_helpers import make_random_adapter
+from tuning.inference import (
+    Engine, InferenceError, NoActiveVersion, answer_question, compare_answers, plan_answer, prepare_messages,
+    select_fewshot,
+)
+from tuning.errors import TuningError
+
+QUESTION = "How long does delivery take?"
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_random_adapter(tiny_model_dir, root / f"a{i}", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine(tiny_model_dir, adapter_cache_size=2, max_new_tokens=8)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference(engine, adapters):
+    """The greedy answer of the base model and of each adapter, asked one at a time."""
+    return {name: engine.answer(QUESTION, adapter_dir=path).text for name, path in
+            [("base", None), *[(f"a{i}", p) for i, p in enumerate(adapters)]]}
+
+
+def test_adapters_change_the_answer(reference):
+    assert len(set(reference.values())) == 4, reference
+
+
+def test_interleaved_concurrent_requests_never_mix_adapters(engine, adapters, reference):
+    order = ["a0", "a1", "base", "a0", "a1", "a0", "base", "a1"]
+    results: dict[int, str] = {}
+
+    def ask(i, name):
+        path = None if name == "base" else adapters[int(name[1])]
+        results[i] = "".join(engine.stream(QUESTION, adapter_dir=path))
+
+    threads = [threading.Thread(target=ask, args=(i, name)) for i, name in enumerate(order)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results[i] for i in range(len(order))] == [reference[name] for name in order]
+
+
+def test_lru_evicts_the_least_recently_used_and_reloads_it(engine, adapters, reference):
+    a0, a1, a2 = adapters
+    engine.answer(QUESTION, adapter_dir=a0)
+    engine.answer(QUESTION, adapter_dir=a1)
+    loads, evictions = engine.adapter_loads, engine.adapter_evictions
+    engine.answer(QUESTION, adapter_dir=a0)  # a0 becomes the most recent: nothing loaded
+    assert engine.adapter_loads == loads
+    assert engine.answer(QUESTION, adapter_dir=a2).text == reference["a2"]
+    assert engine.adapter_evictions == evictions + 1
+    assert [p.rsplit("/", 1)[-1] for p in engine.resident_adapters] == ["a0", "a2"]  # a1 was evicted
+    assert engine.answer(QUESTION, adapter_dir=a1).text == reference["a1"]  # reloaded, same answer
+    assert engine.adapter_loads == loads + 2
+    assert len(engine.resident_adapters) == 2
+
+
+def test_streaming_is_token_by_token_and_closing_cancels(engine, adapters):
+    stream = engine.stream(QUESTION, adapter_dir=adapters[0], max_new_tokens=50)
+    first = next(stream)
+    assert first
+    stream.close()  # the request is cancelled; the engine keeps serving
+    pieces = list(engine.stream(QUESTION, max_new_tokens=5))
+    assert 1 <= len(pieces) <= 5
+
+
+def test_bad_adapter_folder_is_a_clear_error_and_the_engine_survives(engine, tmp_path):
+    with pytest.raises(TuningError, match="not a LoRA adapter folder"):
+        engine.answer(QUESTION, adapter_dir=tmp_path)
+    assert engine.answer(QUESTION, max_new_tokens=3).n_tokens >= 1
+
+
+def test_select_fewshot_picks_the_most_similar_examples():
+    pairs = [("What are your opening hours?", "9 to 5"), ("How long does delivery take to Berlin?", "2 days"),
+             ("Do you ship pianos?", "No"), ("How long does delivery take?", "2 days")]
+    chosen = select_fewshot("How long does the delivery take to Paris?", pairs, k=2)
+    assert chosen[-1] == ("How long does delivery take to Berlin?", "2 days")  # best next to the question
+    assert len(chosen) == 2 and ("Do you ship pianos?", "No") not in chosen
+    assert len(select_fewshot("x", pairs, k=10)) == 3  # the same answer is used once
+
+
+def test_fewshot_mode_puts_approved_train_examples_in_the_prompt(store, assistant, engine):
+    store.add_example(assistant.id, "How long does delivery take to Berlin?", "Two working days.")
+    store.add_example(assistant.id, "Do you deliver on Sundays?", "No, Monday to Saturday.")
+    held_out = store.add_example(assistant.id, "How long does delivery take to Rome?", "Three days.", split="test")
+    plan = plan_answer(store, assistant.id, QUESTION, mode="fewshot")
+    assert plan.mode == "fewshot" and plan.adapter_dir is None
+    messages = prepare_messages(QUESTION, **{k: v for k, v in plan.engine_kwargs().items() if "adapter" not in k})
+    contents = [m["content"] for m in messages]
+    assert contents[0] == "You answer for ACME Logistics."
+    assert "How long does delivery take to Berlin?" in contents and "Two working days." in contents
+    assert held_out.question not in contents
+    assert contents[-1] == QUESTION
+    answer = answer_question(store, engine, assistant.id, QUESTION, mode="fewshot", user_id=1)
+    stored = store.get_message(answer.message_id)
+    assert stored["mode"] == "fewshot" and stored["role"] == "assistant" and stored["text"] == answer.text
+
+
+def test_tuned_mode_uses_the_active_version(store, assistant, engine, adapters, reference):
+    with pytest.raises(NoActiveVersion, match="no trained version"):
+        answer_question(store, engine, assistant.id, QUESTION, mode="tuned")
+    assert plan_answer(store, assistant.id, QUESTION).mode == "fewshot"  # auto before any training
+    version = store.add_model_version(assistant.id, adapter_path=adapters[1], base_model="tiny")
+    store.activate_version(version.id)
+    answer = answer_question(store, engine, assistant.id, QUESTION, user_id=1)
+    assert answer.mode == "tuned" and answer.version_id == version.id
+    # The assistant's system prompt differs from the reference run's default, so compare via the engine.
+    expected = engine.answer(QUESTION, adapter_dir=adapters[1], system_prompt=assistant.system_prompt).text
+    assert answer.text == expected.strip()
+    assert store.get_message(answer.message_id)["model_version_id"] == version.id
+    compared = compare_answers(store, engine, assistant.id, QUESTION, modes=("base", "tuned"))
+    assert [a.mode for a in compared] == ["base", "tuned"] and compared[1].text == expected.strip()
+    other = store.create_assistant("other")
+    with pytest.raises(InferenceError, match="another assistant"):
+        plan_answer(store, other.id, QUESTION, mode="version", version_id=version.id)
