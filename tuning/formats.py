@@ -1,0 +1,399 @@
+"""Reading and writing example files: JSONL (three shapes) and CSV in, JSONL and OpenAI chat out."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from storage.text import normalize_question
+from tuning.errors import FormatError
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+QUESTION_COLUMNS = ("question", "q", "вопрос", "prompt", "input", "instruction")
+ANSWER_COLUMNS = ("answer", "a", "ответ", "completion", "output", "response")
+MUST_CONTAIN_COLUMNS = ("must_contain", "must contain")
+SPLIT_COLUMNS = ("split",)
+WRITE_FORMATS = ("jsonl", "openai")
+
+# Reasons in English and Russian, keyed by code; `{…}` are filled from LineError.params.
+MESSAGES: dict[str, tuple[str, str]] = {
+    "encoding": ("not valid UTF-8 (byte 0x{byte} at column {column}); save the file as UTF-8",
+                 "не UTF-8 (байт 0x{byte} в позиции {column}); сохраните файл в кодировке UTF-8"),
+    "invalid_json": ("invalid JSON: {detail} at column {column}",
+                     "некорректный JSON: {detail}, позиция {column}"),
+    "not_object": ("expected a JSON object like {{\"question\": …, \"answer\": …}}, got {kind}",
+                   "ожидался JSON-объект вида {{\"question\": …, \"answer\": …}}, а не {kind}"),
+    "unknown_shape": ("no question/answer fields: use {{\"question\",\"answer\"}}, {{\"prompt\",\"completion\"}} "
+                      "or {{\"messages\": […]}} (found keys: {keys})",
+                      "нет полей вопроса и ответа: используйте {{\"question\",\"answer\"}}, "
+                      "{{\"prompt\",\"completion\"}} или {{\"messages\": […]}} (есть ключи: {keys})"),
+    "missing": ("missing \"{field}\"", "нет поля \"{field}\""),
+    "empty": ("\"{field}\" is empty", "поле \"{field}\" пустое"),
+    "wrong_type": ("\"{field}\" must be {expected}, got {kind}", "поле \"{field}\" должно быть {expected_ru}, а не {kind}"),
+    "too_long": ("\"{field}\" is {length} characters long; the limit is {limit}",
+                 "поле \"{field}\" длиной {length} символов; предел {limit}"),
+    "bad_split": ("\"split\" must be train, val or test, got {value}", "\"split\" должен быть train, val или test, а не {value}"),
+    "bad_messages": ("\"messages\" must be [system?, user, assistant]: {detail}",
+                     "\"messages\" должен быть [system?, user, assistant]: {detail_ru}"),
+    "duplicate_in_file": ("same question as line {other}", "тот же вопрос, что в строке {other}"),
+    "csv_columns": ("{count} fields but the header has {expected}; quote fields that contain \"{delimiter}\"",
+                    "полей {count}, а в заголовке {expected}; возьмите в кавычки поля с \"{delimiter}\""),
+    "csv_error": ("cannot parse CSV: {detail}", "не удалось разобрать CSV: {detail}"),
+    "storage": ("{detail}", "{detail}"),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One readable question–answer pair and the line it started on."""
+
+    question: str
+    answer: str
+    line: int
+    must_contain: tuple[str, ...] | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A line that was skipped, with the reason (English) and a code for other languages."""
+
+    line: int
+    reason: str
+    code: str = ""
+    params: tuple[tuple[str, str], ...] = ()
+
+    def describe(self, lang: str = "en") -> str:
+        """The reason in `lang` ("en" or "ru")."""
+        if lang == "ru" and self.code in MESSAGES:
+            return MESSAGES[self.code][1].format(**dict(self.params))
+        return self.reason
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """The good records and the per-line errors of one file."""
+
+    records: list[Record]
+    errors: list[LineError]
+
+
+class _Skip(Exception):
+    """Internal: the current line is bad; carries its LineError."""
+
+    def __init__(self, code: str, **params: Any):
+        self.code = code
+        self.params = tuple((k, str(v)) for k, v in params.items())
+        super().__init__(MESSAGES[code][0].format(**dict(self.params)))
+
+
+def line_error(line: int, code: str, **params: Any) -> LineError:
+    """Build a LineError from a message code and its parameters."""
+    skip = _Skip(code, **params)
+    return LineError(line, str(skip), code, skip.params)
+
+
+_KIND_RU = {"string": "строкой", "a list of strings": "списком строк"}
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def _text(value: Any, field: str, limit: int) -> str:
+    if value is None:
+        raise _Skip("missing", field=field)
+    if not isinstance(value, str):
+        raise _Skip("wrong_type", field=field, expected="a string", expected_ru=_KIND_RU["string"],
+                    kind=_type_name(value))
+    value = value.strip()
+    if not value:
+        raise _Skip("empty", field=field)
+    if len(value) > limit:
+        raise _Skip("too_long", field=field, length=len(value), limit=limit)
+    return value
+
+
+def _must_contain(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Skip("wrong_type", field="must_contain", expected="a list of strings",
+                    expected_ru=_KIND_RU["a list of strings"], kind=_type_name(value))
+    tokens = tuple(v.strip() for v in value if v.strip())
+    return tokens or None
+
+
+def _split(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or value.strip().lower() not in SPLIT_NAMES:
+        raise _Skip("bad_split", value=json.dumps(value, ensure_ascii=False))
+    return SPLIT_NAMES[value.strip().lower()]
+
+
+def _content(message: dict) -> Any:
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: keep the text ones
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if all(isinstance(p, str) for p in parts) and parts:
+            return "".join(parts)
+    return content
+
+
+def _from_messages(messages: Any, limit: int) -> tuple[str, str]:
+    def bad(detail: str, detail_ru: str) -> _Skip:
+        return _Skip("bad_messages", detail=detail, detail_ru=detail_ru)
+
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise bad("expected a list of objects", "ожидается список объектов")
+    roles = [m.get("role") for m in messages]
+    if roles and roles[0] == "system":  # a per-line system prompt is accepted and ignored
+        messages, roles = messages[1:], roles[1:]
+    if roles != ["user", "assistant"]:
+        raise bad(f"got roles {roles}; one user and one assistant message are supported",
+                  f"роли {roles}; поддерживается одно сообщение user и одно assistant")
+    return (_text(_content(messages[0]), "user content", limit),
+            _text(_content(messages[1]), "assistant content", limit))
+
+
+def record_from_object(obj: Any, *, line: int, max_field_chars: int = 4000) -> Record:
+    """Validate one decoded JSON value and turn it into a Record (raises _Skip)."""
+    if not isinstance(obj, dict):
+        raise _Skip("not_object", kind=_type_name(obj))
+    if "messages" in obj:
+        question, answer = _from_messages(obj["messages"], max_field_chars)
+    elif "question" in obj or "answer" in obj:
+        question = _text(obj.get("question"), "question", max_field_chars)
+        answer = _text(obj.get("answer"), "answer", max_field_chars)
+    elif "prompt" in obj or "completion" in obj:
+        question = _text(obj.get("prompt"), "prompt", max_field_chars)
+        answer = _text(obj.get("completion"), "completion", max_field_chars)
+    else:
+        raise _Skip("unknown_shape", keys=", ".join(map(str, obj)) or "none")
+    return Record(question, answer, line, _must_contain(obj.get("must_contain")), _split(obj.get("split")))
+
+
+def _decode_line(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Skip("encoding", byte=f"{raw[exc.start]:02x}", column=exc.start + 1) from None
+
+
+def _read_jsonl(data: bytes, limit: int) -> tuple[list[Record], list[LineError]]:
+    records, errors = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            text = _decode_line(raw)
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _Skip("invalid_json", detail=exc.msg, column=exc.colno) from None
+            records.append(record_from_object(obj, line=number, max_field_chars=limit))
+        except _Skip as skip:
+            errors.append(LineError(number, str(skip), skip.code, skip.params))
+    return records, errors
+
+
+def _find_column(header: list[str], names: tuple[str, ...]) -> int | None:
+    for name in names:
+        if name in header:
+            return header.index(name)
+    return None
+
+
+def _sniff_delimiter(first_line: str, filename: str | None) -> str:
+    if filename and filename.lower().endswith(".tsv"):
+        return "\t"
+    counts = {d: first_line.count(d) for d in (",", ";", "\t")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+_NOT_UTF8 = "the file is not UTF-8 text (another encoding, such as Windows-1251?); save it as UTF-8"
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Record], list[LineError]]:
+    # surrogateescape keeps undecodable bytes so the bad line can be named instead of failing the file
+    text = data.decode("utf-8", errors="surrogateescape")
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    delimiter = _sniff_delimiter(first, filename)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header_line, header = 0, None
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            header_line, header = reader.line_num, [c.strip().lower() for c in row]
+            break
+    if header is None:
+        return [], []
+    if any(_has_surrogates(cell) for cell in header):
+        raise FormatError(_NOT_UTF8)
+    q_col, a_col = _find_column(header, QUESTION_COLUMNS), _find_column(header, ANSWER_COLUMNS)
+    if q_col is None or a_col is None:
+        raise FormatError(
+            f"CSV line {header_line}: the header needs a question column and an answer column "
+            f"(question/answer, q/a, вопрос/ответ or prompt/completion); found: {', '.join(header)}")
+    mc_col, split_col = _find_column(header, MUST_CONTAIN_COLUMNS), _find_column(header, SPLIT_COLUMNS)
+    names = {q_col: header[q_col], a_col: header[a_col]}
+    records, errors = [], []
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.append(line_error(start, "csv_error", detail=str(exc)))
+            start = reader.line_num + 1
+            continue
+        number, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            for cell in row:
+                if _has_surrogates(cell):
+                    _decode_line(cell.encode("utf-8", errors="surrogateescape"))
+            if len(row) > len(header):
+                raise _Skip("csv_columns", count=len(row), expected=len(header),
+                            delimiter="\\t" if delimiter == "\t" else delimiter)
+            cell = lambda i: row[i] if i is not None and i < len(row) else None  # noqa: E731
+            must = cell(mc_col)
+            must_contain = tuple(t.strip() for t in must.replace(";", "|").split("|") if t.strip()) if must else None
+            records.append(Record(_text(cell(q_col), names[q_col], limit), _text(cell(a_col), names[a_col], limit),
+                                  number, must_contain or None, _split(cell(split_col))))
+        except _Skip as skip:
+            errors.append(LineError(number, str(skip), skip.code, skip.params))
+    return records, errors
+
+
+_BINARY_MAGIC = {
+    b"%PDF": "a PDF document",
+    b"PK\x03\x04": "a ZIP archive (an .xlsx or .docx file?)",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\xd0\xcf\x11\xe0": "an old Office document",
+}
+
+
+def _load_bytes(source: str | Path | bytes) -> tuple[bytes, str | None]:
+    """The file's bytes and its name (None when the content itself was given)."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), None
+    if isinstance(source, str) and ("\n" in source or source.lstrip()[:1] in ("{", "[")):
+        return source.encode("utf-8"), None  # text content rather than a path
+    path = Path(source)
+    try:
+        return path.read_bytes(), path.name
+    except FileNotFoundError:
+        raise FormatError(f"file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise FormatError(f"{str(path)!r} is a folder, not a file") from None
+
+
+def _check_text(data: bytes, filename: str | None) -> bytes:
+    """Reject files that are clearly not text; convert UTF-16 (with a BOM) to UTF-8."""
+    for bom, codec in ((codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(codec).encode("utf-8")
+            except UnicodeDecodeError:
+                raise FormatError("the file says it is UTF-16 but is not; save it as UTF-8") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    name = f"{filename!r} " if filename else "the file "
+    for magic, what in _BINARY_MAGIC.items():
+        if data.startswith(magic):
+            raise FormatError(f"{name}is {what}, not a JSONL or CSV file of examples")
+    if b"\x00" in data[:8192]:
+        raise FormatError(f"{name}is binary, not a JSONL or CSV text file of examples")
+    return data
+
+
+def detect_format(data: bytes, filename: str | None = None) -> str:
+    """"jsonl" or "csv", from the file name's extension or else the first character."""
+    suffix = Path(filename).suffix.lower() if filename else ""
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    return "jsonl" if data.lstrip()[:1] in (b"{", b"[") else "csv"
+
+
+def read_examples(source: str | Path | bytes, *, filename: str | None = None,
+                  max_field_chars: int = 4000) -> ReadResult:
+    """Read a JSONL or CSV file of examples: good records plus one LineError per bad line.
+
+    `source` is a path, the file's bytes, or (a str with a newline or starting with "{") its text.
+    Raises FormatError when the file as a whole is unusable (binary, not text, no header).
+    """
+    data, name = _load_bytes(source)
+    filename = filename or name
+    data = _check_text(data, filename)
+    if detect_format(data, filename) == "jsonl":
+        if data.lstrip()[:1] == b"[" and b"\n" in data.strip():
+            raise FormatError("the file is one JSON array; write one JSON object per line (JSONL) instead")
+        records, errors = _read_jsonl(data, max_field_chars)
+    else:
+        records, errors = _read_csv(data, max_field_chars, filename)
+    if not records and errors and all(e.code == "encoding" for e in errors):
+        raise FormatError(_NOT_UTF8)
+    seen: dict[str, int] = {}
+    unique = []
+    for record in records:
+        key = normalize_question(record.question)
+        if key in seen:
+            errors.append(line_error(record.line, "duplicate_in_file", other=seen[key]))
+            continue
+        seen[key] = record.line
+        unique.append(record)
+    errors.sort(key=lambda e: e.line)
+    return ReadResult(unique, errors)
+
+
+def _pair(item: Any) -> tuple[str, str, dict]:
+    if isinstance(item, tuple | list):
+        return item[0], item[1], {}
+    extra = {}
+    split = getattr(item, "split", None)
+    if split and split != "train":
+        extra["split"] = split
+    if getattr(item, "must_contain", None):
+        extra["must_contain"] = list(item.must_contain)
+    return item.question, item.answer, extra
+
+
+def write_examples(examples: Iterable[Any], fp: TextIO, *, format: str = "jsonl", system_prompt: str = "") -> int:
+    """Write examples as JSONL ("jsonl": question/answer; "openai": chat messages); return the count.
+
+    Items are (question, answer) tuples or objects with .question/.answer; for "jsonl", an object's
+    non-train split and must_contain are kept so that a re-import gives the same examples.
+    """
+    if format not in WRITE_FORMATS:
+        raise FormatError(f"unknown export format {format!r}; use one of: {', '.join(WRITE_FORMATS)}")
+    count = 0
+    for item in examples:
+        question, answer, extra = _pair(item)
+        if format == "openai":
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            obj: dict[str, Any] = {"messages": messages}
+        else:
+            obj = {"question": question, "answer": answer, **extra}
+        fp.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        count += 1
+    return count

@@ -1,0 +1,178 @@
+"""Use cases over example files: import into an assistant, export from it, and dataset statistics."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from storage import DuplicateExample, InvalidValue, Store
+from tuning.formats import LineError, line_error, read_examples, write_examples
+
+EXPORT_STATUSES = ("approved", "all")
+# Template tokens around one chat example (SmolLM2-style <|im_start|>role\n…<|im_end|>\n, two turns).
+CHAT_OVERHEAD_TOKENS = 10
+_LATIN = re.compile(r"[\x00-\x7f]")
+
+
+def plural_ru(n: int, one: str, few: str, many: str) -> str:
+    """Russian plural form for n: 1 пример, 2 примера, 5 примеров."""
+    if n % 10 == 1 and n % 100 != 11:
+        return one
+    if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14:
+        return few
+    return many
+
+
+def line_ranges(lines: list[int]) -> str:
+    """Compact line numbers: [1, 2, 3, 5] -> "1-3, 5"."""
+    parts: list[str] = []
+    for line in sorted(lines):
+        if parts and line == int(parts[-1].rsplit("-", 1)[-1]) + 1:
+            parts[-1] = parts[-1].split("-")[0] + f"-{line}"
+        else:
+            parts.append(str(line))
+    return ", ".join(parts)
+
+
+def _en(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did: examples added, lines that were duplicates of existing examples, bad lines."""
+
+    added: int
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (line, existing example id)
+    errors: list[LineError] = field(default_factory=list)
+    example_ids: list[int] = field(default_factory=list)
+    approved: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when no line was skipped for an error (duplicates are not errors)."""
+        return not self.errors
+
+    def summary(self, lang: str = "en", *, max_lines: int = 20) -> str:
+        """A readable report, one line per problem, in English ("en") or Russian ("ru")."""
+        ru = lang == "ru"
+        out = []
+        if self.added:
+            if ru:
+                word = plural_ru(self.added, "пример", "примера", "примеров")
+                state = "одобрены" if self.approved else "ждут проверки"
+                out.append(f"Добавлено {self.added} {word} ({state}).")
+            else:
+                state = "approved" if self.approved else "pending review"
+                out.append(f"Added {_en(self.added, 'example')} ({state}).")
+        elif self.duplicates:
+            out.append("Ничего нового: все подходящие строки уже есть." if ru
+                       else "Nothing new: every usable line is already there.")
+        else:
+            out.append("Ничего не добавлено." if ru else "Nothing was added.")
+        if self.duplicates:
+            n = len(self.duplicates)
+            lines = line_ranges([line for line, _ in self.duplicates])
+            out.append(f"Уже есть, пропущено: {n} {plural_ru(n, 'вопрос', 'вопроса', 'вопросов')} "
+                       f"(строки {lines})." if ru
+                       else f"Already there, skipped: {_en(n, 'question')} (line{'s' if n > 1 else ''} {lines}).")
+        if self.errors:
+            n = len(self.errors)
+            out.append(f"Пропущено {n} {plural_ru(n, 'строка', 'строки', 'строк')} с ошибками:" if ru
+                       else f"Skipped {_en(n, 'bad line')}:")
+            for error in self.errors[:max_lines]:
+                out.append(f"  {'строка' if ru else 'line'} {error.line}: {error.describe(lang)}")
+            if n > max_lines:
+                out.append(f"  … и ещё {n - max_lines}" if ru else f"  … and {n - max_lines} more")
+        return "\n".join(out)
+
+    def as_dict(self) -> dict:
+        """A JSON-friendly form (for `--json`)."""
+        return {
+            "added": self.added,
+            "example_ids": self.example_ids,
+            "duplicates": [{"line": line, "existing_id": eid} for line, eid in self.duplicates],
+            "errors": [{"line": e.line, "reason": e.reason, "code": e.code} for e in self.errors],
+        }
+
+
+def import_file(store: Store, assistant_id: int, source: str | Path | bytes, *, filename: str | None = None,
+                approve: bool = False, author_id: int | None = None, max_field_chars: int = 4000,
+                source_kind: str = "import",
+                on_progress: Callable[[int, int], None] | None = None) -> ImportReport:
+    """Read a file and add its good, new lines as examples; report duplicates and bad lines.
+
+    Raises FormatError when the file as a whole is unusable.
+    """
+    store.get_assistant(assistant_id)
+    result = read_examples(source, filename=filename, max_field_chars=max_field_chars)
+    errors = list(result.errors)
+    duplicates: list[tuple[int, int]] = []
+    ids: list[int] = []
+    total = len(result.records)
+    for done, record in enumerate(result.records, start=1):
+        try:
+            example = store.add_example(
+                assistant_id, record.question, record.answer, source=source_kind,
+                status="approved" if approve else "pending", split=record.split or "train",
+                author_id=author_id, must_contain=list(record.must_contain) if record.must_contain else None)
+        except DuplicateExample as dup:
+            duplicates.append((record.line, dup.existing_id))
+        except InvalidValue as exc:
+            errors.append(line_error(record.line, "storage", detail=str(exc)))
+        else:
+            ids.append(example.id)
+        if on_progress:
+            on_progress(done, total)
+    errors.sort(key=lambda e: e.line)
+    store.audit("examples.import", user_id=author_id, assistant_id=assistant_id,
+                details={"filename": filename or (str(source) if isinstance(source, Path) else None),
+                         "added": len(ids), "duplicates": len(duplicates), "errors": len(errors)})
+    return ImportReport(len(ids), duplicates, errors, ids, approve)
+
+
+def export_examples(store: Store, assistant_id: int, fp: TextIO, *, format: str = "jsonl",
+                    status: str = "approved") -> int:
+    """Write the assistant's live examples ("approved" only, or "all" statuses) to fp; return the count."""
+    if status not in EXPORT_STATUSES:
+        raise InvalidValue(f"unknown status filter {status!r}; use one of: {', '.join(EXPORT_STATUSES)}")
+    assistant = store.get_assistant(assistant_id)
+    examples = store.list_examples(assistant_id, status=None if status == "all" else status)
+    return write_examples(examples, fp, format=format, system_prompt=assistant.system_prompt)
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count for SmolLM2's tokenizer: ~3.8 ASCII chars or ~1.1 other (e.g. Cyrillic) chars per token.
+
+    Measured on examples/: within 6% of the real count for English and Russian.
+    """
+    if not text:
+        return 0
+    ascii_chars = len(_LATIN.findall(text))
+    return max(1, round(ascii_chars / 3.8 + (len(text) - ascii_chars) / 1.1))
+
+
+def dataset_stats(store: Store, assistant_id: int) -> dict:
+    """Counts of live examples by source, status and split, variations, and a training token estimate."""
+    assistant = store.get_assistant(assistant_id)
+    examples = store.list_examples(assistant_id)
+    counts = store.example_counts(assistant_id)
+    approved = [e for e in examples if e.status == "approved"]
+    system_tokens = estimate_tokens(assistant.system_prompt)
+    per_example = [estimate_tokens(e.question) + estimate_tokens(e.answer) + CHAT_OVERHEAD_TOKENS + system_tokens
+                   for e in approved]
+    return {
+        "assistant": assistant.name,
+        "assistant_id": assistant.id,
+        "total": len(examples),
+        "by_source": counts["source"],
+        "by_status": counts["status"],
+        "by_split": counts["split"],
+        "variations": sum(e.parent_id is not None for e in examples),
+        "with_must_contain": sum(bool(e.must_contain) for e in examples),
+        "approved_tokens_estimate": sum(per_example),
+        "max_example_tokens_estimate": max(per_example, default=0),
+        "all_tokens_estimate": sum(estimate_tokens(e.question) + estimate_tokens(e.answer) for e in examples),
+    }
