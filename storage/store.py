@@ -375,6 +375,13 @@ class Store:
         self.db["generation_runs"].update(run_id, {"status": status, "error": error, "finished_at": self.now()})
         return self.get_generation_run(run_id)
 
+    def reopen_generation_run(self, run_id: int) -> GenerationRun:
+        """Mark a stopped or failed run as running again (resuming it)."""
+        self.get_generation_run(run_id)
+        self.db["generation_runs"].update(run_id, {"status": "running", "error": None, "finished_at": None})
+        self.db.conn.commit()
+        return self.get_generation_run(run_id)
+
     def list_generation_runs(self, assistant_id: int) -> list[GenerationRun]:
         return [from_row(GenerationRun, r) for r in
                 self.db["generation_runs"].rows_where("assistant_id = ?", [assistant_id], order_by="id")]
@@ -421,6 +428,57 @@ class Store:
         self.db["jobs"].update(job_id, fields)
         self.db.conn.commit()
         return self.get_job(job_id)
+
+    def transition_job(self, job_id: int, *, from_states: Iterable[str], **fields: Any) -> bool:
+        """Update a job only while its status is one of `from_states`; False when it was not."""
+        if "status" in fields:
+            _check(fields["status"], JOB_STATES, "job status")
+        for key in ("params", "progress", "result"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key], ensure_ascii=False)
+        states = list(from_states)
+        sets = ", ".join(f"[{k}] = ?" for k in fields)
+        cur = self.db.execute(
+            f"update jobs set {sets} where id = ? and status in ({', '.join('?' * len(states))})",
+            [*fields.values(), job_id, *states])
+        self.db.conn.commit()
+        return cur.rowcount == 1
+
+    def claim_job(self, *, worker_id: str, free: int, gpu_mode: bool,
+                  exclude_kinds: Iterable[str] = ()) -> Job | None:
+        """Atomically take the best queued job that fits `free` slots (GPUs in gpu_mode), or None."""
+        excluded = list(exclude_kinds)
+        need = "max(coalesce(gpus, 0), 1)" if gpu_mode else "1"
+        kinds = f"and kind not in ({', '.join('?' * len(excluded))})" if excluded else ""
+        now = self.now()
+        conn = self.db.conn
+        if conn.in_transaction:
+            conn.commit()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "update jobs set status = 'running', worker_id = ?, attempts = attempts + 1, started_at = ?, "
+                "heartbeat_at = ?, error = null, pid = null where id = (select id from jobs where status = 'queued' "
+                f"and {need} <= ? {kinds} order by priority desc, id limit 1) and status = 'queued' returning id",
+                [worker_id, now, now, free, *excluded]).fetchone()
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return self.get_job(row[0]) if row else None
+
+    def release_due_jobs(self) -> list[int]:
+        """Scheduled jobs whose time has come become queued; returns their ids."""
+        rows = self.db.execute("update jobs set status = 'queued' where status = 'scheduled' and scheduled_at <= ? "
+                               "returning id", [self.now()]).fetchall()
+        self.db.conn.commit()
+        return sorted(r[0] for r in rows)
+
+    def count_approved_since(self, assistant_id: int, since: str | None) -> int:
+        """Live approved examples added or approved after `since` (all of them when None)."""
+        return self.db.execute(
+            "select count(*) from examples where assistant_id = ? and status = 'approved' and deleted_at is null "
+            "and (? is null or updated_at > ?)", [assistant_id, since, since]).fetchone()[0]
 
     # ------------------------------------------------------- model versions
     def add_model_version(self, assistant_id: int, *, adapter_path: str, base_model: str,

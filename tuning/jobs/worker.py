@@ -1,0 +1,316 @@
+"""The worker: claims jobs, runs each in its own subprocess on its own GPUs, watches, retries, cancels."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from storage import Job, Store, open_db
+from storage.store import utcnow
+from tuning.jobs import events
+from tuning.jobs.child import EXIT_STOPPED, EXIT_USER_ERROR
+from tuning.jobs.queue import new_worker_id, recover_stale
+from tuning.jobs.scheduler import Scheduler, is_quiet
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def visible_gpus() -> list[int]:
+    """GPU indices this process may use: CUDA_VISIBLE_DEVICES, else nvidia-smi's list, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return list(range(len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])))
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return list(range(sum(1 for line in out.splitlines() if line.startswith("GPU "))))
+
+
+def describe_exit(code: int, log_path: Path | None = None) -> str:
+    """A reason a user can read for a child's exit status."""
+    if code < 0:
+        sig = -code
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
+        if sig == signal.SIGKILL:
+            return f"killed (signal 9, {name}: out of memory?)"
+        return f"killed by signal {sig} ({name})"
+    tail = ""
+    if log_path is not None and log_path.exists():
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        tail = f": {lines[-1].strip()[:300]}" if lines else ""
+    return f"exited with code {code}{tail}"
+
+
+@dataclass
+class _Child:
+    job_id: int
+    proc: subprocess.Popen
+    devices: tuple[int, ...]
+    log_path: Path
+    term_at: float | None = None
+    seen: tuple = field(default=())
+
+
+class Worker:
+    """Runs queued jobs in subprocesses: one slot per GPU (or `slots` CPU slots), crash-safe, cancellable."""
+
+    def __init__(self, db_path: str | Path, *, artifacts: str | Path, cache_dir: str | Path | None = None,
+                 gpus: int | Sequence[int] | None = None, slots: int = 0,
+                 default_base_model: str = "bundled:smollm2-135m", auto_promote: bool = False,
+                 quiet_hours: str = "", timezone: str = "UTC", max_attempts: int = 3, schedule: bool = True,
+                 poll_interval: float = 0.5, heartbeat_s: float = 2.0, stale_after_s: float = 60.0,
+                 grace_s: float = 5.0, clock: Callable[[], dt.datetime] = utcnow,
+                 bus: events.EventBus = events.bus, python: str = sys.executable) -> None:
+        self.db_path = str(db_path)
+        self.artifacts = Path(artifacts)
+        self.cache_dir = cache_dir
+        if gpus is None:
+            gpus = visible_gpus()
+        self.gpus = list(range(gpus)) if isinstance(gpus, int) else list(gpus)
+        if slots and self.gpus:
+            self.gpus = self.gpus[:slots]
+        self.gpu_mode = bool(self.gpus)
+        self.cpu_slots = max(1, slots) if not self.gpu_mode else 0
+        self.default_base_model = default_base_model
+        self.auto_promote = auto_promote
+        self.quiet_hours = quiet_hours
+        self.timezone = timezone
+        self.max_attempts = max_attempts
+        self.schedule = schedule
+        self.poll_interval = poll_interval
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
+        self.grace_s = grace_s
+        self.clock = clock
+        self.bus = bus
+        self.python = python
+        self.id = new_worker_id()
+        self._children: dict[int, _Child] = {}
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._recovered = False
+        self._last_beat = 0.0
+        self._last_recover = 0.0
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def store(self) -> Store:
+        """One connection per thread (sqlite3 connections stay on the thread that opened them)."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store(open_db(self.db_path), clock=self.clock)
+        return store
+
+    @property
+    def capacity(self) -> int:
+        return len(self.gpus) if self.gpu_mode else self.cpu_slots
+
+    def free_devices(self) -> list[int]:
+        used = {d for c in self._children.values() for d in c.devices}
+        return [g for g in self.gpus if g not in used]
+
+    def free_slots(self) -> int:
+        return len(self.free_devices()) if self.gpu_mode else self.cpu_slots - len(self._children)
+
+    @property
+    def running(self) -> list[int]:
+        """Ids of the jobs whose processes this worker is running."""
+        return sorted(self._children)
+
+    def _publish(self, kind: str, job: Job) -> None:
+        self.bus.publish(events.JobEvent(kind, job))
+
+    # ------------------------------------------------------------ the loop
+    def run_once(self) -> None:
+        """One pass: recover, reap finished children, enforce cancels, heartbeat, schedule, start new jobs."""
+        store = self.store
+        mono = time.monotonic()
+        if not self._recovered or mono - self._last_recover > self.stale_after_s / 2:
+            for job in recover_stale(store, stale_after_s=self.stale_after_s, exclude_worker=self.id):
+                self._publish("state", job)
+            self._recovered, self._last_recover = True, mono
+        self._reap(store)
+        self._watch(store)
+        if mono - self._last_beat >= self.heartbeat_s:
+            now = store.now()
+            for job_id in self._children:
+                store.transition_job(job_id, from_states=("running",), heartbeat_at=now)
+            self._last_beat = mono
+        if self.schedule:
+            for job in Scheduler(store, timezone=self.timezone, max_attempts=self.max_attempts).tick():
+                self._publish("state", job)
+        if not self._stop.is_set():
+            self._start_jobs(store)
+
+    def run_forever(self) -> None:
+        """Loop until stop() (or SIGTERM handled by the caller); then stop the children and requeue their jobs."""
+        self._stop.clear()
+        log.info("worker %s: %s", self.id,
+                 f"GPUs {self.gpus}" if self.gpu_mode else f"{self.cpu_slots} CPU slot(s)")
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("worker loop failed; retrying")
+                self._stop.wait(self.poll_interval)
+        finally:
+            self.shutdown()
+
+    def start(self) -> threading.Thread:
+        """Run the loop in a background thread (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self.run_forever, name="tunebot-worker", daemon=True)
+                self._thread.start()
+            return self._thread
+
+    def stop(self, *, timeout: float | None = None) -> None:
+        """Ask the loop to end; waits for the background thread when there is one."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def shutdown(self) -> None:
+        """Stop every child (SIGTERM, SIGKILL after the grace period) and requeue its job uncharged."""
+        if not self._children:
+            return
+        store = self.store
+        for child in self._children.values():
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + self.grace_s
+        for child in self._children.values():
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        for job_id, child in list(self._children.items()):
+            job = store.get_job(job_id)
+            if child.proc.returncode == 0 and job.status == "running":
+                self._finish(store, job_id, child)
+            elif store.transition_job(job_id, from_states=("running",), status="queued", pid=None, worker_id=None,
+                                      devices=None, attempts=max(0, job.attempts - 1),
+                                      error="requeued: the worker was stopped"):
+                self._publish("state", store.get_job(job_id))
+        self._children.clear()
+
+    # ------------------------------------------------------------ children
+    def _start_jobs(self, store: Store) -> None:
+        exclude = ("train",) if is_quiet(self.clock(), self.quiet_hours, self.timezone) else ()
+        while self.free_slots() > 0:
+            job = store.claim_job(worker_id=self.id, free=self.free_slots(), gpu_mode=self.gpu_mode,
+                                  exclude_kinds=exclude)
+            if job is None:
+                return
+            devices = tuple(self.free_devices()[:max(job.gpus or 0, 1)]) if self.gpu_mode else ()
+            self._launch(store, job, devices)
+
+    def _launch(self, store: Store, job: Job, devices: tuple[int, ...]) -> None:
+        job_dir = self.artifacts / str(job.assistant_id or 0) / f"job-{job.id}"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        log_path = job_dir / "job.log"
+        cmd = [self.python, "-m", "tuning.jobs.child", "--db", self.db_path, "--job", str(job.id),
+               "--artifacts", str(self.artifacts), "--base-model", self.default_base_model,
+               "--parent-pid", str(os.getpid())]
+        if self.cache_dir:
+            cmd += ["--cache-dir", str(self.cache_dir)]
+        if self.auto_promote:
+            cmd.append("--auto-promote")
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            with open(log_path, "ab") as out:
+                out.write(f"--- attempt {job.attempts} by {self.id} on devices {list(devices)}\n".encode())
+                out.flush()
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True)
+        except OSError as exc:
+            store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
+                                 error=f"could not start the job process: {exc}")
+            self._publish("state", store.get_job(job.id))
+            return
+        self._children[job.id] = _Child(job.id, proc, devices, log_path)
+        store.transition_job(job.id, from_states=("running",), pid=proc.pid,
+                             devices=",".join(str(d) for d in devices))
+        log.info("job #%s (%s) started: pid %s, devices %s", job.id, job.kind, proc.pid, list(devices))
+        self._publish("state", store.get_job(job.id))
+
+    def _watch(self, store: Store) -> None:
+        """Publish progress; stop the process of a job that was cancelled (or taken away) in the database."""
+        for child in list(self._children.values()):
+            job = store.get_job(child.job_id)
+            if job.status != "running" or job.worker_id != self.id:
+                if child.term_at is None:
+                    log.info("job #%s is %s: stopping pid %s", job.id, job.status, child.proc.pid)
+                    child.proc.terminate()
+                    child.term_at = time.monotonic()
+                elif time.monotonic() - child.term_at > self.grace_s:
+                    child.proc.kill()
+                continue
+            seen = (repr(sorted(job.progress.items())),)
+            if seen != child.seen:
+                child.seen = seen
+                if job.progress:
+                    self._publish("progress", job)
+
+    def _reap(self, store: Store) -> None:
+        for job_id, child in list(self._children.items()):
+            code = child.proc.poll()
+            if code is None:
+                continue
+            del self._children[job_id]
+            job = store.get_job(job_id)
+            if job.status != "running" or job.worker_id != self.id:
+                log.info("job #%s process ended (%s); job is %s", job_id, code, job.status)
+                self._publish("state", job)
+                continue
+            if code == 0:
+                self._finish(store, job_id, child)
+            elif code == EXIT_USER_ERROR:
+                store.transition_job(job_id, from_states=("running",), status="failed", pid=None,
+                                     finished_at=store.now(), error=job.error or describe_exit(code, child.log_path))
+                self._publish("state", store.get_job(job_id))
+            else:
+                reason = "stopped before the end" if code == EXIT_STOPPED else describe_exit(code, child.log_path)
+                self._retry_or_fail(store, job, reason)
+
+    def _finish(self, store: Store, job_id: int, child: _Child) -> None:
+        store.transition_job(job_id, from_states=("running",), status="succeeded", pid=None,
+                             finished_at=store.now(), error=None)
+        log.info("job #%s succeeded", job_id)
+        self._publish("state", store.get_job(job_id))
+
+    def _retry_or_fail(self, store: Store, job: Job, reason: str) -> None:
+        if job.attempts < job.max_attempts:
+            store.transition_job(job.id, from_states=("running",), status="queued", pid=None, worker_id=None,
+                                 devices=None, error=f"attempt {job.attempts} of {job.max_attempts} {reason}; retrying")
+            log.warning("job #%s attempt %s %s; requeued", job.id, job.attempts, reason)
+        else:
+            store.transition_job(job.id, from_states=("running",), status="failed", pid=None,
+                                 finished_at=store.now(), error=f"{reason} (after {job.attempts} attempts)")
+            log.error("job #%s failed: %s", job.id, reason)
+        self._publish("state", store.get_job(job.id))
