@@ -128,7 +128,7 @@ def import_file(store: Store, assistant_id: int, source: str | Path | bytes, *, 
             on_progress(done, total)
     errors.sort(key=lambda e: e.line)
     store.audit("examples.import", user_id=author_id, assistant_id=assistant_id,
-                details={"filename": filename or (str(source) if isinstance(source, Path) else None),
+                details={"filename": filename or (source.name if isinstance(source, Path) else None),
                          "added": len(ids), "duplicates": len(duplicates), "errors": len(errors)})
     return ImportReport(len(ids), duplicates, errors, ids, approve)
 
