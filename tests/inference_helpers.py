@@ -18,3 +18,36 @@ def make_random_adapter(model_dir: str, out_dir: str | Path, *, seed: int, rank:
     model = get_peft_model(base, config)
     model.save_pretrained(out_dir)
     return str(out_dir)
+
+
+class ServerThread:
+    """A uvicorn server for an ASGI app on a free loopback port, in a thread (a context manager)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = None
+
+    def __enter__(self) -> "ServerThread":
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

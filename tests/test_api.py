@@ -1,0 +1,123 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against uvicorn on loopback."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from inference_helpers import ServerThread, make_random_adapter
+from tuning.api import create_api_app
+from tuning.inference import Engine, RemoteEngine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine(tiny_model_dir, adapter_cache_size=2, max_new_tokens=6)
+    eng.load()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def setup(store, engine, tiny_model_dir, tmp_path):
+    acme = store.create_assistant("acme", system_prompt="You answer for ACME.", owner_id=1)
+    globex = store.create_assistant("globex", owner_id=2)
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "acme-v1", seed=3)
+    store.activate_version(store.add_model_version(acme.id, adapter_path=adapter, base_model=tiny_model_dir).id)
+    store.add_example(globex.id, "Where is Globex?", "In Springfield.")
+    _, acme_key = store.create_api_key(acme.id, name="test")
+    _, globex_key = store.create_api_key(globex.id)
+    with ServerThread(create_api_app(store, engine, max_body_bytes=4000)) as server:
+        yield {"url": server.url, "acme": acme_key, "globex": globex_key, "adapter": adapter, "acme_id": acme.id}
+
+
+def client(setup, key) -> OpenAI:
+    return OpenAI(base_url=setup["url"] + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_health(setup):
+    reply = httpx.get(setup["url"] + "/health")
+    assert reply.status_code == 200 and reply.json()["status"] == "ok"
+
+
+def test_list_models_shows_only_the_keys_assistant(setup):
+    ids = [m.id for m in client(setup, setup["acme"]).models.list()]
+    assert ids == ["acme", "acme:base", "acme:fewshot"]
+    assert [m.id for m in client(setup, setup["globex"]).models.list()][0] == "globex"
+
+
+def test_completion_uses_the_active_adapter_and_is_recorded(setup, engine, store):
+    reply = client(setup, setup["acme"]).chat.completions.create(
+        model="acme", messages=[{"role": "user", "content": "Hello?"}], max_tokens=5)
+    text = reply.choices[0].message.content
+    expected = engine.answer("Hello?", adapter_dir=setup["adapter"], system_prompt="You answer for ACME.",
+                             max_new_tokens=5).text
+    assert text == expected and text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 5 and reply.usage.prompt_tokens > 5
+    base = client(setup, setup["acme"]).chat.completions.create(
+        model="acme:base", messages=[{"role": "user", "content": "Hello?"}], max_tokens=5)
+    assert base.choices[0].message.content != text
+    rows = list(store.db.query("select m.text, m.mode from messages m join conversations c on c.id = m.conversation_id "
+                               "where c.assistant_id = ? and m.role = 'assistant' order by m.id", [setup["acme_id"]]))
+    assert rows[0] == {"text": text, "mode": "tuned"}
+
+
+def test_stream_gives_the_same_text_in_chunks(setup):
+    c = client(setup, setup["acme"])
+    messages = [{"role": "user", "content": "What do you ship?"}]
+    whole = c.chat.completions.create(model="acme", messages=messages, max_tokens=6).choices[0].message.content
+    chunks = list(c.chat.completions.create(model="acme", messages=messages, max_tokens=6, stream=True))
+    pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert len(pieces) >= 2 and "".join(pieces) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_missing_and_invalid_keys_are_401(setup):
+    with pytest.raises(openai.AuthenticationError):
+        client(setup, "tb-not-a-key").models.list()
+    reply = httpx.post(setup["url"] + "/v1/chat/completions", json={"model": "acme", "messages": []})
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_keys_cannot_reach_another_assistants_models(setup):
+    with pytest.raises(openai.PermissionDeniedError):
+        client(setup, setup["globex"]).chat.completions.create(
+            model="acme", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.PermissionDeniedError):
+        client(setup, setup["acme"]).chat.completions.create(
+            model="globex:fewshot", messages=[{"role": "user", "content": "hi"}], stream=True)
+    with pytest.raises(openai.NotFoundError):
+        client(setup, setup["acme"]).chat.completions.create(
+            model="nobody", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_revoked_key_is_refused(setup, store):
+    key = store.lookup_api_key(setup["globex"])
+    store.revoke_api_key(key.id)
+    with pytest.raises(openai.AuthenticationError):
+        client(setup, setup["globex"]).models.list()
+
+
+def test_body_limit_and_bad_json(setup):
+    auth = {"Authorization": f"Bearer {setup['acme']}"}
+    with pytest.raises(openai.APIStatusError) as err:
+        client(setup, setup["acme"]).chat.completions.create(
+            model="acme", messages=[{"role": "user", "content": "x" * 5000}])
+    assert err.value.status_code == 413
+    reply = httpx.post(setup["url"] + "/v1/chat/completions", content=b"{not json", headers=auth)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_json"
+    reply = httpx.post(setup["url"] + "/v1/chat/completions", headers=auth,
+                       json={"model": "acme", "messages": [{"role": "assistant", "content": "hi"}]})
+    assert reply.status_code == 400 and "last message" in reply.json()["error"]["message"]
+
+
+def test_remote_engine_talks_to_an_openai_compatible_server(setup, engine):
+    remote = RemoteEngine(setup["url"] + "/v1", api_key=setup["acme"], model="acme:base", max_new_tokens=5)
+    via_server = remote.answer("Hello?")
+    local = engine.answer("Hello?", max_new_tokens=5)
+    assert via_server.text == local.text and via_server.n_tokens >= 1
+    tuned = "".join(remote.stream("Hello?", adapter_name="acme", max_new_tokens=5))
+    assert tuned == engine.answer("Hello?", adapter_dir=setup["adapter"], max_new_tokens=5).text

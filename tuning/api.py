@@ -1,0 +1,254 @@
+"""An OpenAI-compatible HTTP API: each assistant is a model, reachable with that assistant's API keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage import Store, open_db
+from tuning.errors import TuningError
+from tuning.inference import Engine, InferenceError, plan_answer, prepare_messages, record_answer
+
+log = logging.getLogger(__name__)
+
+# model id suffixes: "acme" is the active version (few-shot before any training), "acme:base" the base model, …
+MODEL_SUFFIXES = {"": "auto", "tuned": "tuned", "base": "base", "fewshot": "fewshot"}
+LISTED_SUFFIXES = ("", "base", "fewshot")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}},
+                            status_code=self.status)
+
+
+def _thread_local_store(store: Store):
+    """A Store per thread on the same file (SQLite connections stay in their thread); `:memory:` is shared."""
+    path = next((row[2] for row in store.db.conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if not path:
+        return lambda: store
+    local = threading.local()
+    owner = threading.get_ident()
+
+    def get() -> Store:
+        if threading.get_ident() == owner:
+            return store
+        if getattr(local, "store", None) is None:
+            local.store = Store(open_db(path), clock=store.clock)
+        return local.store
+
+    return get
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    return bytes(body)
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string, or the text parts of a content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) == len(content):
+            return "".join(parts)
+    raise ApiError(400, "message content must be a string or a list of text parts", code="invalid_content")
+
+
+def _parse_request(body: bytes, *, max_tokens_limit: int) -> dict:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "`model` is required (an assistant name)", code="missing_model")
+    raw = data.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "`messages` must be a non-empty list", code="invalid_messages")
+    messages = []
+    for m in raw:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, "each message needs a role: system, user or assistant", code="invalid_messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        messages.append({"role": role, "content": _text(m.get("content"))})
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must come from the user", code="invalid_messages")
+    max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+    temperature = data.get("temperature")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ApiError(400, "`max_tokens` must be a positive integer", code="invalid_max_tokens")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+        raise ApiError(400, "`temperature` must be a number between 0 and 2", code="invalid_temperature")
+    return {"model": model, "messages": messages, "stream": bool(data.get("stream")),
+            "max_tokens": min(max_tokens, max_tokens_limit) if max_tokens else None,
+            "temperature": None if temperature is None else float(temperature)}
+
+
+def _model_ids(name: str) -> list[str]:
+    return [name + (":" + s if s else "") for s in LISTED_SUFFIXES]
+
+
+def create_api_app(store: Store, engine, *, max_body_bytes: int = 1_000_000, max_tokens_limit: int = 1024) -> FastAPI:
+    """The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions (with and without stream)."""
+    app = FastAPI(title="Tunebot", description="OpenAI-compatible API of Tunebot assistants", docs_url=None,
+                  redoc_url=None)
+    get_store = _thread_local_store(store)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
+
+    def authenticate(request: Request):
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create one with "
+                                "`tunebot apikey create --assistant NAME`)", type="authentication_error",
+                           code="invalid_api_key")
+        key = get_store().lookup_api_key(token.strip())
+        if key is None:
+            raise ApiError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
+        return key
+
+    def resolve_model(key, model: str):
+        """(assistant, mode, version id) for a model id the key may use."""
+        name, _, suffix = model.partition(":")
+        s = get_store()
+        assistant = s.find_assistant(name)
+        version_id = None
+        if suffix.startswith("v") and suffix[1:].isdigit():
+            mode, version_id = "version", int(suffix[1:])
+        elif suffix in MODEL_SUFFIXES:
+            mode = MODEL_SUFFIXES[suffix]
+        else:
+            assistant = None
+        if assistant is None:
+            raise ApiError(404, f"the model {model!r} does not exist", code="model_not_found")
+        if assistant.id != key.assistant_id:
+            raise ApiError(403, f"this API key cannot use the model {model!r}", type="permission_error",
+                           code="model_not_allowed")
+        return assistant, mode, version_id
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "backend": type(engine).__name__,
+                "resident_adapters": len(getattr(engine, "resident_adapters", []))}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        key = authenticate(request)
+        assistant = get_store().get_assistant(key.assistant_id)
+        created = int(time.mktime(time.strptime(assistant.created_at, "%Y-%m-%d %H:%M:%S"))) if assistant.created_at else 0
+        return {"object": "list", "data": [{"id": mid, "object": "model", "created": created, "owned_by": "tunebot"}
+                                           for mid in _model_ids(assistant.name)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        key = authenticate(request)
+        req = _parse_request(await _read_body(request, max_body_bytes), max_tokens_limit=max_tokens_limit)
+        assistant, mode, version_id = resolve_model(key, req["model"])
+        question = req["messages"][-1]["content"]
+        try:
+            plan = plan_answer(get_store(), assistant.id, question, mode=mode, version_id=version_id)
+        except TuningError as exc:
+            raise ApiError(400, str(exc), code="model_not_ready") from None
+        pieces, generation = await run_in_threadpool(_start, engine, req, plan)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        started = time.perf_counter()
+
+        def finish(text: str) -> dict:
+            stopped = generation.stopped if generation else True
+            prompt = generation.prompt_tokens if generation else 0
+            completion = generation.n_tokens if generation else len(text.split())
+            record_answer(get_store(), plan, question, text, latency_ms=(time.perf_counter() - started) * 1000)
+            return {"finish_reason": "stop" if stopped else "length",
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion}}
+
+        if not req["stream"]:
+            try:
+                text = await run_in_threadpool(lambda: "".join(pieces))
+            except TuningError as exc:
+                raise _engine_error(exc) from None
+            done = finish(text)
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": req["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": done["finish_reason"], "logprobs": None}],
+                    "usage": done["usage"]}
+
+        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": req["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                                        "logprobs": None}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            parts: list[str] = []
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for piece in iterate_in_threadpool(pieces):
+                    parts.append(piece)
+                    yield chunk({"content": piece})
+                done = finish("".join(parts))
+                yield chunk({}, done["finish_reason"], usage=done["usage"])
+            except TuningError as exc:
+                error = _engine_error(exc)
+                yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type}})}\n\n"
+            finally:
+                if generation is not None:
+                    generation.cancel()  # a client that went away stops the generation
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _start(engine, req: dict, plan):
+    """(text pieces, Generation or None): the local engine gives exact token counts and the finish reason."""
+    if isinstance(engine, Engine):
+        messages = prepare_messages(req["messages"], system_prompt=plan.system_prompt, fewshot=plan.fewshot)
+        generation = engine.submit(messages, adapter_dir=plan.adapter_dir, max_new_tokens=req["max_tokens"],
+                                   temperature=req["temperature"])
+        return iter(generation), generation
+    return engine.stream(req["messages"], **plan.engine_kwargs(), max_new_tokens=req["max_tokens"],
+                         temperature=req["temperature"]), None
+
+
+def _engine_error(exc: TuningError) -> ApiError:
+    if isinstance(exc, InferenceError):
+        return ApiError(400, str(exc), code="inference_error")
+    log.error("inference failed: %s", exc)
+    return ApiError(500, str(exc), type="server_error", code="inference_failed")
