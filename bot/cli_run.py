@@ -1,0 +1,80 @@
+"""`tunebot run`: the Telegram bot, with the job worker and scheduler (and the API when a port is set)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from bot.cli import CommandError
+
+log = logging.getLogger("tunebot.run")
+
+NO_TOKEN = ("no Telegram bot token. Create a bot with @BotFather in Telegram (send /newbot), then set "
+            "TELEGRAM_BOT_TOKEN=<token> (or TUNEBOT_TELEGRAM_TOKEN, or telegram_token in tunebot.toml) and run again")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run the Telegram bot with the job worker and scheduler",
+                       description="Run the Telegram bot. Needs TELEGRAM_BOT_TOKEN (from @BotFather). The job "
+                                   "worker and the retraining scheduler run in the same process; the "
+                                   "OpenAI-compatible API too when TUNEBOT_API_PORT is set.")
+    p.add_argument("--no-worker", action="store_true", help="do not run jobs in this process (run `tunebot worker`)")
+    p.set_defaults(func=run)
+
+
+def _start_worker(app):
+    """The job worker (which also runs the scheduler) on a background thread; None if jobs are unavailable."""
+    from tuning.jobs import Worker
+
+    s = app.settings
+    worker = Worker(s.database_path, artifacts=s.artifacts, cache_dir=s.models_cache, slots=s.worker_slots,
+                    default_base_model=s.base_model, auto_promote=s.auto_promote, quiet_hours=s.quiet_hours,
+                    timezone=s.timezone, max_attempts=s.job_max_attempts)
+    worker.start()
+    return worker
+
+
+def _start_api(app, application):
+    """The OpenAI-compatible API on settings.api_host:api_port, sharing the bot's engine, on a thread."""
+    import uvicorn
+
+    from bot.telegram.handlers.chat import engine_for
+    from storage import Store, open_db
+    from tuning.api import create_api_app
+
+    s = app.settings
+
+    class _Ctx:
+        bot_data = application.bot_data
+
+    engine = engine_for(_Ctx, s.base_model)
+    api = create_api_app(Store(open_db(s.database_path)), engine)
+    server = uvicorn.Server(uvicorn.Config(api, host=s.api_host, port=s.api_port, log_level="warning"))
+    threading.Thread(target=server.run, name="tunebot-api", daemon=True).start()
+    return server
+
+
+def run(args, app) -> int:
+    from bot.telegram.application import BotConfigError, build_application
+
+    if not app.settings.telegram_token:
+        raise CommandError(NO_TOKEN)
+    try:
+        application = build_application(app)
+    except BotConfigError as exc:
+        raise CommandError(str(exc)) from None
+    worker = None if args.no_worker else _start_worker(app)
+    api = _start_api(app, application) if app.settings.api_port else None
+    log.info("bot starting (worker: %s, api: %s)", "on" if worker else "off",
+             f"{app.settings.api_host}:{app.settings.api_port}" if api else "off")
+    try:
+        application.run_polling(poll_interval=0.0, timeout=1, drop_pending_updates=False)
+    finally:
+        if api is not None:
+            api.should_exit = True
+        if worker is not None:
+            worker.stop(timeout=10)
+            worker.shutdown()
+        for engine in application.bot_data.get("engines", {}).values():
+            engine.close()
+    return 0

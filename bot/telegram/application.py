@@ -1,0 +1,73 @@
+"""Building the python-telegram-bot Application from the composition root."""
+
+from __future__ import annotations
+
+import html
+import logging
+import secrets
+import traceback
+
+from telegram import BotCommand, Update
+from telegram.ext import AIORateLimiter, Application, ContextTypes
+
+from bot.telegram.common import reply, tr
+from bot.telegram.handlers import all_handlers
+from bot.telegram.persistence import StorePersistence
+from bot.telegram.progress import POLL_S, poll_jobs
+from bot.telegram.texts import t
+from storage import StorageError
+from tuning.errors import TuningError
+
+log = logging.getLogger("tunebot.telegram")
+COMMANDS = ("start", "help", "add", "examples", "review", "generate", "train", "jobs", "chat", "stop", "compare",
+            "export", "stats", "use", "invite", "members", "schedule", "apikey", "lang", "cancel")
+
+
+class BotConfigError(Exception):
+    """The bot cannot start with these settings (the message says which one to set)."""
+
+
+async def error_handler(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Domain errors are shown as they are; anything else is logged with a reference the user can quote."""
+    exc = context.error
+    if isinstance(update, Update) and update.effective_chat and isinstance(exc, (StorageError, TuningError)):
+        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        return
+    ref = secrets.token_hex(4)
+    log.error("unhandled error ref=%s: %s\n%s", ref, type(exc).__name__,
+              "".join(traceback.format_exception(exc)) if exc else "")
+    if isinstance(update, Update) and update.effective_chat:
+        try:
+            await reply(update, tr(update, context, "error_internal", ref=html.escape(ref)))
+        except Exception:  # the chat may be unreachable; the log has the reference
+            log.exception("could not tell the user about error ref=%s", ref)
+
+
+async def post_init(application: Application) -> None:
+    """Register the command menu (both languages)."""
+    for lang in ("en", "ru"):
+        commands = [BotCommand(c, t(lang, f"cmd_{c}")) for c in COMMANDS]
+        await application.bot.set_my_commands(commands, language_code=None if lang == "en" else lang)
+
+
+def build_application(app) -> Application:
+    """The bot for this App: token and Bot API URL from settings, DB persistence, rate limiter, job polling."""
+    settings = app.settings
+    if not settings.telegram_token:
+        raise BotConfigError("no Telegram bot token")
+    builder = (Application.builder().token(settings.telegram_token)
+               .persistence(StorePersistence(app.store))
+               .rate_limiter(AIORateLimiter(max_retries=2))
+               .concurrent_updates(8)
+               .post_init(post_init))
+    if settings.telegram_base_url:
+        base = settings.telegram_base_url.rstrip("/")
+        builder = builder.base_url(base if base.endswith("/bot") else base + "/bot")
+        builder = builder.base_file_url((base[: -len("/bot")] if base.endswith("/bot") else base) + "/file/bot")
+    application = builder.build()
+    application.bot_data["app"] = app
+    for handler in all_handlers():
+        application.add_handler(handler)
+    application.add_error_handler(error_handler)
+    application.job_queue.run_repeating(poll_jobs, interval=POLL_S, first=POLL_S, name="job-progress")
+    return application

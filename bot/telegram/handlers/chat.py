@@ -1,0 +1,165 @@
+"""Trying the model: /chat with streamed answers and feedback, /compare side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from telegram import Update
+from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
+
+from bot.telegram.common import (MAX_MESSAGE, app_of, awaiting, callback_args, keyboard, reply, requires, short,
+                                 store_of, tr, with_thread_store)
+from storage import DuplicateExample, StorageError
+
+log = logging.getLogger("tunebot.telegram")
+EDIT_EVERY_S = 1.5  # streamed answers are edited at most this often (Telegram allows ~1 edit/s per chat)
+
+
+def engine_for(context: ContextTypes.DEFAULT_TYPE, base_model: str):
+    """One inference Engine per base model, built on first use and shared by all chats."""
+    engines = context.bot_data.setdefault("engines", {})
+    if base_model not in engines:
+        from tuning.inference import Engine
+
+        s = app_of(context).settings
+        engines[base_model] = Engine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
+                                     max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+    return engines[base_model]
+
+
+@requires("tester")
+async def chat(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Enter chat mode with the active version (the base model until one is trained)."""
+    context.user_data["chat"] = {"assistant_id": assistant.id, "mode": "tuned"}
+    key = "chat_started" if assistant.active_version_id else "chat_started_base"
+    await reply(update, tr(update, context, key, name=assistant.name))
+
+
+async def stop(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Leave chat mode."""
+    context.user_data.pop("chat", None)
+    awaiting(context, None)
+    await reply(update, tr(update, context, "chat_stopped"))
+
+
+async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, session: dict) -> None:
+    """Answer one question in chat mode: generation runs off the event loop; the reply is edited as it grows."""
+    from tuning.inference import answer_question
+
+    store = store_of(context)
+    assistant = store.get_assistant(session["assistant_id"])
+    if store.role_of(assistant.id, update.effective_user.id) is None:
+        context.user_data.pop("chat", None)
+        await reply(update, tr(update, context, "not_member"))
+        return
+    question = update.message.text
+    engine = engine_for(context, assistant.base_model or app_of(context).settings.base_model)
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    mode = session.get("mode", "tuned")
+    mode = "auto" if mode == "tuned" else mode
+    user_id, conv_id = update.effective_user.id, session.get("conversation_id")
+
+    def produce(thread_store):
+        try:
+            return answer_question(thread_store, engine, assistant.id, question, mode=mode,
+                                   version_id=session.get("version_id"), user_id=user_id, conversation_id=conv_id,
+                                   on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        finally:
+            loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+    await update.effective_chat.send_action("typing")
+    producer = asyncio.create_task(with_thread_store(context, produce))
+    message = await update.effective_chat.send_message("…")
+    text, last_edit = "", time.monotonic()
+    while (piece := await pieces.get()) is not None:
+        text += piece
+        if time.monotonic() - last_edit >= EDIT_EVERY_S and text.strip() and len(text) < MAX_MESSAGE:
+            await message.edit_text(text + " …")
+            last_edit = time.monotonic()
+    answer = await producer  # raises what the generation raised; the error handler reports it
+    session["conversation_id"] = answer.conversation_id
+    buttons = keyboard([[("👍", f"fb:u:{answer.message_id}"), ("👎", f"fb:d:{answer.message_id}"),
+                         ("✏️", f"fb:e:{answer.message_id}")]])
+    final = answer.text or tr(update, context, "chat_empty_answer")
+    if len(final) > MAX_MESSAGE:
+        await message.edit_text(final[:MAX_MESSAGE])
+        await reply(update, final[MAX_MESSAGE:])
+        await update.effective_chat.send_message("⬆️", reply_markup=buttons)
+    else:
+        await message.edit_text(final, reply_markup=buttons)
+
+
+@requires("tester")
+async def feedback_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """👍, 👎 (then ask for the right answer), or ✏️."""
+    action, ref = callback_args(update)
+    store = store_of(context)
+    msg = store.get_message(int(ref))
+    if action == "u":
+        store.set_feedback(msg["id"], "up")
+        await reply(update, tr(update, context, "feedback_thanks"))
+        return
+    store.set_feedback(msg["id"], "down")
+    awaiting(context, "correction", message_id=msg["id"], assistant_id=assistant.id)
+    await reply(update, tr(update, context, "feedback_ask_correction"))
+
+
+async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
+    """The right answer after 👎/✏️: a pending example from feedback, linked to the message."""
+    store = store_of(context)
+    if store.role_of(pending["assistant_id"], update.effective_user.id) is None:
+        await reply(update, tr(update, context, "not_member"))
+        return
+    answer_msg = store.get_message(pending["message_id"])
+    question_row = next(iter(store.db.query(
+        "select text from messages where conversation_id = ? and role = 'user' and id < ? order by id desc limit 1",
+        [answer_msg["conversation_id"], answer_msg["id"]])), None)
+    question = question_row["text"] if question_row else ""
+    correction = update.message.text.strip()
+    try:
+        ex = store.add_example(pending["assistant_id"], question, correction, source="feedback", status="pending",
+                               author_id=update.effective_user.id)
+        ex_id = ex.id
+    except DuplicateExample as exc:
+        ex = store.add_example(pending["assistant_id"], question, correction, source="feedback", status="pending",
+                               author_id=update.effective_user.id, allow_duplicate=True)
+        ex_id = ex.id
+        log.info("correction for a question that exists as #%s", exc.existing_id)
+    except StorageError as exc:
+        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        return
+    store.set_feedback(answer_msg["id"], "down", correction=correction, correction_example_id=ex_id)
+    await reply(update, tr(update, context, "feedback_correction_saved", id=ex_id))
+
+
+@requires("tester")
+async def compare(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """/compare QUESTION: base, few-shot and tuned answers side by side."""
+    question = " ".join(context.args or []).strip()
+    if not question:
+        await reply(update, tr(update, context, "compare_usage"))
+        return
+    from tuning.inference import compare_answers
+
+    engine = engine_for(context, assistant.base_model or app_of(context).settings.base_model)
+    await update.effective_chat.send_action("typing")
+    uid = update.effective_user.id
+    answers = await with_thread_store(context, lambda s: compare_answers(s, engine, assistant.id, question,
+                                                                         user_id=uid, record=False))
+    parts = [f"— {tr(update, context, 'mode_' + a.mode)} ({a.latency_ms:.0f} ms):\n{short(a.text, 1200)}"
+             for a in answers]
+    if not assistant.active_version_id:
+        parts.append(tr(update, context, "compare_no_tuned"))
+    await reply(update, "\n\n".join(parts))
+
+
+def handlers() -> list:
+    return [
+        CommandHandler("chat", chat),
+        CommandHandler("stop", stop),
+        CommandHandler("compare", compare),
+        CallbackQueryHandler(feedback_button, pattern=r"^fb:"),
+    ]

@@ -1,0 +1,269 @@
+"""Onboarding and membership: /start, /help, /lang, /use, creating assistants, invites, members."""
+
+from __future__ import annotations
+
+from telegram import Update
+from telegram.ext import (CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler,
+                          filters)
+
+from bot.telegram.common import (app_of, callback_args, current_assistant, reply, requires, store_of, tr)
+from bot.telegram.texts import LANGUAGES
+from storage import StorageError
+from storage.records import ROLES
+
+CREATE_NAME, CREATE_DESCRIPTION, CREATE_PROMPT, CREATE_MODEL = range(4)
+
+
+def _remember_user(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    user = update.effective_user
+    store_of(context).upsert_user(user.id, name=user.full_name)
+
+
+async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Greet; with a deep-link payload, redeem that invite."""
+    _remember_user(update, context)
+    if context.args:
+        store = store_of(context)
+        try:
+            member = store.redeem_invite(context.args[0], update.effective_user.id)
+        except StorageError as exc:
+            await reply(update, tr(update, context, "invite_invalid", reason=str(exc)))
+            return
+        assistant = store.get_assistant(member.assistant_id)
+        context.user_data["assistant_id"] = assistant.id
+        await reply(update, tr(update, context, "invite_joined", name=assistant.name,
+                               role=tr(update, context, f"role_{member.role}")) + "\n\n"
+                    + tr(update, context, f"help_{member.role}"))
+        return
+    await reply(update, tr(update, context, "start"),
+                buttons=[[(tr(update, context, "btn_create"), "on:create")],
+                         [(tr(update, context, "btn_join"), "on:join")]])
+
+
+async def join_info(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Explain how invites work."""
+    await update.callback_query.answer()
+    await reply(update, tr(update, context, "join_info"))
+
+
+async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """The commands this user may use, by role."""
+    assistant, role = current_assistant(update, context)
+    if assistant is None:
+        await reply(update, tr(update, context, "help_stranger"))
+        return
+    await reply(update, tr(update, context, "help_header", name=assistant.name, role=tr(update, context, f"role_{role}"))
+                + "\n\n" + tr(update, context, f"help_{role}"))
+
+
+async def lang(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Switch the language (/lang ru) or show the choice."""
+    if context.args and context.args[0].lower() in LANGUAGES:
+        context.user_data["lang"] = context.args[0].lower()
+        store_of(context).set_user_language(update.effective_user.id, context.user_data["lang"])
+        await reply(update, tr(update, context, "lang_set"))
+        return
+    await reply(update, tr(update, context, "lang_choose"),
+                buttons=[[("English", "lang:en"), ("Русский", "lang:ru")]])
+
+
+async def lang_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A language button."""
+    await update.callback_query.answer()
+    choice = callback_args(update)[0]
+    if choice in LANGUAGES:
+        context.user_data["lang"] = choice
+        store_of(context).set_user_language(update.effective_user.id, choice)
+    await reply(update, tr(update, context, "lang_set"), edit=True)
+
+
+async def use(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Switch between the assistants this user belongs to."""
+    store = store_of(context)
+    mine = store.list_assistants(user_id=update.effective_user.id)
+    if not mine:
+        await reply(update, tr(update, context, "not_member"))
+        return
+    if context.args:
+        wanted = " ".join(context.args).strip().lower()
+        for a in mine:
+            if a.name.lower() == wanted:
+                context.user_data["assistant_id"] = a.id
+                await reply(update, tr(update, context, "use_switched", name=a.name))
+                return
+    current, _ = current_assistant(update, context)
+    await reply(update, tr(update, context, "use_choose", name=current.name if current else "-"),
+                buttons=[[(("• " if current and a.id == current.id else "") + a.name, f"use:{a.id}")] for a in mine])
+
+
+async def use_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Pick an assistant from the /use list."""
+    await update.callback_query.answer()
+    aid = int(callback_args(update)[0])
+    store = store_of(context)
+    if store.role_of(aid, update.effective_user.id) is None:
+        await reply(update, tr(update, context, "not_member"), edit=True)
+        return
+    context.user_data["assistant_id"] = aid
+    await reply(update, tr(update, context, "use_switched", name=store.get_assistant(aid).name), edit=True)
+
+
+# --------------------------------------------------------------- create an assistant
+def _may_create(update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
+    admins = app_of(context).settings.admins
+    return not admins or update.effective_user.id in admins
+
+
+async def create_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Ask for the new assistant's name."""
+    if update.callback_query:
+        await update.callback_query.answer()
+    if not _may_create(update, context):
+        await reply(update, tr(update, context, "create_not_admin"))
+        return ConversationHandler.END
+    _remember_user(update, context)
+    context.user_data["new_assistant"] = {}
+    await reply(update, tr(update, context, "create_ask_name"))
+    return CREATE_NAME
+
+
+async def create_name(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Take the name."""
+    name = update.message.text.strip()
+    if not name or len(name) > 64 or store_of(context).find_assistant(name):
+        await reply(update, tr(update, context, "create_bad_name"))
+        return CREATE_NAME
+    context.user_data["new_assistant"] = {"name": name}
+    await reply(update, tr(update, context, "create_ask_description"))
+    return CREATE_DESCRIPTION
+
+
+async def create_description(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Take the short description."""
+    context.user_data.setdefault("new_assistant", {})["description"] = update.message.text.strip()
+    await reply(update, tr(update, context, "create_ask_prompt"))
+    return CREATE_PROMPT
+
+
+async def create_prompt(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Take the system prompt, then offer the default base model."""
+    context.user_data.setdefault("new_assistant", {})["system_prompt"] = update.message.text.strip()
+    default = app_of(context).settings.base_model
+    await reply(update, tr(update, context, "create_ask_model", default=default),
+                buttons=[[(tr(update, context, "btn_default_model"), "cr:default")]])
+    return CREATE_MODEL
+
+
+async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Take the base model (typed, or the default button) and create the assistant."""
+    if update.callback_query:
+        await update.callback_query.answer()
+        model = app_of(context).settings.base_model
+    else:
+        model = update.message.text.strip()
+    draft = context.user_data.pop("new_assistant", {})
+    try:
+        assistant = store_of(context).create_assistant(
+            draft.get("name", ""), description=draft.get("description", ""),
+            system_prompt=draft.get("system_prompt", ""), base_model=model, owner_id=update.effective_user.id)
+    except StorageError as exc:
+        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        return ConversationHandler.END
+    context.user_data["assistant_id"] = assistant.id
+    await reply(update, tr(update, context, "create_done", name=assistant.name, model=model) + "\n\n"
+                + tr(update, context, "help_owner"))
+    return ConversationHandler.END
+
+
+async def cancel(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Leave any guided dialogue."""
+    context.user_data.pop("new_assistant", None)
+    context.user_data.pop("draft", None)
+    context.user_data.pop("awaiting", None)
+    await reply(update, tr(update, context, "cancelled"))
+    return ConversationHandler.END
+
+
+def create_conversation() -> ConversationHandler:
+    text = filters.TEXT & ~filters.COMMAND
+    return ConversationHandler(
+        entry_points=[CommandHandler("create", create_start), CallbackQueryHandler(create_start, pattern=r"^on:create$")],
+        states={CREATE_NAME: [MessageHandler(text, create_name)],
+                CREATE_DESCRIPTION: [MessageHandler(text, create_description)],
+                CREATE_PROMPT: [MessageHandler(text, create_prompt)],
+                CREATE_MODEL: [MessageHandler(text, create_model), CallbackQueryHandler(create_model, pattern=r"^cr:")]},
+        fallbacks=[CommandHandler("cancel", cancel)],
+        name="create_assistant", persistent=True, allow_reentry=True,
+    )
+
+
+# ------------------------------------------------------------------ invites and members
+@requires("owner")
+async def invite(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """/invite ROLE [USES] [HOURS]: a t.me deep link that makes its user a member."""
+    args = context.args or []
+    wanted = args[0].lower() if args else ""
+    if wanted not in ROLES:
+        await reply(update, tr(update, context, "invite_usage"))
+        return
+    try:
+        uses = int(args[1]) if len(args) > 1 else 1
+        hours = float(args[2]) if len(args) > 2 else 72
+    except ValueError:
+        await reply(update, tr(update, context, "invite_usage"))
+        return
+    inv = store_of(context).create_invite(assistant.id, wanted, uses=uses, ttl_hours=hours,
+                                          created_by=update.effective_user.id)
+    link = f"https://t.me/{context.bot.username}?start={inv.token}"
+    await reply(update, tr(update, context, "invite_created", role=tr(update, context, f"role_{wanted}"), link=link,
+                           uses=uses, expires=inv.expires_at, token=inv.token))
+
+
+@requires("owner")
+async def members(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """The member list with buttons to change roles or remove."""
+    store = store_of(context)
+    lines, rows = [], []
+    for m in store.list_members(assistant.id):
+        user = store.get_user(m.user_id)
+        name = (user.name if user and user.name else str(m.user_id))
+        lines.append(f"• {name} ({m.user_id}): {tr(update, context, f'role_{m.role}')}")
+        if m.user_id != update.effective_user.id:
+            rows.append([(f"{name[:12]}→{tr(update, context, 'role_' + r)}", f"mb:{r[0]}:{m.user_id}")
+                         for r in ROLES if r != m.role] + [(f"✖ {name[:12]}", f"mb:x:{m.user_id}")])
+    await reply(update, tr(update, context, "members_header", name=assistant.name) + "\n" + "\n".join(lines),
+                buttons=rows or None)
+
+
+@requires("owner")
+async def member_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Change a member's role or remove them."""
+    action, uid = callback_args(update)
+    store = store_of(context)
+    try:
+        if action == "x":
+            store.remove_member(assistant.id, int(uid), by=update.effective_user.id)
+            await reply(update, tr(update, context, "member_removed", user=uid))
+            return
+        new_role = {r[0]: r for r in ROLES}[action]
+        store.add_member(assistant.id, int(uid), new_role)
+        await reply(update, tr(update, context, "member_role_set", user=uid, role=tr(update, context, f"role_{new_role}")))
+    except StorageError as exc:
+        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+
+
+def handlers() -> list:
+    return [
+        create_conversation(),
+        CommandHandler("start", start),
+        CommandHandler("help", help_command),
+        CommandHandler("lang", lang),
+        CommandHandler("use", use),
+        CommandHandler("invite", invite),
+        CommandHandler("members", members),
+        CommandHandler("cancel", cancel),
+        CallbackQueryHandler(join_info, pattern=r"^on:join$"),
+        CallbackQueryHandler(lang_button, pattern=r"^lang:"),
+        CallbackQueryHandler(use_button, pattern=r"^use:"),
+        CallbackQueryHandler(member_button, pattern=r"^mb:"),
+    ]

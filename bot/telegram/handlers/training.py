@@ -1,0 +1,193 @@
+"""Training from chat: /train, /jobs, /schedule, and the finished version's buttons."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from telegram import Update
+from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
+
+from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, store_of, tr)
+from bot.telegram.progress import render_progress
+from storage import StorageError
+
+TOKENS_PER_S_CPU = 200  # measured LoRA throughput of the bundled model on 2 cores (DESIGN.md)
+TONIGHT_HOUR = 2
+
+
+def _jobs():
+    from tuning import jobs
+
+    return jobs
+
+
+def _enqueue(store, assistant_id: int, *, at, by: int, chat_id: int):
+    jobs = _jobs()
+    enqueue = getattr(jobs, "enqueue_training", None)
+    if enqueue is None:
+        from tuning.jobs.queue import enqueue_training as enqueue
+    return enqueue(store, assistant_id, at=at, created_by=by, tg_chat_id=chat_id)
+
+
+@requires("expert")
+async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """The dataset, the settings and an estimate, with start now / tonight / pick a time."""
+    from tuning.importing import dataset_stats
+
+    stats = dataset_stats(store_of(context), assistant.id)
+    approved = stats["by_status"].get("approved", 0)
+    if approved < 2:
+        await reply(update, tr(update, context, "train_too_few", n=approved))
+        return
+    epochs = 3
+    estimate_s = stats["approved_tokens_estimate"] * epochs / TOKENS_PER_S_CPU
+    by_source = ", ".join(f"{k}: {v}" for k, v in stats["by_source"].items())
+    by_split = ", ".join(f"{k}: {v}" for k, v in stats["by_split"].items())
+    await reply(update, tr(update, context, "train_summary", name=assistant.name, approved=approved,
+                           pending=stats["by_status"].get("pending", 0), by_source=by_source, by_split=by_split,
+                           tokens=stats["approved_tokens_estimate"],
+                           model=assistant.base_model or app_of(context).settings.base_model,
+                           minutes=f"{max(estimate_s / 60, 0.1):.1f}"),
+                buttons=[[(tr(update, context, "btn_train_now"), "tr:now")],
+                         [(tr(update, context, "btn_train_tonight"), "tr:night"),
+                          (tr(update, context, "btn_train_pick"), "tr:pick")]])
+
+
+async def _start_job(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, at: dt.datetime | None) -> None:
+    store = store_of(context)
+    job = _enqueue(store, assistant.id, at=at, by=update.effective_user.id, chat_id=update.effective_chat.id)
+    store.upsert_user(update.effective_user.id, language=lang_of(update, context))
+    msg = await update.effective_chat.send_message(render_progress(job, lang_of(update, context)),
+                                                   reply_markup=None)
+    store.update_job(job.id, tg_chat_id=update.effective_chat.id, tg_message_id=msg.message_id)
+
+
+@requires("expert")
+async def train_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Start now, tonight, or ask for a time."""
+    choice = callback_args(update)[0]
+    if choice == "pick":
+        awaiting(context, "train_time", assistant_id=assistant.id)
+        await reply(update, tr(update, context, "train_pick_ask"))
+        return
+    at = None
+    if choice == "night":
+        now = dt.datetime.now(dt.timezone.utc)
+        at = now.replace(hour=TONIGHT_HOUR, minute=0, second=0, microsecond=0)
+        if at <= now:
+            at += dt.timedelta(days=1)
+    await _start_job(update, context, assistant, at)
+
+
+async def train_time_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
+    """A time like 23:30 (UTC, today or tomorrow) for the training."""
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", update.message.text or "")
+    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        awaiting(context, "train_time", **{k: v for k, v in pending.items() if k != "kind"})
+        await reply(update, tr(update, context, "train_pick_bad"))
+        return
+    store = store_of(context)
+    if store.role_of(pending["assistant_id"], update.effective_user.id) not in ("owner", "expert"):
+        await reply(update, tr(update, context, "not_member"))
+        return
+    now = dt.datetime.now(dt.timezone.utc)
+    at = now.replace(hour=int(match.group(1)), minute=int(match.group(2)), second=0, microsecond=0)
+    if at <= now:
+        at += dt.timedelta(days=1)
+    await _start_job(update, context, store.get_assistant(pending["assistant_id"]), at)
+
+
+@requires("expert")
+async def jobs_list(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Recent jobs with cancel buttons for the unfinished ones."""
+    jobs = store_of(context).list_jobs(assistant_id=assistant.id, limit=10)
+    if not jobs:
+        await reply(update, tr(update, context, "jobs_empty"))
+        return
+    lines, rows = [tr(update, context, "jobs_header", name=assistant.name)], []
+    for job in jobs:
+        p = job.progress or {}
+        extra = f" {p.get('step')}/{p.get('total_steps')}" if job.status == "running" and p.get("total_steps") else ""
+        lines.append(f"#{job.id} {job.kind}: {tr(update, context, 'jobstate_' + job.status)}{extra}"
+                     + (f" ({job.scheduled_at})" if job.status == "scheduled" else ""))
+        if job.status in ("scheduled", "queued", "running"):
+            rows.append([(tr(update, context, "btn_cancel_job", id=job.id), f"jb:c:{job.id}")])
+    await reply(update, "\n".join(lines), buttons=rows or None)
+
+
+@requires("expert")
+async def jobs_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Cancel a job of this assistant."""
+    job_id = int(callback_args(update)[1])
+    store = store_of(context)
+    try:
+        job = store.get_job(job_id)
+        if job.assistant_id != assistant.id:
+            await reply(update, tr(update, context, "not_member"))
+            return
+        _jobs().cancel_job(store, job_id, by=update.effective_user.id)
+    except StorageError as exc:
+        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        return
+    await reply(update, tr(update, context, "job_cancel_requested", id=job_id), edit=True)
+
+
+@requires("owner")
+async def schedule(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """/schedule daily HH:MM [min_new] | weekly HH:MM [min_new] | off."""
+    store = store_of(context)
+    args = context.args or []
+    if args and args[0].lower() == "off":
+        policy = store.get_retrain_policy(assistant.id)
+        if policy:
+            store.set_retrain_policy(assistant.id, cron=policy.cron, min_new=policy.min_new, enabled=False)
+        await reply(update, tr(update, context, "schedule_off"))
+        return
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})", args[1]) if len(args) >= 2 else None
+    if not args or args[0].lower() not in ("daily", "weekly") or not match:
+        policy = store.get_retrain_policy(assistant.id)
+        current = policy.cron if policy and policy.enabled else tr(update, context, "schedule_none")
+        await reply(update, tr(update, context, "schedule_usage", current=current))
+        return
+    hour, minute = int(match.group(1)), int(match.group(2))
+    min_new = int(args[2]) if len(args) > 2 and args[2].isdigit() else 1
+    cron = f"{minute} {hour} * * *" if args[0].lower() == "daily" else f"{minute} {hour} * * 0"
+    store.set_retrain_policy(assistant.id, cron=cron, min_new=min_new)
+    await reply(update, tr(update, context, "schedule_set", cron=cron, min_new=min_new))
+
+
+@requires("expert")
+async def version_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Try it, Make active, or Discard a freshly trained version."""
+    action, ref = callback_args(update)
+    store = store_of(context)
+    try:
+        version = store.get_model_version(int(ref))
+        if version.assistant_id != assistant.id:
+            await reply(update, tr(update, context, "not_member"))
+            return
+        if action == "a":
+            promote = getattr(_jobs(), "promote_version", None)
+            promote(store, version.id, by=update.effective_user.id) if promote else store.activate_version(
+                version.id, by=update.effective_user.id)
+            await reply(update, tr(update, context, "version_activated", id=version.id))
+        elif action == "d":
+            store.set_version_status(version.id, "discarded", by=update.effective_user.id)
+            await reply(update, tr(update, context, "version_discarded", id=version.id))
+        else:
+            context.user_data["chat"] = {"assistant_id": assistant.id, "mode": "version", "version_id": version.id}
+            await reply(update, tr(update, context, "chat_started_version", id=version.id))
+    except StorageError as exc:
+        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+
+
+def handlers() -> list:
+    return [
+        CommandHandler("train", train),
+        CommandHandler("jobs", jobs_list),
+        CommandHandler("schedule", schedule),
+        CallbackQueryHandler(train_button, pattern=r"^tr:"),
+        CallbackQueryHandler(jobs_button, pattern=r"^jb:"),
+        CallbackQueryHandler(version_button, pattern=r"^tv:"),
+    ]
