@@ -128,6 +128,12 @@ class Store:
         if unknown:
             raise InvalidValue(f"cannot update {', '.join(sorted(unknown))}")
         self.get_assistant(assistant_id)
+        if "name" in fields:
+            fields["name"] = str(fields["name"]).strip()
+            other = self.find_assistant(fields["name"])
+            if not fields["name"] or (other is not None and other.id != assistant_id):
+                raise InvalidValue(f"an assistant named {fields['name']!r} already exists" if other
+                                   else "assistant name must not be empty")
         self.db["assistants"].update(assistant_id, fields)
         return self.get_assistant(assistant_id)
 
@@ -278,6 +284,9 @@ class Store:
 
     def restore_example(self, example_id: int, *, by: int | None = None) -> Example:
         ex = self.get_example(example_id, include_deleted=True)
+        dup = self.find_duplicate(ex.assistant_id, ex.question, exclude_id=example_id)
+        if dup is not None and ex.status != "rejected":
+            raise DuplicateExample(dup.id, dup.question)
         with self.db.conn:
             self.db["examples"].update(example_id, {"deleted_at": None, "updated_at": self.now()})
             self._history(example_id, "restore", ex.question, ex.answer, ex.status, by)
