@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,8 +60,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.set_defaults(func=cmd_stats)
 
 
+@contextmanager
+def _stdout_may_close():
+    """`tunebot export | head` closes the pipe early: stop quietly instead of a traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _print_json(value) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2))
+    with _stdout_may_close():
+        print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
 def cmd_assistants_create(args, app) -> int:
@@ -160,8 +172,11 @@ def cmd_export(args, app) -> int:
             tmp.unlink(missing_ok=True)
         print(f"exported {count} examples to {out}", file=sys.stderr)
     else:
-        count = export_examples(app.store, assistant.id, sys.stdout, format=args.format, status=args.status)
-        print(f"exported {count} examples", file=sys.stderr)
+        count = None
+        with _stdout_may_close():
+            count = export_examples(app.store, assistant.id, sys.stdout, format=args.format, status=args.status)
+        if count is not None:
+            print(f"exported {count} examples", file=sys.stderr)
     return 0
 
 
