@@ -21,6 +21,20 @@ class App:
     def store(self) -> Store:
         return Store(open_db(self.settings.database_path))
 
+    @cached_property
+    def engine(self):
+        """The inference engine: the base model in this process, or an OpenAI-compatible server."""
+        s = self.settings
+        if s.inference_backend == "openai":
+            from tuning.inference import RemoteEngine
+
+            return RemoteEngine(s.inference_base_url, api_key=s.openai_api_key, model=s.base_model,
+                                max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+        from tuning.inference import Engine
+
+        return Engine(s.base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
+                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,226 @@
+"""CLI commands for answers: `serve` (the OpenAI-compatible API), `apikey`, `chat`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+MODES = ("auto", "tuned", "base", "fewshot", "version")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the answer commands to the `tunebot` parser."""
+    serve = subparsers.add_parser(
+        "serve", help="serve the OpenAI-compatible API",
+        description="Serve /v1/models and /v1/chat/completions (with stream) for every assistant: the model id is "
+                    "the assistant's name (its active version), NAME:base or NAME:fewshot. Requests need an API key "
+                    "of that assistant (`tunebot apikey create`).")
+    serve.add_argument("--host", default=None, help="address to listen on (default: the api_host setting, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: the api_port setting, else 8000)")
+    serve.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted (default: 1024)")
+    serve.set_defaults(func=cmd_serve)
+
+    apikey = subparsers.add_parser("apikey", help="create, list and revoke API keys",
+                                   description="API keys of one assistant; keys are stored hashed and shown once.")
+    ksub = apikey.add_subparsers(dest="apikey_command", metavar="ACTION")
+    create = ksub.add_parser("create", help="create a key (printed once)", description="Create an API key.")
+    create.add_argument("--assistant", required=True, metavar="NAME")
+    create.add_argument("--name", default="", help="a label to recognise the key by")
+    create.add_argument("--json", action="store_true", help="print {id, prefix, key} as JSON")
+    create.set_defaults(func=cmd_apikey_create)
+    listing = ksub.add_parser("list", help="list keys", description="List an assistant's API keys (prefixes only).")
+    listing.add_argument("--assistant", required=True, metavar="NAME")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(func=cmd_apikey_list)
+    revoke = ksub.add_parser("revoke", help="revoke a key", description="Revoke an API key by its id.")
+    revoke.add_argument("key_id", type=int, metavar="KEY_ID", help="the id shown by `tunebot apikey list`")
+    revoke.add_argument("--assistant", required=True, metavar="NAME")
+    revoke.set_defaults(func=cmd_apikey_revoke)
+
+    chat = subparsers.add_parser(
+        "chat", help="chat with an assistant in the terminal",
+        description="Ask questions line by line (standard input works too: `echo hi | tunebot chat --assistant A`). "
+                    "Answers stream as they are generated. Type /quit or press Ctrl-D to leave.")
+    chat.add_argument("--assistant", required=True, metavar="NAME")
+    chat.add_argument("--mode", choices=MODES, default="auto",
+                      help="auto: the active version, else few-shot; tuned; base; fewshot (approved examples as "
+                           "context); version (with --version)")
+    chat.add_argument("--version", type=int, default=None, metavar="ID", help="a model version id (mode version)")
+    chat.add_argument("--compare", action="store_true", help="answer each question in base, few-shot and tuned mode")
+    chat.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens")
+    chat.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming")
+    chat.set_defaults(func=cmd_chat)
+
+    demo = subparsers.add_parser(
+        "demo", help="the whole loop offline in a few minutes",
+        description="Create an assistant from examples/acme_faq.jsonl, add local mutations, train a LoRA adapter "
+                    "on this machine, print the before/after table on examples/acme_eval.jsonl, then chat (or "
+                    "answer three sample questions when standard input is not a terminal).")
+    demo.add_argument("--name", default="acme-demo", help="name of the demo assistant (default: acme-demo)")
+    demo.add_argument("--epochs", type=float, default=None, help="training epochs (default: chosen automatically)")
+    demo.add_argument("--per-example", type=int, default=3, help="mutations per example (default: 3)")
+    demo.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out questions")
+    demo.add_argument("--fresh", action="store_true", help="delete nothing, but use a new name if it exists")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _assistant(app, name: str):
+    return app.store.assistant_by_name(name)
+
+
+# ------------------------------------------------------------------ serve
+def cmd_serve(args, app) -> int:
+    """Load the base model, then serve the API until interrupted."""
+    import uvicorn
+
+    from tuning.api import create_api_app
+
+    host = args.host or app.settings.api_host
+    port = args.port if args.port is not None else (app.settings.api_port or 8000)
+    print(f"loading {app.settings.base_model} …", file=sys.stderr)
+    app.engine.load()
+    print(f"serving the OpenAI-compatible API on http://{host}:{port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(create_api_app(app.store, app.engine, max_body_bytes=args.max_body_kb * 1024),
+                    host=host, port=port, log_level=app.settings.log_level.lower())
+    finally:
+        app.engine.close()
+    return 0
+
+
+# ----------------------------------------------------------------- apikey
+def cmd_apikey_create(args, app) -> int:
+    assistant = _assistant(app, args.assistant)
+    key, plain = app.store.create_api_key(assistant.id, name=args.name)
+    if args.json:
+        print(json.dumps({"id": key.id, "assistant": assistant.name, "prefix": key.prefix, "key": plain}))
+    else:
+        print(plain)
+        print(f"key #{key.id} for {assistant.name}: shown once, store it now "
+              f"(use it as `Authorization: Bearer <key>`)", file=sys.stderr)
+    return 0
+
+
+def cmd_apikey_list(args, app) -> int:
+    assistant = _assistant(app, args.assistant)
+    keys = app.store.list_api_keys(assistant.id)
+    if args.json:
+        print(json.dumps([{"id": k.id, "prefix": k.prefix, "name": k.name, "created_at": k.created_at,
+                           "revoked_at": k.revoked_at} for k in keys]))
+        return 0
+    if not keys:
+        print(f"{assistant.name} has no API keys; create one with `tunebot apikey create --assistant {assistant.name}`")
+    for k in keys:
+        state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+        print(f"#{k.id}  {k.prefix}…  {k.name or '-'}  created {k.created_at}  {state}")
+    return 0
+
+
+def cmd_apikey_revoke(args, app) -> int:
+    from bot.cli import CommandError
+
+    assistant = _assistant(app, args.assistant)
+    if args.key_id not in {k.id for k in app.store.list_api_keys(assistant.id)}:
+        raise CommandError(f"{assistant.name} has no API key #{args.key_id}; see `tunebot apikey list`")
+    app.store.revoke_api_key(args.key_id)
+    print(f"revoked key #{args.key_id}")
+    return 0
+
+
+# ------------------------------------------------------------------- chat
+def _engine_for(app, assistant):
+    """The shared engine, or one for the assistant's own base model when it has another."""
+    if app.settings.inference_backend == "local" and assistant.base_model and \
+            assistant.base_model != app.settings.base_model:
+        from tuning.inference import Engine
+
+        s = app.settings
+        return Engine(assistant.base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
+                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+    return app.engine
+
+
+def _answer_line(app, engine, assistant, question: str, args, out) -> None:
+    from tuning.inference import answer_question, compare_answers
+
+    if args.json:
+        if args.compare:
+            answers = compare_answers(app.store, engine, assistant.id, question)
+        else:
+            answers = [answer_question(app.store, engine, assistant.id, question, mode=args.mode,
+                                       version_id=args.version)]
+        for a in answers:
+            out.write(json.dumps({"question": question, "mode": a.mode, "version_id": a.version_id, "answer": a.text,
+                                  "ttft_ms": round(a.ttft_ms, 1), "tokens_per_s": round(a.tokens_per_s, 1),
+                                  "message_id": a.message_id}, ensure_ascii=False) + "\n")
+        out.flush()
+        return
+
+    def show(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    if args.compare:
+        current = [None]
+
+        def show_mode(mode: str, piece: str) -> None:
+            if current[0] != mode:
+                out.write(("\n" if current[0] else "") + f"[{mode}] ")
+                current[0] = mode
+            show(piece)
+
+        compare_answers(app.store, engine, assistant.id, question, on_piece=show_mode)
+        out.write("\n")
+    else:
+        answer = answer_question(app.store, engine, assistant.id, question, mode=args.mode, version_id=args.version,
+                                 on_piece=show)
+        out.write("\n")
+        if out.isatty():
+            out.write(f"  ({answer.mode}, first token {answer.ttft_ms:.0f} ms, {answer.tokens_per_s:.0f} tokens/s)\n")
+    out.flush()
+
+
+def chat_loop(app, assistant, args, *, stdin=None, out=None) -> int:
+    """Answer each line of stdin; the prompt and hints only on a terminal."""
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    engine = _engine_for(app, assistant)
+    if args.max_tokens:
+        engine.max_new_tokens = args.max_tokens
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"chatting with {assistant.name} ({'compare' if args.compare else args.mode}); /quit to leave",
+              file=sys.stderr)
+    try:
+        while True:
+            if interactive:
+                out.write("you> ")
+                out.flush()
+            line = stdin.readline()
+            if not line:
+                break
+            question = line.strip()
+            if question in ("/quit", "/exit"):
+                break
+            if question:
+                _answer_line(app, engine, assistant, question, args, out)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_chat(args, app) -> int:
+    from bot.cli import CommandError
+
+    if args.mode == "version" and args.version is None:
+        raise CommandError("--mode version needs a version id: --version ID")
+    assistant = _assistant(app, args.assistant)
+    return chat_loop(app, assistant, args)
+
+
+# ------------------------------------------------------------------- demo
+def cmd_demo(args, app) -> int:
+    from bot.demo import run_demo
+
+    return run_demo(app, args)
