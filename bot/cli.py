@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "bot.cli_data",
     "bot.cli_serve",
     "bot.cli_run",
+    "bot.cli_jobs",
 ]
 
 EXIT_USAGE = 2

@@ -127,10 +127,17 @@ def m0003_bot_state(db: sqlite_utils.Database) -> None:
     db["bot_state"].create({"key": str, "value": str, "updated_at": str}, pk="key", if_not_exists=True)
 
 
+def m0004_workers(db: sqlite_utils.Database) -> None:
+    """Live job workers (heartbeats), so the CLI and the bot can tell whether anyone will run a job."""
+    db["workers"].create({"id": str, "host": str, "pid": int, "slots": str, "started_at": str,
+                          "heartbeat_at": str}, pk="id", if_not_exists=True)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", m0001_initial),
     ("0002_dedup_index_and_policies", m0002_dedup_index_and_policies),
     ("0003_bot_state", m0003_bot_state),
+    ("0004_workers", m0004_workers),
 ]
 
 

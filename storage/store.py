@@ -483,6 +483,22 @@ class Store:
         self.db.conn.commit()
         return sorted(r[0] for r in rows)
 
+    def worker_heartbeat(self, worker_id: str, *, host: str, pid: int, slots: str) -> None:
+        """Record that a worker is alive now (its row is created on the first beat)."""
+        now = self.now()
+        self.db.execute("insert into workers (id, host, pid, slots, started_at, heartbeat_at) values (?, ?, ?, ?, ?, ?) "
+                        "on conflict(id) do update set heartbeat_at = excluded.heartbeat_at",
+                        [worker_id, host, pid, slots, now, now])
+        self.db.conn.commit()
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.db.execute("delete from workers where id = ?", [worker_id])
+        self.db.conn.commit()
+
+    def live_workers(self, *, since: str) -> list[dict]:
+        """Workers whose last heartbeat is at or after `since`."""
+        return list(self.db.query("select * from workers where heartbeat_at >= ? order by id", [since]))
+
     def count_approved_since(self, assistant_id: int, since: str | None) -> int:
         """Live approved examples added or approved after `since` (all of them when None)."""
         return self.db.execute(

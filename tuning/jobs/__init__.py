@@ -4,12 +4,12 @@ from tuning.jobs.events import JobEvent, EventBus, bus, subscribe, watch_job, TE
 from tuning.jobs.queue import JobError, enqueue_training, enqueue_generation, cancel_job, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet, next_fire, set_policy, new_examples_since_active
 from tuning.jobs.versions import promote_version, rollback, beats, register_candidate
-from tuning.jobs.worker import Worker, visible_gpus
+from tuning.jobs.worker import Worker, live_workers, visible_gpus
 
 __all__ = [
     "JobEvent", "EventBus", "bus", "subscribe", "watch_job", "TERMINAL",
     "JobError", "enqueue_training", "enqueue_generation", "cancel_job", "recover_stale",
     "Scheduler", "is_quiet", "next_fire", "set_policy", "new_examples_since_active",
     "promote_version", "rollback", "beats", "register_candidate",
-    "Worker", "visible_gpus",
+    "Worker", "live_workers", "visible_gpus",
 ]

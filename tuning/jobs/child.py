@@ -12,8 +12,7 @@ import threading
 import time
 import traceback
 
-EXIT_USER_ERROR = 3  # the job cannot succeed as asked (bad data, bad settings): no retry
-EXIT_STOPPED = 4  # stopped early (SIGTERM, cancelled, worker gone): the worker decides what next
+from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR
 
 log = logging.getLogger("tuning.jobs.child")
 
@@ -76,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     job = store.get_job(args.job)
     if job.status != "running":
         return EXIT_STOPPED
-    log.info("job #%s (%s) attempt %s starting", job.id, job.kind, job.attempts)
+    log.info("job #%s (%s) attempt %s starting; CUDA_VISIBLE_DEVICES=%s", job.id, job.kind, job.attempts,
+             os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     try:
         result = executors.run(store, job, artifacts=args.artifacts, cache_dir=args.cache_dir,
                                default_base_model=args.base_model, auto_promote=args.auto_promote,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -87,13 +86,6 @@ def _asdict(obj) -> dict:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_") and _jsonable(v)}
 
 
-def dataset_hash(items) -> str:
-    digest = hashlib.sha256()
-    for item in sorted((i.question, i.answer, i.split) for i in items):
-        digest.update(json.dumps(item, ensure_ascii=False).encode())
-    return digest.hexdigest()[:16]
-
-
 def run(store: Store, job: Job, *, artifacts: str | Path, cache_dir: str | None, default_base_model: str,
         auto_promote: bool, should_stop: Callable[[], bool]) -> dict:
     """Run the job's kind; returns the result stored on the job."""
@@ -126,7 +118,7 @@ def run_train(store: Store, job: Job, *, artifacts, cache_dir, default_base_mode
               should_stop: Callable[[], bool]) -> dict:
     """Train (resuming from the job's checkpoints), evaluate on the test split, register a candidate."""
     from tuning.dataset import items_from_store
-    from tuning.train import train
+    from tuning.train import TrainingCancelled, train
 
     assistant = store.get_assistant(job.assistant_id)
     params = job.params or {}
@@ -134,20 +126,23 @@ def run_train(store: Store, job: Job, *, artifacts, cache_dir, default_base_mode
     config = _train_config(params, base_model)
     items = items_from_store(store, assistant.id)
     train_items = [i for i in items if i.split != "test"]
-    test_items = [i for i in items if i.split == "test"]
+    test_items = store.list_examples(assistant.id, status="approved", split="test")  # they carry must_contain
     if not train_items:
         raise JobError(f"assistant {assistant.name!r} has no approved training examples")
     out_dir = job_dir(artifacts, job)
     progress = ProgressWriter(store, job, fault=params.get("fault"))
     progress.phase("training")
-    report = train(train_items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt or "",
-                   cache_dir=cache_dir, on_progress=progress, should_stop=should_stop, resume=True)
-    if should_stop() or getattr(report, "stopped", False):
-        raise Stopped()
-    summary = _asdict(report)
-    metrics: dict = {k: summary[k] for k in ("steps", "total_steps", "epochs", "train_loss", "final_loss",
-                                             "val_loss", "tokens_per_s", "train_seconds", "resumed_from_step")
-                     if k in summary}
+    try:
+        report = train(train_items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt or "",
+                       cache_dir=cache_dir, on_progress=progress, should_stop=should_stop, resume=True)
+    except TrainingCancelled:
+        raise Stopped() from None
+    last_epoch = report.epochs[-1] if report.epochs else {}
+    metrics: dict = {"steps": report.steps, "total_steps": report.hyperparameters.get("total_steps"),
+                     "epochs_done": len(report.epochs), "train_loss": last_epoch.get("train_loss"),
+                     "best_val_loss": report.best_val_loss, "val_kind": report.val_kind,
+                     "resumed_from_step": report.resumed_from_step, "tokens_per_s": report.tokens_per_s,
+                     "duration_s": report.duration_s, "stopped_early": report.stopped_early}
     evaluation = None
     if test_items:
         from tuning.evaluate import evaluate
@@ -163,8 +158,8 @@ def run_train(store: Store, job: Job, *, artifacts, cache_dir, default_base_mode
     if should_stop():
         raise Stopped()
     version = register_candidate(store, assistant.id, job_id=job.id, adapter_path=str(out_dir),
-                                 base_model=config.base_model, dataset_hash=dataset_hash(train_items),
-                                 hyperparameters=_asdict(config), metrics=metrics)
+                                 base_model=config.base_model, dataset_hash=report.data_hash,
+                                 hyperparameters=report.hyperparameters, metrics=metrics)
     promoted, why = False, "auto-promotion is off"
     if auto_promote:
         promoted, why = _maybe_promote(store, assistant, version, evaluation, test_items, cache_dir=cache_dir,
@@ -197,12 +192,11 @@ def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, 
 
 def run_eval(store: Store, job: Job, *, cache_dir, default_base_model: str) -> dict:
     """Evaluate a version (params.version_id, default the active one) and the base model on the test split."""
-    from tuning.dataset import items_from_store
     from tuning.evaluate import evaluate
 
     assistant = store.get_assistant(job.assistant_id)
     params = job.params or {}
-    test_items = [i for i in items_from_store(store, assistant.id) if i.split == "test"]
+    test_items = store.list_examples(assistant.id, status="approved", split="test")
     if not test_items:
         raise JobError(f"assistant {assistant.name!r} has no approved test examples to evaluate on")
     version_id = params.get("version_id") or assistant.active_version_id

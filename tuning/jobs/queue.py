@@ -16,6 +16,8 @@ from tuning.jobs.events import TERMINAL
 log = logging.getLogger(__name__)
 
 ACTIVE = ("scheduled", "queued", "running")
+EXIT_USER_ERROR = 3  # exit code of a job process that cannot succeed as asked (bad data, settings): no retry
+EXIT_STOPPED = 4  # stopped early (SIGTERM, cancelled, worker gone): the worker decides what is next
 
 
 class JobError(TuningError):

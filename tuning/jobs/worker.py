@@ -18,8 +18,7 @@ from typing import Callable, Sequence
 from storage import Job, Store, open_db
 from storage.store import utcnow
 from tuning.jobs import events
-from tuning.jobs.child import EXIT_STOPPED, EXIT_USER_ERROR
-from tuning.jobs.queue import new_worker_id, recover_stale
+from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,12 @@ def visible_gpus() -> list[int]:
     except (OSError, subprocess.SubprocessError):
         return []
     return list(range(sum(1 for line in out.splitlines() if line.startswith("GPU "))))
+
+
+def live_workers(store: Store, *, within_s: float = 30.0) -> list[dict]:
+    """Workers that sent a heartbeat in the last `within_s` seconds."""
+    since = store.clock() - dt.timedelta(seconds=within_s)
+    return store.live_workers(since=since.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def describe_exit(code: int, log_path: Path | None = None) -> str:
@@ -150,6 +155,8 @@ class Worker:
         self._watch(store)
         if mono - self._last_beat >= self.heartbeat_s:
             now = store.now()
+            store.worker_heartbeat(self.id, host=self.id.split(":")[0], pid=os.getpid(),
+                                   slots=f"gpus {self.gpus}" if self.gpu_mode else f"{self.cpu_slots} cpu")
             for job_id in self._children:
                 store.transition_job(job_id, from_states=("running",), heartbeat_at=now)
             self._last_beat = mono
@@ -173,6 +180,7 @@ class Worker:
                 self._stop.wait(self.poll_interval)
         finally:
             self.shutdown()
+            self.store.remove_worker(self.id)
 
     def start(self) -> threading.Thread:
         """Run the loop in a background thread (idempotent)."""
