@@ -12,6 +12,7 @@ from bot.config import SettingsError, load_settings
 # a command function takes (args, app) and returns an exit code.
 COMMAND_MODULES = [
     "bot.cli_data",
+    "bot.cli_generate",
     "bot.cli_serve",
     "bot.cli_run",
     "bot.cli_jobs",

@@ -34,6 +34,8 @@ class Settings:
     generator_max_requests: int = 200
     generator_max_tokens: int = 200_000
     generator_timeout_s: float = 60.0
+    generator_json_schema: bool = False  # also send a JSON schema (llama.cpp server enforces it)
+    generator_judge: bool = False  # score each paraphrase with the LLM judge
     price_per_1k_tokens: float = 0.0006
     mutations_per_example: int = 5
     judge_auto_approve: float = 0.0  # 0 disables auto-approval by the LLM judge
