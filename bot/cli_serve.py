@@ -58,10 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "on this machine, print the before/after table on examples/acme_eval.jsonl, then chat (or "
                     "answer three sample questions when standard input is not a terminal).")
     demo.add_argument("--name", default="acme-demo", help="name of the demo assistant (default: acme-demo)")
-    demo.add_argument("--epochs", type=float, default=None, help="training epochs (default: chosen automatically)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: chosen from the data)")
     demo.add_argument("--per-example", type=int, default=3, help="mutations per example (default: 3)")
     demo.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out questions")
-    demo.add_argument("--fresh", action="store_true", help="delete nothing, but use a new name if it exists")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -220,7 +219,105 @@ def cmd_chat(args, app) -> int:
 
 
 # ------------------------------------------------------------------- demo
-def cmd_demo(args, app) -> int:
-    from bot.demo import run_demo
+DEMO_SYSTEM_PROMPT = "You answer customer questions for ACME Parcel, a parcel delivery company."
 
-    return run_demo(app, args)
+
+def _examples_dir():
+    from pathlib import Path
+
+    for folder in (Path(__file__).resolve().parent.parent / "examples", Path.cwd() / "examples"):
+        if (folder / "acme_faq.jsonl").exists():
+            return folder
+    from bot.cli import CommandError
+
+    raise CommandError("examples/acme_faq.jsonl not found: run the demo from a Tunebot checkout")
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not sys.stderr.isatty(), leave=True)
+
+
+def cmd_demo(args, app) -> int:
+    """The whole loop offline: import, mutate and approve, train, compare, chat."""
+    import time
+
+    from tuning.dataset import items_from_store
+    from tuning.evaluate import evaluate, markdown_table
+    from tuning.formats import read_examples
+    from tuning.importing import import_file
+    from tuning.mutate import mutate_assistant
+    from tuning.review import approve_all_in_run
+    from tuning.train import TrainConfig, train
+
+    started = time.perf_counter()
+    store, settings = app.store, app.settings
+    folder = _examples_dir()
+    name, n = args.name, 1
+    while store.find_assistant(name) is not None:
+        n += 1
+        name = f"{args.name}-{n}"
+    assistant = store.create_assistant(name, system_prompt=DEMO_SYSTEM_PROMPT, base_model=settings.base_model,
+                                       description="ACME Parcel FAQ (tunebot demo)")
+    report = import_file(store, assistant.id, folder / "acme_faq.jsonl", approve=True)
+    print(f"1/5 assistant {name!r}: imported {report.added} approved examples from {folder / 'acme_faq.jsonl'}")
+    run = mutate_assistant(store, assistant.id, per_example=args.per_example, seed=0)
+    approved = approve_all_in_run(store, run.id)
+    print(f"2/5 generated {run.kept} local mutations (typos, layout, abbreviations …) and approved {approved}")
+
+    items = items_from_store(store, assistant.id)
+    out_dir = f"{settings.artifacts}/{name}/v1"
+    print(f"3/5 training a LoRA adapter on {len(items)} examples ({settings.base_model}) into {out_dir}")
+    bar, shown_epochs = None, set()
+
+    def on_progress(p: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress(p.get("total_steps") or 0, "training")
+        bar.total = p.get("total_steps") or bar.total
+        bar.n = p.get("step", bar.n)
+        loss = p.get("val_loss") if p.get("val_loss") is not None else p.get("loss")
+        bar.set_postfix(epoch=p.get("epoch"), loss=None if loss is None else round(loss, 3), refresh=False)
+        bar.refresh()
+        if not sys.stderr.isatty() and p.get("val_loss") is not None and p.get("epoch") not in shown_epochs:
+            shown_epochs.add(p.get("epoch"))
+            print(f"    epoch {p.get('epoch')}: val loss {p['val_loss']:.3f}", file=sys.stderr)
+
+    config = TrainConfig(base_model=settings.base_model, epochs=args.epochs, seed=0)
+    trained = train(items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt,
+                    cache_dir=settings.models_cache, on_progress=on_progress)
+    if bar is not None:
+        bar.close()
+    version = store.add_model_version(assistant.id, adapter_path=out_dir, base_model=settings.base_model,
+                                      dataset_hash=trained.data_hash, hyperparameters=trained.hyperparameters)
+    store.activate_version(version.id)
+    print(f"    trained in {trained.duration_s:.0f} s ({trained.tokens_per_s:.0f} tokens/s); version #{version.id} active")
+
+    held_out = read_examples(folder / "acme_eval.jsonl").records[: args.max_eval]
+    pairs = [(e.question, e.answer) for e in store.list_examples(assistant.id, status="approved", roots_only=True)]
+    print(f"4/5 answering {len(held_out)} held-out paraphrased questions in base, few-shot and tuned mode")
+    eval_bar = _progress(3 * len(held_out), "evaluating")
+    result = evaluate(held_out, base_model=settings.base_model, adapter_dir=out_dir, fewshot=pairs,
+                      system_prompt=assistant.system_prompt, cache_dir=settings.models_cache, max_new_tokens=64,
+                      on_progress=lambda mode, done, total: eval_bar.update(1))
+    eval_bar.close()
+    print()
+    print(markdown_table(result))
+    print()
+    store.update_assistant(assistant.id, description=f"ACME Parcel FAQ (tunebot demo): "
+                                                     f"{json.dumps({m: v['accuracy'] for m, v in result['modes'].items()})}")
+    print(f"5/5 done in {time.perf_counter() - started:.0f} s. Chat with it: tunebot chat --assistant {name} [--compare]")
+    if sys.stdin.isatty():
+        return chat_loop(app, store.get_assistant(assistant.id),
+                         argparse.Namespace(mode="auto", version=None, compare=False, max_tokens=None, json=False))
+    from tuning.inference import answer_question
+
+    engine = _engine_for(app, assistant)
+    try:
+        for record in held_out[:3]:
+            answer = answer_question(store, engine, assistant.id, record.question, mode="tuned")
+            print(f"Q: {record.question}\nA: {answer.text}\n")
+    finally:
+        engine.close()
+    return 0
