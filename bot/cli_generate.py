@@ -112,6 +112,9 @@ def cmd_generate(args, app) -> int:
     method = args.method or ("paraphrase" if configured else "mutate")
     if args.resume is not None:
         method = store.get_generation_run(args.resume).method
+        if method == "mutate":
+            raise GenerationError(f"run #{args.resume} made local mutations, which finish at once; "
+                                  "run `tunebot generate --method mutate` again instead")
     per_example = args.per_example if args.per_example is not None else settings.mutations_per_example
     if per_example < 1:
         raise GenerationError("--per-example must be at least 1")
