@@ -156,3 +156,13 @@ def recover_stale(store: Store, *, stale_after_s: float = 60.0, exclude_worker: 
                         store.get_job(job.id).status)
             recovered.append(store.get_job(job.id))
     return recovered
+
+
+def prune_workers(store: Store, *, stale_after_s: float = 60.0) -> list[str]:
+    """Forget registered workers that are dead (same host) or silent for `stale_after_s`; returns their ids."""
+    cutoff = fmt_time(store.clock() - dt.timedelta(seconds=stale_after_s))
+    gone = [w["id"] for w in store.live_workers(since="")
+            if _worker_alive(w["id"]) is False or (w["heartbeat_at"] or "") < cutoff]
+    for worker_id in gone:
+        store.remove_worker(worker_id)
+    return gone

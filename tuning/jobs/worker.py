@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from storage import Job, Store, open_db
 from storage.store import utcnow
 from tuning.jobs import events
-from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, recover_stale
+from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, prune_workers, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class Worker:
         if not self._recovered or mono - self._last_recover > self.stale_after_s / 2:
             for job in recover_stale(store, stale_after_s=self.stale_after_s, exclude_worker=self.id):
                 self._publish("state", job)
+            prune_workers(store, stale_after_s=self.stale_after_s)
             self._recovered, self._last_recover = True, mono
         self._reap(store)
         self._watch(store)

@@ -1,0 +1,83 @@
+"""Crash safety: SIGKILL the `tunebot worker` process mid-training; a new one resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from storage import Store, open_db
+from tuning.jobs import enqueue_training
+from jobs_helpers import add_examples, tiny_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start_worker(tmp_path: Path, db_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "TUNEBOT_DATA_DIR": str(tmp_path / "data"), "TUNEBOT_DATABASE": str(db_path),
+           "TUNEBOT_LOG_LEVEL": "INFO"}
+    return subprocess.Popen([sys.executable, "-m", "bot", "worker", "--gpus", "none", "--poll", "0.2"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(tmp_path, db_path, tiny_model_dir):
+    store = Store(open_db(db_path))
+    assistant = store.create_assistant("acme", system_prompt="You answer for ACME.")
+    add_examples(store, assistant.id, 8)
+    job = enqueue_training(store, assistant.id,
+                           params=tiny_params(tiny_model_dir, epochs=3, batch_tokens=64, patience=100))
+    first = _start_worker(tmp_path, db_path)
+    try:
+        # Wait until epoch 1 is done (its checkpoint written) and epoch 2 has begun.
+        _wait(lambda: (p := store.get_job(job.id).progress).get("epoch", 0) >= 2
+              and p["step"] > p["total_steps"] // 3, timeout=240)
+        child = store.get_job(job.id).pid
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+    _wait(lambda: _gone(child), timeout=10)  # the job process died with its worker
+    assert store.get_job(job.id).status == "running"  # as the dead worker left it
+    killed_at = store.get_job(job.id).progress["step"]
+
+    second = _start_worker(tmp_path, db_path)
+    try:
+        _wait(lambda: store.get_job(job.id).status in ("succeeded", "failed"), timeout=240)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+    done = store.get_job(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2
+    metrics = done.result["metrics"]
+    per_epoch = metrics["total_steps"] // 3
+    # Resumed at the end-of-epoch checkpoint, not from scratch, and did exactly the planned steps, like an
+    # uninterrupted run (early stopping is off with patience 100).
+    assert per_epoch <= metrics["resumed_from_step"] <= killed_at
+    assert metrics["steps"] == metrics["total_steps"] == 3 * per_epoch
+    assert metrics["epochs_done"] == 3
+    versions = store.list_model_versions(assistant.id)
+    assert [v.job_id for v in versions] == [job.id]
+    assert (Path(versions[0].adapter_path) / "adapter_model.safetensors").exists()
+    log_text = (Path(done.result["adapter_dir"]) / "job.log").read_text()
+    assert log_text.count("--- attempt") == 2
+    # The killed worker was forgotten by the second one, which deregistered when it stopped.
+    assert store.live_workers(since="") == []
