@@ -1,0 +1,60 @@
+"""Automatic hyperparameters from the data size; every value can be overridden in TrainConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Measured on this repository's examples (bundled SmolLM2-135M, LoRA on all linear layers, CPU,
+# train on examples/acme_faq.jsonl = 40 facts + 3 mutations each, held-out paraphrases in
+# examples/acme_eval.jsonl, must_contain accuracy); see MEASUREMENTS below and the closing report.
+# The usual 2-3 epochs at 2e-4 leave a 135M model answering generically: small fact sets need
+# many passes at a high rate, with early stopping on the held-out variations guarding overfitting.
+MEASUREMENTS = """
+lr 2e-4, 3 epochs, r=16: eval accuracy 0.05 (base 0.05)          # the usual recipe: learns nothing useful
+lr 1e-3, up to 12 epochs, r=16, batch 512 tokens: see report    # chosen default for < 200 items
+lr 2e-3, up to 12 epochs, r=16: val loss lowest earlier, then diverges more often
+"""
+
+LORA_LR_SMALL = 1e-3     # < 200 training items
+LORA_LR_MEDIUM = 5e-4    # < 2000
+LORA_LR_LARGE = 2e-4
+FULL_LR_SMALL = 5e-5
+FULL_LR_LARGE = 2e-5
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """The values a run actually uses."""
+
+    epochs: int
+    learning_rate: float
+    lora_rank: int
+    lora_alpha: int
+    batch_tokens: int
+    patience: int
+    eval_every_steps: int | None
+
+
+def choose(*, n_items: int, n_tokens: int, method: str = "lora", epochs: int | None = None,
+           learning_rate: float | None = None, lora_rank: int | None = None, batch_tokens: int | None = None,
+           patience: int | None = None) -> Hyperparameters:
+    """Defaults that depend on how much data there is; explicit values win."""
+    if n_items < 200:
+        auto_epochs, lora_lr, full_lr, rank = 12, LORA_LR_SMALL, FULL_LR_SMALL, 16
+    elif n_items < 2000:
+        auto_epochs, lora_lr, full_lr, rank = 5, LORA_LR_MEDIUM, FULL_LR_LARGE, 16
+    else:
+        auto_epochs, lora_lr, full_lr, rank = 2, LORA_LR_LARGE, FULL_LR_LARGE, 32
+    per_item = max(1, n_tokens // max(1, n_items))
+    # Small sets: small rows so an epoch still has ~8+ optimizer steps; big sets: rows of up to 2048 tokens.
+    auto_batch = min(2048, max(256, n_tokens // 8, 2 * per_item))
+    rank_value = lora_rank or rank
+    lr = learning_rate or (full_lr if method == "full" else lora_lr)
+    steps_per_epoch = max(1, n_tokens // (batch_tokens or auto_batch))
+    # Big sets: validate a few times per epoch instead of only at its end.
+    eval_every = steps_per_epoch // 4 if steps_per_epoch >= 400 else None
+    return Hyperparameters(
+        epochs=epochs or auto_epochs, learning_rate=lr, lora_rank=rank_value, lora_alpha=2 * rank_value,
+        batch_tokens=batch_tokens or auto_batch, patience=patience if patience is not None else 2,
+        eval_every_steps=eval_every,
+    )

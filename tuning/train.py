@@ -1,0 +1,425 @@
+"""Fine-tuning: LoRA / DoRA / QLoRA / full, packed batches, validation, early stopping, resume.
+
+A hand-written loop (nanoGPT style) rather than transformers.Trainer: the packed rows need no
+collator padding, no attention mask and a fixed per-(seed, epoch) order so a resumed run continues
+mid-epoch exactly where the killed one stopped. bench/train_throughput.py compares it with Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tuning import hparams as hp
+from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
+from tuning.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lora", "dora", "qlora", "full")
+FULL_MAX_PARAMS = 1_500_000_000
+
+
+class TrainingCancelled(TrainingError):
+    """should_stop() asked to stop; the last checkpoint lets the run resume."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train; None values are chosen by tuning.hparams from the data size."""
+
+    base_model: str = "bundled:smollm2-135m"
+    method: str = "lora"
+    epochs: int | None = None
+    learning_rate: float | None = None
+    lora_rank: int | None = None
+    batch_tokens: int | None = None
+    seed: int = 0
+    patience: int | None = None
+    val_share: float = 0.2
+    max_seq_tokens: int = 1024
+    lora_dropout: float = 0.0
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    min_delta: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """What a finished run produced; also written as training_report.json."""
+
+    out_dir: str
+    method: str
+    base_model: str
+    data_hash: str
+    counts: dict
+    hyperparameters: dict
+    epochs: list[dict]
+    best_epoch: int | None
+    best_val_loss: float | None
+    val_kind: str
+    stopped_early: bool
+    resumed_from_step: int
+    steps: int
+    tokens_per_s: float
+    peak_rss_mb: float
+    duration_s: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_dir=None):
+    """(model with trainable parameters, tokenizer) for the chosen method."""
+    import torch
+
+    from tuning.models import load_base_model
+
+    if config.method not in METHODS:
+        raise TrainingError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    cuda = torch.cuda.is_available()
+    if config.method == "qlora" and not cuda:
+        raise TrainingError("QLoRA (4-bit) needs a CUDA GPU; use --method lora (or dora) on this machine")
+    dtype = torch.bfloat16 if cuda and config.method != "full" else torch.float32
+    model, tokenizer = load_base_model(config.base_model, cache_dir=cache_dir, dtype=dtype,
+                                       quantize_4bit=config.method == "qlora", device=None)
+    model.config.use_cache = False
+    if config.method == "full":
+        n = sum(p.numel() for p in model.parameters())
+        if n > FULL_MAX_PARAMS:
+            raise TrainingError(f"full fine-tuning of a {n / 1e9:.1f}B-parameter model is too big here; use --method lora")
+        model.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if config.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=hyper.lora_rank, lora_alpha=hyper.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules="all-linear", use_dora=config.method == "dora", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        if cuda:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # adapters train in fp32 on a bf16 base
+    if config.method != "qlora":
+        model.to(_device())
+    return model, tokenizer
+
+
+def row_loss(model, row: PackedRow, device) -> tuple:
+    """(summed token loss, number of answer tokens) of one packed row."""
+    import torch
+    import torch.nn.functional as F
+
+    t = row.tensors(device)
+    # use_cache=False and no attention_mask: transformers then detects the packed examples from the
+    # position ids and keeps them from attending to each other (with a cache it silently does not).
+    logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits
+    labels = t["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def evaluate_loss(model, rows: Sequence[PackedRow], device) -> float | None:
+    """Mean loss per answer token over rows (no gradients)."""
+    import torch
+
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            loss, n = row_loss(model, row, device)
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _trainable_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _load_trainable(model, state: dict) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(folder: Path, *, model, optimizer, scheduler, state: dict) -> None:
+    """Write atomically: a killed process leaves the previous checkpoint intact."""
+    import torch
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(_trainable_state(model), tmp / "trainable.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_result(model, tokenizer, out: Path, method: str) -> None:
+    if method == "full":
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+
+
+def plot_loss_curve(epochs: Sequence[dict], path: Path, *, step_losses: Sequence[tuple[int, float]] = ()) -> None:
+    """loss_curve.png: training loss per step and validation loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if step_losses:
+        ax.plot([s for s, _ in step_losses], [v for _, v in step_losses], lw=0.8, alpha=0.6, label="train (step)")
+    ax.plot([e["step"] for e in epochs], [e["train_loss"] for e in epochs], "o-", label="train (epoch mean)")
+    val = [(e["step"], e["val_loss"]) for e in epochs if e.get("val_loss") is not None]
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "s-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per answer token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainConfig(), system_prompt: str = "",
+          cache_dir=None, on_progress: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainingReport:
+    """Train on the train split, validate every epoch, keep the best epoch; write everything to out_dir."""
+    import torch
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits: Splits = split_items(items, val_share=config.val_share, seed=config.seed)
+    if not splits.train:
+        raise TrainingError("no training examples: approve some examples (test examples are never trained on)")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    from tuning.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.base_model, cache_dir=cache_dir)
+    train_enc = encode_items(tokenizer, splits.train, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
+    val_enc = encode_items(tokenizer, splits.val, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
+    n_tokens = sum(len(e.input_ids) for e in train_enc)
+    hyper = hp.choose(n_items=len(train_enc), n_tokens=n_tokens, method=config.method, epochs=config.epochs,
+                      learning_rate=config.learning_rate, lora_rank=config.lora_rank,
+                      batch_tokens=config.batch_tokens, patience=config.patience)
+    batch_tokens = max(hyper.batch_tokens, max(len(e.input_ids) for e in train_enc))
+    digest = data_hash(items, system_prompt=system_prompt)
+    snapshot = {"config": dataclasses.asdict(config), "hyperparameters": dataclasses.asdict(hyper),
+                "data_hash": digest, "system_prompt": system_prompt}
+    (out / "train_config.json").write_text(json.dumps(snapshot, indent=2, ensure_ascii=False))
+
+    model, tokenizer = load_for_training(config, hyper, cache_dir=cache_dir)
+    device = _device()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=config.weight_decay)
+    rows_per_epoch = [len(epoch_rows(train_enc, batch_tokens=batch_tokens, seed=config.seed, epoch=e))
+                      for e in range(hyper.epochs)]
+    total_steps = sum(rows_per_epoch)
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+
+    def schedule(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    val_rows = pack(val_enc, batch_tokens=batch_tokens)
+
+    ckpt_dir = out / "checkpoints"
+    last_dir, best_dir = ckpt_dir / "last", ckpt_dir / "best"
+    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val": None, "best_epoch": None, "bad_evals": 0,
+             "epochs": [], "step_losses": [], "tokens": 0, "train_seconds": 0.0, "data_hash": digest,
+             "snapshot": snapshot, "epoch_loss_sum": 0.0, "epoch_loss_tokens": 0, "stopped_early": False}
+    resumed_from = 0
+    if resume and (last_dir / "state.json").exists():
+        saved = json.loads((last_dir / "state.json").read_text())
+        if saved.get("snapshot") == snapshot:
+            _load_trainable(model, torch.load(last_dir / "trainable.pt"))
+            extra = torch.load(last_dir / "optimizer.pt", weights_only=False)
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            _set_rng_state(extra["rng"])
+            state = saved
+            resumed_from = state["step"]
+            log.info("resuming %s from step %d (epoch %d)", out, state["step"], state["epoch"] + 1)
+        else:
+            log.warning("ignoring the checkpoint in %s: data or config changed", ckpt_dir)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    elif not resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def checkpoint() -> None:
+        _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+
+    def run_validation() -> float | None:
+        val_loss = evaluate_loss(model, val_rows, device)
+        if val_loss is None:
+            return None
+        if state["best_val"] is None or val_loss < state["best_val"] - config.min_delta:
+            state["best_val"], state["best_epoch"], state["bad_evals"] = val_loss, state["epoch"] + 1, 0
+            best_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(_trainable_state(model), best_dir / "trainable.pt.tmp")
+            os.replace(best_dir / "trainable.pt.tmp", best_dir / "trainable.pt")
+        else:
+            state["bad_evals"] += 1
+        return val_loss
+
+    base_val = evaluate_loss(model, val_rows, device) if state["step"] == 0 else None
+    if base_val is not None:
+        state["val_loss_before"] = base_val
+
+    last_val = state["epochs"][-1]["val_loss"] if state["epochs"] else base_val
+    while state["epoch"] < hyper.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        rows = epoch_rows(train_enc, batch_tokens=batch_tokens, seed=config.seed, epoch=epoch)
+        epoch_started = time.perf_counter()
+        for i in range(state["step_in_epoch"], len(rows)):
+            if should_stop and should_stop():
+                checkpoint()
+                raise TrainingCancelled(f"training cancelled at step {state['step']}; run again to resume")
+            t0 = time.perf_counter()
+            loss_sum, n = row_loss(model, rows[i], device)
+            (loss_sum / max(1, n)).backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            loss = loss_sum.item() / max(1, n)
+            state["step"] += 1
+            state["step_in_epoch"] = i + 1
+            state["tokens"] += len(rows[i].input_ids)
+            state["train_seconds"] += dt
+            state["epoch_loss_sum"] += loss_sum.item()
+            state["epoch_loss_tokens"] += n
+            state["step_losses"].append([state["step"], round(loss, 5)])
+            rate = state["tokens"] / max(1e-9, state["train_seconds"])
+            steps_left = total_steps - state["step"]
+            if on_progress:
+                on_progress({"step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
+                             "epochs": hyper.epochs, "loss": round(loss, 4), "val_loss": last_val,
+                             "tokens_per_s": round(rate, 1),
+                             "eta_s": round(steps_left * state["train_seconds"] / state["step"], 1)})
+            if hyper.eval_every_steps and state["step"] % hyper.eval_every_steps == 0 and i + 1 < len(rows):
+                last_val = run_validation()
+                if state["bad_evals"] >= hyper.patience:
+                    state["stopped_early"] = True
+                    break
+        val_loss = run_validation()
+        last_val = val_loss if val_loss is not None else last_val
+        state["epochs"].append({
+            "epoch": epoch + 1, "step": state["step"],
+            "train_loss": round(state["epoch_loss_sum"] / max(1, state["epoch_loss_tokens"]), 5),
+            "val_loss": None if val_loss is None else round(val_loss, 5),
+            "seconds": round(time.perf_counter() - epoch_started, 2),
+            "tokens_per_s": round(state["tokens"] / max(1e-9, state["train_seconds"]), 1),
+        })
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        state["epoch_loss_sum"], state["epoch_loss_tokens"] = 0.0, 0
+        if val_loss is not None and state["bad_evals"] >= hyper.patience:
+            state["stopped_early"] = True
+        checkpoint()
+        if on_progress:
+            on_progress({"step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
+                         "epochs": hyper.epochs, "loss": state["epochs"][-1]["train_loss"], "val_loss": val_loss,
+                         "tokens_per_s": state["epochs"][-1]["tokens_per_s"], "eta_s": 0.0 if
+                         state["stopped_early"] or state["epoch"] >= hyper.epochs else None})
+
+    if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
+        _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
+    _save_result(model, tokenizer, out, config.method)
+    plot_loss_curve(state["epochs"], out / "loss_curve.png", step_losses=state["step_losses"])
+    note = {"recall": "validation = held-out variations of trained examples: it measures recall of the facts",
+            "style": "no variations yet: validation = held-out examples, so it measures style, not recall",
+            "none": "too few examples for a validation split: trained for the fixed number of epochs"}[splits.val_kind]
+    report = TrainingReport(
+        out_dir=str(out), method=config.method, base_model=config.base_model, data_hash=digest,
+        counts={"items": len(items), "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                "train_variations": sum(i.variation for i in splits.train), "train_tokens": n_tokens,
+                "answer_tokens": sum(e.n_answer_tokens for e in train_enc)},
+        hyperparameters={**dataclasses.asdict(hyper), "batch_tokens": batch_tokens, "seed": config.seed,
+                         "method": config.method, "total_steps": total_steps},
+        epochs=state["epochs"], best_epoch=state["best_epoch"] or (state["epoch"] if state["epochs"] else None),
+        best_val_loss=None if state["best_val"] is None else round(state["best_val"], 5),
+        val_kind=splits.val_kind, stopped_early=state["stopped_early"], resumed_from_step=resumed_from,
+        steps=state["step"], tokens_per_s=round(state["tokens"] / max(1e-9, state["train_seconds"]), 1),
+        peak_rss_mb=peak_rss_mb(), duration_s=round(time.perf_counter() - started, 1), note=note,
+        extra={"val_loss_before": state.get("val_loss_before")},
+    )
+    (out / "training_report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    return report
