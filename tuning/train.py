@@ -278,6 +278,11 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     snapshot = {"config": dataclasses.asdict(config), "hyperparameters": dataclasses.asdict(hyper),
                 "data_hash": digest, "system_prompt": system_prompt}
     (out / "train_config.json").write_text(json.dumps(snapshot, indent=2, ensure_ascii=False))
+    # The trained examples themselves (no variations): `tunebot eval` uses them for the few-shot mode.
+    with open(out / "fewshot_pool.jsonl", "w", encoding="utf-8") as fp:
+        for item in splits.train:
+            if not item.variation:
+                fp.write(json.dumps({"question": item.question, "answer": item.answer}, ensure_ascii=False) + "\n")
 
     model, tokenizer = load_for_training(config, hyper, cache_dir=cache_dir)
     device = _device()

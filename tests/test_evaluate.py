@@ -1,0 +1,111 @@
+"""Evaluation metrics, few-shot selection, generation, and base/fewshot/tuned reports on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from train_helpers import fact_items
+from tuning.evaluate import (EvalItem, contains_all, evaluate, markdown_table, normalize, rouge_l,
+                             select_fewshot, token_f1)
+
+
+def test_must_contain_normalizes_case_whitespace_and_nbsp():
+    assert normalize("  €4.90\u00a0PER   parcel ") == "€4.90 per parcel"
+    assert contains_all("It costs €4.90 per\u00a0Parcel.", ["€4.90", "per parcel"])
+    assert contains_all("It is 31.5\u202fKG max", ["31.5 kg"])
+    assert not contains_all("It costs €4.95.", ["€4.90"])
+
+
+def test_token_f1_and_rouge_l():
+    assert token_f1("the depot opens at 7", "the depot opens at 7") == 1.0
+    assert token_f1("", "x") == 0.0
+    assert token_f1("opens at 7", "the depot opens at 7") == pytest.approx(2 * 1 * 0.6 / 1.6)
+    assert rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1 / 1.75)
+    assert rouge_l("d c b a", "a b c d") == pytest.approx(0.25)
+
+
+def test_select_fewshot_picks_the_most_similar_questions():
+    pool = [("How much is a small parcel?", "€4.90"), ("Where is the depot?", "Utrecht"),
+            ("Do you ship abroad?", "Yes"), ("How much is a medium parcel?", "€7.50")]
+    shots = select_fewshot("how much does a small parcel cost", pool, k=2)
+    assert len(shots) == 2 and shots[-1] == pool[0] and shots[0] == pool[3]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_stream_and_answer_agree_and_report_timing(tiny):
+    from tuning.generation import generate_answer, stream_generate
+    from tuning.prompts import build_messages
+
+    model, tok = tiny
+    messages = build_messages("Where is the depot?")
+    pieces = list(stream_generate(model, tok, messages, max_new_tokens=12))
+    answer = generate_answer(model, tok, messages, max_new_tokens=12)
+    assert "".join(pieces).strip() == answer.text
+    assert answer.ttft_ms > 0 and 0 < answer.n_tokens <= 12
+    assert answer.stopped == (answer.n_tokens < 12)  # a random model rarely ends by itself
+
+
+def test_stop_event_ends_generation_early(tiny):
+    from tuning.generation import generate_answer
+    from tuning.prompts import build_messages
+
+    model, tok = tiny
+    stop = threading.Event()
+    stop.set()
+    answer = generate_answer(model, tok, build_messages("q"), max_new_tokens=50, stop_event=stop)
+    assert answer.n_tokens <= 1 and not answer.stopped
+
+
+def test_evaluate_compares_three_modes(tiny_model_dir, tmp_path):
+    from tuning.train import TrainConfig, train
+
+    train(fact_items(3, 1), out_dir=tmp_path, config=TrainConfig(base_model=tiny_model_dir, epochs=1))
+    items = [EvalItem("When is depot 1 open?", "Depot 1 opens at 8:00.", ("8:00",)),
+             {"question": "depot 2 hours?", "answer": "Depot 2 opens at 9:00."}]
+    seen = []
+    result = evaluate(items, base_model=tiny_model_dir, adapter_dir=str(tmp_path), max_new_tokens=6,
+                      fewshot=[("When is depot 0 open?", "At 7:00.")], include_answers=True,
+                      on_progress=lambda mode, i, n: seen.append(mode))
+    assert result["n"] == 2 and list(result["modes"]) == ["base", "fewshot", "tuned"]
+    for metrics in result["modes"].values():
+        assert {"accuracy", "f1", "rouge_l", "stop_rate", "ttft_ms", "tokens_per_s"} <= set(metrics)
+        assert metrics["accuracy"] in (0.0, 1.0)  # one question has must_contain
+    assert seen.count("tuned") == 2 and len(result["answers"]) == 2
+    json.dumps(result)
+    table = markdown_table(result)
+    assert table.count("\n| ") == 3 and "| tuned |" in table
+    with pytest.raises(Exception, match="fewshot"):
+        evaluate(items, base_model=tiny_model_dir, modes=("fewshot",))
+
+
+def test_cli_train_and_eval_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from bot.cli import main
+
+    monkeypatch.setenv("TUNEBOT_DATA_DIR", str(tmp_path / "data"))
+    data = tmp_path / "faq.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"When is depot {i} open?", "answer": f"At {7 + i}:00."})
+                              for i in range(4)) + "\nnot json\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"question": "depot 1 hours?", "answer": "At 8:00.", "must_contain": ["8:00"]}))
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(data), "--out", str(out), "--base-model", tiny_model_dir,
+                 "--epochs", "1", "--augment", "mutate:2", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "line 5" in captured.err
+    assert report["counts"]["items"] == 12 and report["val_kind"] == "recall"
+    assert main(["eval", "--model", str(out), "--data", str(test), "--max-new-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 1 and set(result["modes"]) == {"base", "fewshot", "tuned"}
+    assert main(["train", "--data", str(data), "--out", str(out), "--augment", "bogus"]) == 2
+    assert "--augment" in capsys.readouterr().err
+    assert main(["eval", "--data", str(test), "--compare", "tuned"]) == 2
