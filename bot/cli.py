@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "bot.cli_serve",
     "bot.cli_run",
     "bot.cli_jobs",
+    "bot.cli_train",
 ]
 
 EXIT_USAGE = 2
