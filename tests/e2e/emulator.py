@@ -102,7 +102,7 @@ class Emulator:
     def bot_messages(self, chat_id: int) -> list[BotMessage]:
         out = []
         for item in self.history():
-            msg = item["message"]
+            msg = item.get("message") or {}  # user callback queries have no "message"
             if "chat_id" not in msg or str(msg["chat_id"]) != str(chat_id):
                 continue
             markup = msg.get("reply_markup") or {}

@@ -150,17 +150,22 @@ api.all('/getUpdates', async (req, res) => {
   const token = req.params.token;
   const waitMs = Math.min(Number(req.body.timeout || req.query.timeout || 0), 1) * 1000;
   const pending = () => tg.storage.userMessages.some((u) => u.botToken === token && !u.isRead);
+  let gone = false; // a client that hung up (a bot shutting down) must not consume updates
+  res.on('close', () => { if (!res.writableEnded) gone = true; });
   if (!pending() && waitMs > 0) {
     await new Promise((resolve) => {
       const done = () => {
         clearTimeout(timer);
         for (const e of ['AddedUserMessage', 'AddedUserCommand', 'AddedUserCallbackQuery']) tg.off(e, done);
+        res.off('close', done);
         resolve();
       };
       const timer = setTimeout(done, waitMs);
       for (const e of ['AddedUserMessage', 'AddedUserCommand', 'AddedUserCallbackQuery']) tg.on(e, done);
+      res.on('close', done);
     });
   }
+  if (gone || res.writableEnded) return;
   const updates = tg.getUpdates(token).map((u) => {
     if (u.message) u.message = { ...u.message, date: seconds(u.message.date) };
     if (u.callback_query) {
