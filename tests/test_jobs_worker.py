@@ -107,8 +107,12 @@ def test_a_child_that_dies_is_retried_then_failed_with_the_reason(db_path, store
 def test_cancel_stops_a_running_job_within_seconds(db_path, store, assistant, tmp_path, tiny_model_dir):
     add_examples(store, assistant.id, 4)
     job = enqueue_training(store, assistant.id, params=tiny_params(tiny_model_dir, epochs=200, batch_tokens=64))
-    worker = Worker(db_path, artifacts=tmp_path / "art", gpus=0, grace_s=3.0)
+    bus = EventBus()
+    seen = _collect(bus)
+    worker = Worker(db_path, artifacts=tmp_path / "art", gpus=0, grace_s=3.0, bus=bus)
     run_until(worker, lambda: store.get_job(job.id).progress.get("step", 0) >= 1, timeout=180)
+    worker.run_once()
+    assert ("progress", job.id, "running", "") in seen  # the bot and the CLI get progress events
     pid = store.get_job(job.id).pid
     other = Store(open_db(db_path))  # as from another process: the CLI or the bot
     cancel_job(other, job.id, by=1)
@@ -119,3 +123,4 @@ def test_cancel_stops_a_running_job_within_seconds(db_path, store, assistant, tm
     done = store.get_job(job.id)
     assert done.status == "cancelled" and done.progress["step"] < done.progress["total_steps"]
     assert store.list_model_versions(assistant.id) == []
+    assert seen[-1][:3] == ("state", job.id, "cancelled")
