@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from bot.app import App
 from bot.cli import main
-from bot.cli_jobs import add_assistant_arguments, parse_at, train_assistant
-from bot.config import load_settings
+from bot.cli_jobs import parse_at
 from storage import Store, open_db
 from jobs_helpers import add_examples
 
@@ -91,31 +88,23 @@ def test_parse_at_reads_the_timezone():
         dt.datetime(2026, 6, 1, 23, 0, tzinfo=dt.timezone.utc)  # later tonight, not tomorrow
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    add_assistant_arguments(parser)
-    parser.add_argument("--epochs", type=int)  # as bot.cli_train's training options provide
-    parser.add_argument("--batch-tokens", type=int)
-    parser.add_argument("--json", action="store_true")
-    return parser
-
-
 def test_train_assistant_at_schedules_in_the_timezone(env, capsys):
     a = env.create_assistant("acme")
     add_examples(env, a.id, 2)
-    args = _train_parser().parse_args(["--assistant", "acme", "--at", "2099-12-01 02:00", "--epochs", "2", "--json"])
-    assert train_assistant(args, App(load_settings())) == 0
-    job = json.loads(capsys.readouterr().out)
+    code, out, err = run(capsys, "train", "--assistant", "acme", "--at", "2099-12-01 02:00", "--epochs", "2",
+                         "--json")
+    assert code == 0, err
+    job = json.loads(out)
     assert (job["status"], job["scheduled_at"], job["params"]) == (
         "scheduled", "2099-11-30 23:00:00", {"config": {"epochs": 2}})
+    code, _, err = run(capsys, "train", "--assistant", "acme", "--at", "soon")
+    assert code == 2 and "--at: expected" in err
 
 
 def test_train_assistant_wait_runs_a_worker_here_and_ends_with_a_candidate(env, capsys, tiny_model_dir):
     a = env.create_assistant("acme", base_model=tiny_model_dir, system_prompt="Be brief.")
     add_examples(env, a.id, 4, test=1)
-    args = _train_parser().parse_args(["--assistant", "acme", "--wait", "--epochs", "1", "--batch-tokens", "64"])
-    code = train_assistant(args, App(load_settings()))
-    out, err = capsys.readouterr()
+    code, out, err = run(capsys, "train", "--assistant", "acme", "--wait", "--epochs", "1", "--batch-tokens", "64")
     assert code == 0, err
     assert "no worker is running: running the job in this process" in err
     assert "step 1/" in err  # live progress lines (not a terminal here)
@@ -123,3 +112,4 @@ def test_train_assistant_wait_runs_a_worker_here_and_ends_with_a_candidate(env, 
     assert out.startswith(f"version #{version.id} registered: candidate")
     assert f"tunebot promote {version.id}" in out
     assert version.metrics["n_test"] == 1 and "accuracy" in version.metrics
+    assert env.get_job(version.job_id).params == {"config": {"epochs": 1, "batch_tokens": 64}}
