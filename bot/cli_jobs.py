@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import signal
 import sys
+import time
 
 from bot.cli import CommandError
 
@@ -236,16 +237,31 @@ def follow(app, job_id: int, *, interval: float = 1.0, as_json: bool = False) ->
 
     store = app.store
     worker = None
-    if not live_workers(store) and store.get_job(job_id).status != "scheduled":
-        print("no worker is running: running the job in this process (or start `tunebot worker`)", file=sys.stderr)
-        worker = build_worker(app)
-        worker.start()
+    checked = [0.0]
+
+    def ensure_worker() -> None:
+        """Run a worker here when none is alive (checked every few seconds: one may stop while we watch)."""
+        nonlocal worker
+        if worker is not None or time.monotonic() - checked[0] < 5:
+            return
+        checked[0] = time.monotonic()
+        if not live_workers(store) and store.get_job(job_id).status in ("queued", "running"):
+            print("no worker is running: running the job in this process (or start `tunebot worker`)",
+                  file=sys.stderr)
+            worker = build_worker(app)
+            worker.start()
+
+    def sleep(seconds: float) -> None:
+        ensure_worker()
+        time.sleep(seconds)
+
+    ensure_worker()
     bar = None
     tty = sys.stderr.isatty() and not as_json
     last_line = None
     job = store.get_job(job_id)
     try:
-        for job in watch_job(store, job_id, interval=interval):
+        for job in watch_job(store, job_id, interval=interval, sleep=sleep):
             total = (job.progress or {}).get("total_steps")
             if tty and total and job.status == "running":
                 if bar is None:
