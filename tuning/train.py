@@ -141,13 +141,18 @@ def row_loss(model, row: PackedRow, device) -> tuple:
     import torch.nn.functional as F
 
     t = row.tensors(device)
+    targets = t["labels"][0, 1:]
+    keep = (targets != IGNORE).nonzero().squeeze(1)  # positions whose next token is an answer token
     # use_cache=False and no attention_mask: transformers then detects the packed examples from the
     # position ids and keeps them from attending to each other (with a cache it silently does not).
-    logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits
-    labels = t["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    # logits_to_keep: the vocabulary projection runs only where the loss needs it (answer tokens).
+    try:
+        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False,
+                       logits_to_keep=keep).logits
+    except TypeError:  # an architecture without logits_to_keep: project every position, keep the needed ones
+        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits[:, keep]
+    loss = F.cross_entropy(logits[0].float(), targets[keep], reduction="sum")
+    return loss, int(keep.numel())
 
 
 def evaluate_loss(model, rows: Sequence[PackedRow], device) -> float | None:
