@@ -116,9 +116,10 @@ class _Progress:
             self.bar.n = p["step"]
             self.bar.set_postfix(epoch=p["epoch"], loss=p["loss"], val=p.get("val_loss"),
                                  tok_s=p.get("tokens_per_s"), refresh=True)
-        elif not self.quiet and p.get("eta_s") in (None, 0.0) and p.get("val_loss") is not None:
-            print(f"epoch {p['epoch']}: loss {p['loss']:.4f}, val loss {p['val_loss']:.4f}, "
-                  f"{p['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        elif not self.quiet and p.get("epoch_done"):
+            val = "" if p.get("val_loss") is None else f", val loss {p['val_loss']:.4f}"
+            print(f"epoch {p['epoch']}: loss {p['loss']:.4f}{val}, {p['tokens_per_s']:.0f} tokens/s",
+                  file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

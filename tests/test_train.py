@@ -179,3 +179,29 @@ def test_qlora_on_cpu_and_unknown_method_give_clear_errors(tiny_model_dir, tmp_p
         train(fact_items(2, 1), out_dir=tmp_path, config=config(tiny_model_dir, method="magic"))
     with pytest.raises(TrainingError, match="no training examples"):
         train(fact_items(2, 0)[:0], out_dir=tmp_path, config=config(tiny_model_dir))
+
+
+@pytest.mark.slow
+def test_tuned_smollm2_answers_held_out_paraphrases_better_than_base_and_fewshot(bundled_model_dir, tmp_path):
+    from tuning.dataset import add_mutations, items_from_pairs
+    from tuning.evaluate import evaluate, markdown_table
+    from tuning.formats import read_examples
+
+    faq = read_examples(ROOT / "examples" / "acme_faq.jsonl").records
+    held_out = read_examples(ROOT / "examples" / "acme_eval.jsonl").records[:20]
+    assert all(r.must_contain for r in held_out)
+    items = add_mutations(items_from_pairs([(r.question, r.answer) for r in faq]), n=1, seed=0)
+    system = "You answer customer questions for ACME Parcel."
+    report = train(items, out_dir=tmp_path, system_prompt=system,
+                   config=TrainConfig(base_model=bundled_model_dir, epochs=6))  # automatic lr, rank, batch
+    assert report.val_kind == "recall" and report.best_val_loss < report.extra["val_loss_before"]
+    result = evaluate(held_out, base_model=bundled_model_dir, adapter_dir=str(tmp_path), max_new_tokens=40,
+                      fewshot=[(r.question, r.answer) for r in faq])
+    acc = {mode: m["accuracy"] for mode, m in result["modes"].items()}
+    print(f"\nmust_contain accuracy on {result['n']} held-out paraphrases: base {acc['base']:.2f}, "
+          f"fewshot {acc['fewshot']:.2f}, tuned {acc['tuned']:.2f} "
+          f"(trained {report.duration_s:.0f} s, {report.tokens_per_s:.0f} tokens/s, best epoch {report.best_epoch})")
+    print(markdown_table(result))
+    assert acc["tuned"] >= acc["base"] + 0.25
+    assert acc["tuned"] >= acc["fewshot"] + 0.1
+    assert result["modes"]["tuned"]["stop_rate"] >= 0.8  # it learned to end its answers

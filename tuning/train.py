@@ -407,8 +407,10 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
         if on_progress:
             on_progress({"step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
                          "epochs": hyper.epochs, "loss": state["epochs"][-1]["train_loss"], "val_loss": val_loss,
-                         "tokens_per_s": state["epochs"][-1]["tokens_per_s"], "eta_s": 0.0 if
-                         state["stopped_early"] or state["epoch"] >= hyper.epochs else None})
+                         "tokens_per_s": state["epochs"][-1]["tokens_per_s"], "epoch_done": True,
+                         "stopped_early": state["stopped_early"],
+                         "eta_s": round((total_steps - state["step"]) * state["train_seconds"] / state["step"], 1)
+                         if not state["stopped_early"] else 0.0})
 
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
