@@ -127,11 +127,20 @@ def extract_score(obj: Any) -> float | None:
 
 
 # ------------------------------------------------------------------ prompts
-_QUESTIONS_SCHEMA = {"type": "object", "properties": {"questions": {"type": "array", "items": {"type": "string"}}},
-                     "required": ["questions"]}
-_PAIRS_SCHEMA = {"type": "object", "properties": {"pairs": {"type": "array", "items": {
-    "type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-    "required": ["question", "answer"]}}}, "required": ["pairs"]}
+def _questions_schema(k: int) -> dict:
+    """At most k short strings: a grammar-constrained server cannot then ramble until max_tokens cuts the JSON."""
+    items = {"type": "string", "minLength": 3, "maxLength": 300}
+    return {"type": "object", "properties": {"questions": {"type": "array", "items": items, "minItems": 1,
+                                                           "maxItems": k}}, "required": ["questions"]}
+
+
+def _pairs_schema(k: int) -> dict:
+    text = {"type": "string", "minLength": 2, "maxLength": 1000}
+    pair = {"type": "object", "properties": {"question": text, "answer": text}, "required": ["question", "answer"]}
+    return {"type": "object", "properties": {"pairs": {"type": "array", "items": pair, "minItems": 1,
+                                                       "maxItems": k}}, "required": ["pairs"]}
+
+
 _SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "number"}}, "required": ["score"]}
 
 
@@ -444,13 +453,14 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
                 break
             if unit.parent is not None:
                 messages = paraphrase_messages(unit.parent.question, unit.parent.answer, k=need, language=unit.language)
-                schema = _QUESTIONS_SCHEMA
+                schema = _questions_schema(need)
             elif unit.chunk is not None:
-                messages, schema = document_messages(unit.chunk.text, k=need, language=unit.language), _PAIRS_SCHEMA
+                messages = document_messages(unit.chunk.text, k=need, language=unit.language)
+                schema = _pairs_schema(need)
             else:
                 messages = new_pairs_messages(list(unit.shots), k=need, language=unit.language,
                                               description=assistant.description)
-                schema = _PAIRS_SCHEMA
+                schema = _pairs_schema(need)
             try:
                 obj = parse_json_payload(await runner.call(messages, schema=schema, seed_offset=attempt))
                 if unit.parent is not None:
