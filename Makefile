@@ -33,6 +33,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/train_throughput.py
+	$(PY) bench/serve_latency.py
 
 demo: setup
 	$(VENV)/bin/tunebot demo

@@ -182,6 +182,7 @@ class Engine:
         self._peft = None
         self._adapters: OrderedDict[str, str] = OrderedDict()  # resolved folder -> peft adapter name
         self._names = itertools.count()
+        self._active: str | None = None
         self.adapter_loads = 0
         self.adapter_evictions = 0
         self.last_switch_ms = 0.0
@@ -288,7 +289,9 @@ class Engine:
             self.adapter_loads += 1
             self._adapters[key] = name
         self._adapters.move_to_end(key)
-        self._peft.set_adapter(name)
+        if name != self._active:  # set_adapter walks every module: skip it when nothing changes
+            self._peft.set_adapter(name)
+            self._active = name
         while len(self._adapters) > self.adapter_cache_size:
             _, old = self._adapters.popitem(last=False)
             self._peft.delete_adapter(old)
