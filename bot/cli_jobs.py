@@ -200,7 +200,9 @@ def _job_dict(job) -> dict:
 def _progress_text(job) -> str:
     p = job.progress or {}
     parts = [f"job #{job.id} {job.status}"]
-    if p.get("phase") and p.get("phase") != "training":
+    if p.get("phase") == "evaluating" and p.get("eval_total"):
+        parts.append(f"evaluating {p.get('eval_mode')} {p.get('eval_done')}/{p['eval_total']}")
+    elif p.get("phase") and p.get("phase") != "training":
         parts.append(p["phase"])
     if p.get("total_steps"):
         parts.append(f"step {p.get('step', 0)}/{p['total_steps']}")

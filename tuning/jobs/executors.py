@@ -49,6 +49,12 @@ class ProgressWriter:
             self.flush()
         self._maybe_fault(step)
 
+    def evaluating(self, mode: str, done: int, total: int) -> None:
+        """on_progress for evaluation: which mode, how many questions answered."""
+        self.progress.update(phase="evaluating", eval_mode=mode, eval_done=done, eval_total=total)
+        if time.monotonic() - self._last >= self.every_s or done == total:
+            self.flush()
+
     def phase(self, name: str) -> None:
         self.progress["phase"] = name
         self.flush()
@@ -150,7 +156,8 @@ def run_train(store: Store, job: Job, *, artifacts, cache_dir, default_base_mode
         progress.phase("evaluating")
         evaluation = evaluate(test_items, base_model=config.base_model, adapter_dir=str(out_dir),
                               modes=("base", "tuned"), system_prompt=assistant.system_prompt or "",
-                              cache_dir=cache_dir, max_new_tokens=int(params.get("eval_max_new_tokens", 128)))
+                              cache_dir=cache_dir, max_new_tokens=int(params.get("eval_max_new_tokens", 128)),
+                              on_progress=progress.evaluating)
         metrics.update(_eval_summary(evaluation["modes"], "tuned"))
         metrics["base_accuracy"] = evaluation["modes"].get("base", {}).get("accuracy")
         metrics["n_test"] = evaluation.get("n")
