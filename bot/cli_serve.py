@@ -61,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--epochs", type=int, default=6,
                       help="most training epochs, early stopping may end sooner (default: 6, a few minutes on 2 cores)")
     demo.add_argument("--per-example", type=int, default=3, help="mutations per example (default: 3)")
+    demo.add_argument("--max-examples", type=int, default=None, help="use only the first N FAQ pairs (a quick try)")
     demo.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out questions")
     demo.set_defaults(func=cmd_demo)
 
@@ -261,7 +262,10 @@ def cmd_demo(args, app) -> int:
         name = f"{args.name}-{n}"
     assistant = store.create_assistant(name, system_prompt=DEMO_SYSTEM_PROMPT, base_model=settings.base_model,
                                        description="ACME Parcel FAQ (tunebot demo)")
-    report = import_file(store, assistant.id, folder / "acme_faq.jsonl", approve=True)
+    faq = (folder / "acme_faq.jsonl").read_bytes()
+    if args.max_examples:
+        faq = b"\n".join(faq.splitlines()[: args.max_examples]) + b"\n"
+    report = import_file(store, assistant.id, faq, filename="acme_faq.jsonl", approve=True)
     print(f"1/5 assistant {name!r}: imported {report.added} approved examples from {folder / 'acme_faq.jsonl'}")
     run = mutate_assistant(store, assistant.id, per_example=args.per_example, seed=0)
     approved = approve_all_in_run(store, run.id)

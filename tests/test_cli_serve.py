@@ -78,3 +78,20 @@ def test_chat_streams_answers_for_piped_stdin(env):
     assert result.stdout.count("\n") >= 2  # one line ends each answer (the random model's answers may add more)
     rows = list(env["store"].db.query("select role, mode from messages order by id"))
     assert rows == [{"role": "user", "mode": "base"}, {"role": "assistant", "mode": "base"}] * 2
+
+
+def test_demo_runs_the_whole_loop_on_the_tiny_model(env, capsys, monkeypatch):
+    """The wiring of `tunebot demo` (import, mutate, approve, train, evaluate, answer) on a random tiny model."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal: three sample answers instead of a chat
+    assert main(["demo", "--epochs", "1", "--per-example", "1", "--max-examples", "6", "--max-eval", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "imported 6 approved examples" in out and "approved 6" in out
+    assert "| base |" in out and "| fewshot |" in out and "| tuned |" in out
+    assert out.count("\nQ: ") == 3
+    store = env["store"]
+    demo = store.assistant_by_name("acme-demo")
+    version = store.get_model_version(demo.active_version_id)
+    assert (os.path.exists(os.path.join(version.adapter_path, "adapter_config.json")))
+    assert store.count_examples(demo.id, status="approved") == 12
