@@ -88,10 +88,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ train --assistant
 def add_assistant_arguments(parser: argparse.ArgumentParser) -> None:
     """The `train` options for queueing a run of an assistant (bot.cli_train calls this)."""
-    parser.add_argument("--assistant", metavar="NAME", help="queue a training run of this assistant's approved examples")
-    parser.add_argument("--at", metavar="TIME", help='start at this time (timezone setting): "2026-12-01 02:00" or "02:00"')
+    parser.add_argument("--assistant", metavar="NAME",
+                        help="queue a training run of this assistant's approved examples")
+    parser.add_argument("--at", metavar="TIME",
+                        help='start at this time (timezone setting): "2026-12-01 02:00" or "02:00"')
     parser.add_argument("--wait", action="store_true", help="follow the progress until the run ends")
     parser.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    parser.add_argument("--gpus", type=int, default=0, metavar="N",
+                        help="GPUs the run needs on a GPU worker (default 1; ignored on a CPU worker)")
 
 
 def parse_at(text: str, *, timezone: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -140,7 +144,7 @@ def train_assistant(args: argparse.Namespace, app) -> int:
         params["base_model"] = args.base_model
     at = parse_at(args.at, timezone=app.settings.timezone) if getattr(args, "at", None) else None
     job = enqueue_training(store, assistant.id, at=at, priority=getattr(args, "priority", 0) or 0, params=params,
-                           max_attempts=app.settings.job_max_attempts)
+                           gpus=getattr(args, "gpus", 0) or 0, max_attempts=app.settings.job_max_attempts)
     as_json = getattr(args, "json", False)
     if not as_json:
         when = f"scheduled for {job.scheduled_at} UTC" if job.status == "scheduled" else "queued"

@@ -79,7 +79,7 @@ class Worker:
                  default_base_model: str = "bundled:smollm2-135m", auto_promote: bool = False,
                  quiet_hours: str = "", timezone: str = "UTC", max_attempts: int = 3, schedule: bool = True,
                  poll_interval: float = 0.5, heartbeat_s: float = 2.0, stale_after_s: float = 60.0,
-                 grace_s: float = 5.0, clock: Callable[[], dt.datetime] = utcnow,
+                 grace_s: float = 5.0, shutdown_grace_s: float = 30.0, clock: Callable[[], dt.datetime] = utcnow,
                  bus: events.EventBus = events.bus, python: str = sys.executable) -> None:
         self.db_path = str(db_path)
         self.artifacts = Path(artifacts)
@@ -100,7 +100,8 @@ class Worker:
         self.poll_interval = poll_interval
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
-        self.grace_s = grace_s
+        self.grace_s = grace_s  # a cancelled job's result is discarded: kill it soon
+        self.shutdown_grace_s = shutdown_grace_s  # a stopping worker lets training finish its step and checkpoint
         self.clock = clock
         self.bus = bus
         self.python = python
@@ -202,20 +203,22 @@ class Worker:
 
     def shutdown(self) -> None:
         """Stop every child (SIGTERM, SIGKILL after the grace period) and requeue its job uncharged."""
-        if not self._children:
+        with self._lock:
+            children, self._children = self._children, {}
+        if not children:
             return
         store = self.store
-        for child in self._children.values():
+        for child in children.values():
             if child.proc.poll() is None:
                 child.proc.terminate()
-        deadline = time.monotonic() + self.grace_s
-        for child in self._children.values():
+        deadline = time.monotonic() + self.shutdown_grace_s
+        for child in children.values():
             try:
                 child.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
-        for job_id, child in list(self._children.items()):
+        for job_id, child in children.items():
             job = store.get_job(job_id)
             if child.proc.returncode == 0 and job.status == "running":
                 self._finish(store, job_id, child)
@@ -223,7 +226,6 @@ class Worker:
                                       devices=None, attempts=max(0, job.attempts - 1),
                                       error="requeued: the worker was stopped"):
                 self._publish("state", store.get_job(job_id))
-        self._children.clear()
 
     # ------------------------------------------------------------ children
     def _start_jobs(self, store: Store) -> None:
