@@ -182,18 +182,21 @@ def test_qlora_on_cpu_and_unknown_method_give_clear_errors(tiny_model_dir, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # generous: on a shared, loaded CPU training runs many times slower
 def test_tuned_smollm2_answers_held_out_paraphrases_better_than_base_and_fewshot(bundled_model_dir, tmp_path):
     from tuning.dataset import add_mutations, items_from_pairs
     from tuning.evaluate import evaluate, markdown_table
     from tuning.formats import read_examples
 
-    faq = read_examples(ROOT / "examples" / "acme_faq.jsonl").records
+    # The first 20 facts and their held-out paraphrases (acme_eval.jsonl follows acme_faq.jsonl line by line).
+    faq = read_examples(ROOT / "examples" / "acme_faq.jsonl").records[:20]
     held_out = read_examples(ROOT / "examples" / "acme_eval.jsonl").records[:20]
+    assert {r.answer for r in held_out} <= {r.answer for r in faq}
     assert all(r.must_contain for r in held_out)
     items = add_mutations(items_from_pairs([(r.question, r.answer) for r in faq]), n=1, seed=0)
     system = "You answer customer questions for ACME Parcel."
     report = train(items, out_dir=tmp_path, system_prompt=system,
-                   config=TrainConfig(base_model=bundled_model_dir, epochs=6))  # automatic lr, rank, batch
+                   config=TrainConfig(base_model=bundled_model_dir, epochs=5))  # automatic lr, rank, batch
     assert report.val_kind == "recall" and report.best_val_loss < report.extra["val_loss_before"]
     result = evaluate(held_out, base_model=bundled_model_dir, adapter_dir=str(tmp_path), max_new_tokens=40,
                       fewshot=[(r.question, r.answer) for r in faq])
