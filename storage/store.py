@@ -354,6 +354,11 @@ class Store:
         except sqlite_utils.db.NotFoundError:
             raise NotFound(f"document #{document_id} not found") from None
 
+    def list_documents(self, assistant_id: int, *, limit: int | None = None) -> list[Document]:
+        """The assistant's documents, newest first."""
+        return [from_row(Document, r) for r in self.db["documents"].rows_where(
+            "assistant_id = ?", [assistant_id], order_by="id desc", limit=limit)]
+
     # ------------------------------------------------------ generation runs
     def create_generation_run(self, assistant_id: int, *, method: str, model: str, requested: int = 0,
                               params: dict | None = None) -> GenerationRun:

@@ -123,6 +123,23 @@ def test_upload_with_bad_lines_reports_them(emulator, bot, db):
     assert "limit is 1 MB" in expert.wait(mark)[-1].text
 
 
+def test_document_without_larger_model_is_kept_and_explained(emulator, bot, db):
+    expert = emulator.user(EXPERT, "Expert")
+    aid = db.assistant_by_name("acme").id
+    before = db.count_examples(aid)
+    text = "Parcels up to 30 kg.\n\nWe deliver Monday to Saturday.".encode("cp1251")
+    mark = expert.send_document("rules.txt", text)
+    reply = expert.wait(mark)[-1].text
+    assert "rules.txt" in reply and "needs the larger model" in reply and "OPENAI_BASE_URL" in reply, reply
+    [document] = db.list_documents(aid)
+    assert document.filename == "rules.txt" and "Monday to Saturday" in document.text
+    assert db.count_examples(aid) == before
+    menu = expert.ask("/generate")
+    assert not any("Paraphrase" in label or "rules.txt" in label for label in menu.button_texts)
+    mark = expert.send_document("scan.pdf", b"%PDF-1.4 broken")
+    assert "not a readable PDF" in expert.wait(mark)[-1].text
+
+
 def test_tester_is_refused_expert_work(emulator, bot):
     tester = emulator.user(TESTER, "Tester")
     for command in ("/review", "/train", "/add", "/generate"):

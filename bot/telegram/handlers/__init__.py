@@ -9,7 +9,7 @@ from telegram.warnings import PTBUserWarning
 from telegram.ext import ContextTypes, MessageHandler, filters
 
 from bot.telegram.common import current_assistant, reply, role_at_least, tr
-from bot.telegram.handlers import admin, chat, examples, onboarding, review, training
+from bot.telegram.handlers import admin, chat, examples, generate, onboarding, review, training
 
 # Our conversations are per user and chat on purpose: a button tapped on an older message still counts.
 warnings.filterwarnings("ignore", message="If 'per_message=False'", category=PTBUserWarning)
@@ -64,6 +64,7 @@ def all_handlers() -> list:
         *onboarding.handlers(),
         *examples.handlers(),
         *review.handlers(),
+        *generate.handlers(),
         *training.handlers(),
         *chat.handlers(),
         *admin.handlers(),

@@ -57,7 +57,7 @@ async def apikey(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, 
     """Create a key for the OpenAI-compatible API (shown once)."""
     name = " ".join(context.args or []) or f"telegram:{update.effective_user.id}"
     record, key = store_of(context).create_api_key(assistant.id, name=name, created_by=update.effective_user.id)
-    await reply(update, tr(update, context, "apikey_created", key=key, prefix=record.prefix, model=assistant.name))
+    await reply(update, tr(update, context, "apikey_created", api_key=key, prefix=record.prefix, model=assistant.name))
 
 
 @requires("tester")

@@ -7,7 +7,9 @@ import re
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler, filters
 
-from bot.telegram.common import (app_of, awaiting, callback_args, reply, requires, short, store_of, tr)
+from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, short, store_of, tr,
+                                 with_thread_store)
+from bot.telegram.handlers.generate import document_uploaded
 from storage import DuplicateExample, StorageError
 
 ADD_QUESTION, ADD_ANSWER, ADD_CONFIRM = range(3)
@@ -161,19 +163,13 @@ async def upload(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, 
     if name.endswith(TABLE_SUFFIXES):
         from tuning.importing import import_file
 
-        report = import_file(store_of(context), assistant.id, data, filename=doc.file_name, approve=True,
-                             author_id=update.effective_user.id, max_field_chars=settings.max_field_chars)
-        await reply(update, report.summary(context.user_data.get("lang") or _lang(update, context)))
+        uid = update.effective_user.id
+        report = await with_thread_store(context, lambda store: import_file(
+            store, assistant.id, data, filename=doc.file_name, approve=True, author_id=uid,
+            max_field_chars=settings.max_field_chars))
+        await reply(update, report.summary(lang_of(update, context)))
         return
-    from bot.telegram.handlers.review import document_to_pairs
-
-    await document_to_pairs(update, context, assistant, doc.file_name, data)
-
-
-def _lang(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
-    from bot.telegram.common import lang_of
-
-    return lang_of(update, context)
+    await document_uploaded(update, context, assistant, doc.file_name, data)
 
 
 # ------------------------------------------------------------------ /examples pager

@@ -23,11 +23,7 @@ def _jobs():
 
 
 def _enqueue(store, assistant_id: int, *, at, by: int, chat_id: int):
-    jobs = _jobs()
-    enqueue = getattr(jobs, "enqueue_training", None)
-    if enqueue is None:
-        from tuning.jobs.queue import enqueue_training as enqueue
-    return enqueue(store, assistant_id, at=at, created_by=by, tg_chat_id=chat_id)
+    return _jobs().enqueue_training(store, assistant_id, at=at, created_by=by, tg_chat_id=chat_id)
 
 
 @requires("expert")
@@ -151,10 +147,14 @@ async def schedule(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant
         await reply(update, tr(update, context, "schedule_usage", current=current))
         return
     hour, minute = int(match.group(1)), int(match.group(2))
+    if hour > 23 or minute > 59:
+        await reply(update, tr(update, context, "train_pick_bad"))
+        return
     min_new = int(args[2]) if len(args) > 2 and args[2].isdigit() else 1
     cron = f"{minute} {hour} * * *" if args[0].lower() == "daily" else f"{minute} {hour} * * 0"
-    store.set_retrain_policy(assistant.id, cron=cron, min_new=min_new)
-    await reply(update, tr(update, context, "schedule_set", cron=cron, min_new=min_new))
+    tz = app_of(context).settings.timezone
+    _jobs().set_policy(store, assistant.id, cron=cron, min_new=min_new, timezone=tz)
+    await reply(update, tr(update, context, "schedule_set", cron=cron, min_new=min_new, tz=tz))
 
 
 @requires("expert")
@@ -168,9 +168,7 @@ async def version_button(update: Update, context: ContextTypes.DEFAULT_TYPE, ass
             await reply(update, tr(update, context, "not_member"))
             return
         if action == "a":
-            promote = getattr(_jobs(), "promote_version", None)
-            promote(store, version.id, by=update.effective_user.id) if promote else store.activate_version(
-                version.id, by=update.effective_user.id)
+            _jobs().promote_version(store, version.id, by=update.effective_user.id)
             await reply(update, tr(update, context, "version_activated", id=version.id))
         elif action == "d":
             store.set_version_status(version.id, "discarded", by=update.effective_user.id)
