@@ -156,3 +156,23 @@ def test_beats_and_versions_promote_and_roll_back(store, assistant):
     other = store.create_assistant("other")
     with pytest.raises(JobError, match="another assistant"):
         rollback(store, other.id, to=v1.id)
+
+
+def test_auto_promotion_compares_with_what_answers_now(store, assistant):
+    from tuning.jobs.executors import _maybe_promote
+
+    v = store.add_model_version(assistant.id, adapter_path="/a/1", base_model="m")
+    evaluation = {"n": 4, "modes": {"base": {"accuracy": 0.25, "f1": 0.3}, "tuned": {"accuracy": 0.5, "f1": 0.4}}}
+    assert _maybe_promote(store, assistant, v, None, [], cache_dir=None, max_new_tokens=8) == (
+        False, "no test examples to compare on; promote it by hand")
+    promoted, why = _maybe_promote(store, assistant, v, evaluation, [], cache_dir=None, max_new_tokens=8)
+    assert promoted and why == "beat the base model (0.5 > 0.25)"
+    assert store.get_assistant(assistant.id).active_version_id == v.id
+    worse = store.add_model_version(assistant.id, adapter_path="/a/2", base_model="m")
+    evaluation["modes"]["tuned"]["accuracy"] = 0.25
+    evaluation["modes"]["tuned"]["f1"] = 0.2
+    store.update_assistant(assistant.id, active_version_id=None)  # compare with the base model again
+    promoted, why = _maybe_promote(store, store.get_assistant(assistant.id), worse, evaluation, [],
+                                   cache_dir=None, max_new_tokens=8)
+    assert not promoted and why == "did not beat the base model (0.25 vs 0.25)"
+    assert store.get_model_version(worse.id).status == "candidate"
