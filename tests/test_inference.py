@@ -129,3 +129,11 @@ def test_tuned_mode_uses_the_active_version(store, assistant, engine, adapters, 
     other = store.create_assistant("other")
     with pytest.raises(InferenceError, match="another assistant"):
         plan_answer(store, other.id, QUESTION, mode="version", version_id=version.id)
+
+
+def test_engine_serves_again_after_close(tiny_model_dir):
+    eng = Engine(tiny_model_dir, max_new_tokens=3)
+    first = eng.answer(QUESTION).text
+    eng.close()
+    assert eng.answer(QUESTION).text == first  # a new inference thread starts
+    eng.close()

@@ -205,16 +205,20 @@ class Engine:
             model.eval()
             self.tokenizer = tokenizer
             self.model = model
+
+    def _ensure_thread(self) -> None:
+        with self._load_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="tunebot-inference", daemon=True)
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop the inference thread after the requests already queued."""
-        if self._thread is not None:
-            self._requests.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
+        """Stop the inference thread after the requests already queued (a later request starts it again)."""
+        with self._load_lock:  # held until the old thread ends, so two threads never share the model
+            if self._thread is not None:
+                self._requests.put(None)
+                self._thread.join()
+                self._thread = None
 
     @property
     def resident_adapters(self) -> list[str]:
@@ -226,6 +230,7 @@ class Engine:
                max_new_tokens: int | None = None, temperature: float | None = None) -> Generation:
         """Queue a request for chat messages; iterate the returned Generation for text pieces."""
         self.load()
+        self._ensure_thread()
         generation = Generation(messages, adapter_dir=str(adapter_dir) if adapter_dir else None,
                                 max_new_tokens=min(max_new_tokens or self.max_new_tokens, 4096),
                                 temperature=self.temperature if temperature is None else temperature)
