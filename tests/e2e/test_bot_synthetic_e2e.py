@@ -39,7 +39,13 @@ def llm_reply(request: dict) -> Reply:
         chunk = text.split("<<<", 1)[1]
         pairs = [{"question": q, "answer": a} for q, a in HANDBOOK if a in chunk]
         return Reply(json.dumps({"pairs": pairs}), usage=(300, 60))
-    return paraphrases_for(request)
+    reply = paraphrases_for(request)
+    reply.usage = (prompt_tokens(request), len(reply.content) // 4)  # about what a real endpoint would count
+    return reply
+
+
+def prompt_tokens(request: dict) -> int:
+    return sum(len(m["content"]) // 4 + 4 for m in request["messages"])
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +107,11 @@ def test_generate_paraphrases_with_cost_estimate(emulator, bot, db, llm):
     run = db.list_generation_runs(aid)[-1]
     assert (run.method, run.model, run.status) == ("paraphrase", "fake-large", "succeeded")
     assert run.requests == len(llm.requests) - before == 2  # one request per approved example
-    assert run.prompt_tokens == 40 and run.cost_usd == pytest.approx(60 / 1000 * 0.5)
-    assert f"{run.kept} new variation" in done.text and "60 tokens" in done.text
+    assert run.prompt_tokens == sum(prompt_tokens(r) for r in llm.requests[before:])
+    tokens = run.prompt_tokens + run.completion_tokens
+    assert run.cost_usd == pytest.approx(tokens / 1000 * 0.5)
+    assert 0.6 < estimate / run.cost_usd < 1.6, (estimate, run.cost_usd)  # the estimate is about right
+    assert f"{run.kept} new variation" in done.text and f"{tokens} tokens" in done.text
     pending = db.list_examples(aid, status="pending", generation_run_id=run.id)
     assert len(pending) == run.kept == 6
     assert all(e.parent_id and e.method == "paraphrase" and e.source == "synthetic" for e in pending)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zipfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from telegram import InputFile, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import callback_args, reply, requires, store_of, tr
+from bot.telegram.common import callback_args, reply, requires, store_of, tr, with_thread_store
 
 
 @requires("expert")
@@ -37,14 +38,14 @@ async def export_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assi
 
     fmt = callback_args(update)[0]
     buf = io.StringIO()
-    n = export_examples(store_of(context), assistant.id, buf, format=fmt)
+    n = await with_thread_store(context, lambda store: export_examples(store, assistant.id, buf, format=fmt))
     name = f"{assistant.name}-{fmt}.jsonl"
     await update.effective_chat.send_document(InputFile(io.BytesIO(buf.getvalue().encode("utf-8")), filename=name),
                                               caption=tr(update, context, "export_dataset", n=n))
     if assistant.active_version_id:
         version = store_of(context).get_model_version(assistant.active_version_id)
         if Path(version.adapter_path).is_dir():
-            data = adapter_zip(version.adapter_path)
+            data = await asyncio.to_thread(adapter_zip, version.adapter_path)
             await update.effective_chat.send_document(
                 InputFile(io.BytesIO(data), filename=f"{assistant.name}-adapter-v{version.id}.zip"),
                 caption=tr(update, context, "export_adapter", id=version.id, base=version.base_model))

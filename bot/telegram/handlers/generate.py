@@ -26,7 +26,6 @@ NEW_COUNTS = (3, 5)
 PAIRS_PER_CHUNK = 3
 DOCUMENT_BUTTONS = 3
 EDIT_EVERY_S = 3.0
-CHARS_PER_TOKEN = 4  # a rough rule for English and Russian text with GPT-style tokenizers
 METHOD_CODES = {"m": "mutate", "p": "paraphrase", "n": "new", "d": "document"}
 
 
@@ -35,29 +34,32 @@ def estimate_tokens(store, assistant_id: int, *, method: str, per_example: int, 
                     judge: bool = False) -> int:
     """Tokens a run will use: the prompts it will send, and answers about as long as the items asked for."""
     from tuning import synthetic
+    from tuning.importing import estimate_tokens as tokens
+
+    def prompt(messages: list[dict]) -> int:
+        return sum(tokens(m["content"]) + 4 for m in messages)
 
     roots = store.list_examples(assistant_id, status="approved", roots_only=True)
-    chars = 0
+    total = 0
     if method == "paraphrase":
         for ex in roots:
-            prompt = synthetic.paraphrase_messages(ex.question, ex.answer, k=per_example, language="en")
-            chars += sum(len(m["content"]) for m in prompt) + per_example * (len(ex.question) + 20)
+            total += prompt(synthetic.paraphrase_messages(ex.question, ex.answer, k=per_example, language="en"))
+            total += per_example * (tokens(ex.question) + 6) + 8
             if judge:
-                judged = synthetic.judge_messages(ex.question, ex.question, answer=ex.answer)
-                chars += per_example * (sum(len(m["content"]) for m in judged) + 20)
+                total += per_example * (prompt(synthetic.judge_messages(ex.question, ex.question, answer=ex.answer))
+                                        + 8)
     elif method == "new":
         for start in range(0, len(roots), 5):
             group = [(ex.question, ex.answer) for ex in roots[start:start + 5]]
-            prompt = synthetic.new_pairs_messages(group, k=per_example, language="en")
-            average = sum(len(q) + len(a) for q, a in group) // max(len(group), 1)
-            chars += sum(len(m["content"]) for m in prompt) + per_example * (average + 40)
+            total += prompt(synthetic.new_pairs_messages(group, k=per_example, language="en"))
+            total += per_example * (sum(tokens(q) + tokens(a) for q, a in group) // len(group) + 12) + 8
     elif method == "document":
         from tuning.documents import chunk_spans
 
         for chunk in chunk_spans(store.get_document(document_id).text):
-            prompt = synthetic.document_messages(chunk.text, k=per_example, language="en")
-            chars += sum(len(m["content"]) for m in prompt) + per_example * 300
-    return chars // CHARS_PER_TOKEN
+            total += prompt(synthetic.document_messages(chunk.text, k=per_example, language="en"))
+            total += per_example * 60 + 8  # a question and a short answer quoted from the text
+    return total
 
 
 def estimate_cost(settings, tokens: int) -> str:
@@ -94,6 +96,9 @@ async def generate(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant
         for doc in documents:
             rows.append([(tr(update, context, "btn_document_pairs", name=short(doc.filename, 24),
                              cost=cost("document", PAIRS_PER_CHUNK, doc.id)), f"gen:d:{doc.id}")])
+    if not rows:  # documents only, and no larger model to read them
+        await reply(update, tr(update, context, "generate_needs_llm"))
+        return
     model = settings.generator_model if configured else tr(update, context, "generate_no_llm")
     await reply(update, tr(update, context, "generate_choose", roots=roots, model=model), buttons=rows)
 

@@ -7,7 +7,7 @@ import logging
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import awaiting, callback_args, reply, requires, short, store_of, tr
+from bot.telegram.common import awaiting, callback_args, reply, requires, short, store_of, tr, with_thread_store
 from storage import StorageError
 from tuning.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
                            reject_variation, review_progress)
@@ -98,7 +98,7 @@ async def review_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assi
             if store.get_generation_run(int(ref)).assistant_id != assistant.id:
                 await reply(update, tr(update, context, "not_member"))
                 return
-            n = approve_all_in_run(store, int(ref), by=uid)
+            n = await with_thread_store(context, lambda s: approve_all_in_run(s, int(ref), by=uid))
             await reply(update, tr(update, context, "review_approved_all", n=n))
             await _show_card(update, context, assistant, edit=False)
             return

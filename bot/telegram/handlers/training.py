@@ -8,7 +8,8 @@ import re
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, store_of, tr)
+from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, store_of, tr,
+                                 with_thread_store)
 from bot.telegram.progress import render_progress
 from storage import StorageError
 
@@ -31,7 +32,7 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     """The dataset, the settings and an estimate, with start now / tonight / pick a time."""
     from tuning.importing import dataset_stats
 
-    stats = dataset_stats(store_of(context), assistant.id)
+    stats = await with_thread_store(context, lambda store: dataset_stats(store, assistant.id))
     approved = stats["by_status"].get("approved", 0)
     if approved < 2:
         await reply(update, tr(update, context, "train_too_few", n=approved))
