@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
@@ -11,8 +9,6 @@ from bot.telegram.common import awaiting, callback_args, reply, requires, short,
 from storage import StorageError
 from tuning.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
                            reject_variation, review_progress)
-
-log = logging.getLogger("tunebot.telegram")
 
 
 def _scope(context: ContextTypes.DEFAULT_TYPE) -> dict:
