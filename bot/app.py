@@ -35,6 +35,18 @@ class App:
         return Engine(s.base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
                       max_new_tokens=s.max_new_tokens, temperature=s.temperature)
 
+    def new_worker(self, *, gpus=None, slots: int | None = None, poll: float = 0.5):
+        """A job Worker from the settings (executor local or ray, artifacts store, slots)."""
+        from tuning.artifacts import is_remote
+        from tuning.jobs import Worker
+
+        s = self.settings
+        return Worker(s.database_path, artifacts=s.artifacts, cache_dir=s.models_cache, gpus=gpus,
+                      slots=s.worker_slots if slots is None else slots, default_base_model=s.base_model,
+                      auto_promote=s.auto_promote, quiet_hours=s.quiet_hours, timezone=s.timezone,
+                      max_attempts=s.job_max_attempts, poll_interval=poll, executor=s.executor,
+                      ray_address=s.ray_address, log_dir=s.data_dir / "logs" if is_remote(s.artifacts) else None)
+
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -159,13 +159,7 @@ def train_assistant(args: argparse.Namespace, app) -> int:
 # ------------------------------------------------------------------ worker
 def build_worker(app, *, gpus=None, slots: int | None = None, poll: float = 0.5):
     """A Worker configured from the settings (shared by `tunebot worker` and `train --wait`)."""
-    from tuning.jobs import Worker
-
-    s = app.settings
-    return Worker(s.database_path, artifacts=s.artifacts, cache_dir=s.models_cache, gpus=gpus,
-                  slots=s.worker_slots if slots is None else slots, default_base_model=s.base_model,
-                  auto_promote=s.auto_promote, quiet_hours=s.quiet_hours, timezone=s.timezone,
-                  max_attempts=s.job_max_attempts, poll_interval=poll)
+    return app.new_worker(gpus=gpus, slots=slots, poll=poll)
 
 
 def _parse_gpus(text: str | None):
@@ -187,6 +181,8 @@ def cmd_worker(args: argparse.Namespace, app) -> int:
     worker = build_worker(app, gpus=_parse_gpus(args.gpus), slots=args.slots, poll=args.poll)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     where = f"GPUs {worker.gpus}" if worker.gpu_mode else f"{worker.cpu_slots} CPU slot(s)"
+    if worker.executor == "ray":
+        where = f"training and evaluation on the Ray cluster at {app.settings.ray_address or 'auto'}"
     print(f"worker {worker.id} ready: {where}; Ctrl-C stops it", file=sys.stderr, flush=True)
     try:
         worker.run_forever()

@@ -24,12 +24,7 @@ def register(sub) -> None:
 
 def _start_worker(app):
     """The job worker (which also runs the scheduler) on a background thread; None if jobs are unavailable."""
-    from tuning.jobs import Worker
-
-    s = app.settings
-    worker = Worker(s.database_path, artifacts=s.artifacts, cache_dir=s.models_cache, slots=s.worker_slots,
-                    default_base_model=s.base_model, auto_promote=s.auto_promote, quiet_hours=s.quiet_hours,
-                    timezone=s.timezone, max_attempts=s.job_max_attempts)
+    worker = app.new_worker()
     worker.start()
     return worker
 

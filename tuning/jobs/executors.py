@@ -1,4 +1,9 @@
-"""What each job kind does inside its child process: train, eval, generate."""
+"""What each job kind does, wherever it runs: a pure job function on a serialized spec, DB writes by the caller.
+
+`job_spec` reads everything a job needs from the database into a JSON-able dict; `run_job_spec` runs it
+without touching the database (in the local child process or in a Ray task on another node), reporting
+progress through a callback; `record_outcome` writes its result (the candidate version, promotion) back.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,30 +25,44 @@ log = logging.getLogger(__name__)
 
 # Summary numbers copied from an evaluation mode into a version's metrics.
 EVAL_KEYS = ("accuracy", "f1", "rouge_l", "stop_rate", "ttft_ms", "tokens_per_s")
+# Kinds whose work needs no database access: the ray executor can run them on another node.
+PORTABLE_KINDS = ("train", "eval")
 
 
 class Stopped(Exception):
     """The job was asked to stop (cancel, SIGTERM, worker gone) before it finished."""
 
 
+def job_key(job: Job | dict) -> str:
+    """The job's folder inside the artifacts store: '<assistant id>/job-<id>'."""
+    if isinstance(job, dict):
+        return f"{job.get('assistant_id') or 0}/job-{job['job_id']}"
+    return f"{job.assistant_id or 0}/job-{job.id}"
+
+
 def job_dir(artifacts: str | Path, job: Job) -> Path:
-    return Path(artifacts) / str(job.assistant_id or 0) / f"job-{job.id}"
+    """The job's folder in a local artifacts store."""
+    return Path(artifacts) / job_key(job)
 
 
 class ProgressWriter:
-    """on_progress for training: merges each report into jobs.progress, written at most every `every_s`."""
+    """on_progress for training: merges each report into the job's progress, sent at most every `every_s`.
 
-    def __init__(self, store: Store, job: Job, *, every_s: float = 1.0, fault: dict | None = None) -> None:
-        self.store = store
-        self.job = job
+    `sink(progress)` delivers it: a DB write in the local child, a message to the worker from a Ray task.
+    """
+
+    def __init__(self, sink: Callable[[dict], None], *, attempt: int, progress: dict | None = None,
+                 every_s: float = 1.0, fault: dict | None = None) -> None:
+        self.sink = sink
+        self.attempt = attempt
         self.every_s = every_s
         self.fault = fault or {}
-        self.progress: dict = dict(job.progress or {})
+        self.progress: dict = dict(progress or {})
         self._last = 0.0
 
     def __call__(self, info: dict) -> None:
         self.progress.update({k: v for k, v in info.items() if _jsonable(v)})
-        self.progress["attempt"] = self.job.attempts
+        self.progress["attempt"] = self.attempt
         step, total = info.get("step"), info.get("total_steps")
         now = time.monotonic()
         if now - self._last >= self.every_s or (step is not None and step == total):
@@ -61,7 +81,7 @@ class ProgressWriter:
 
     def flush(self) -> None:
         self._last = time.monotonic()
-        self.store.transition_job(self.job.id, from_states=("running",), progress=self.progress)
+        self.sink(dict(self.progress))
 
     def _maybe_fault(self, step: int | None) -> None:
         """Test-only fault injection (job params {"fault": {"kill_at_step": N, "on_attempts": [..]}})."""
@@ -69,11 +89,16 @@ class ProgressWriter:
         attempts = self.fault.get("on_attempts")
         if at is None or step is None or step < at:
             return
-        if attempts is not None and self.job.attempts not in attempts:
+        if attempts is not None and self.attempt not in attempts:
             return
         self.flush()
         log.warning("fault injection: SIGKILL at step %s", step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def db_progress_sink(store: Store, job_id: int) -> Callable[[dict], None]:
+    """A ProgressWriter sink that writes jobs.progress (only while the job is running)."""
+    return lambda progress: store.transition_job(job_id, from_states=("running",), progress=progress)
 
 
 def _jsonable(value) -> bool:
@@ -84,25 +109,73 @@ def _jsonable(value) -> bool:
         return False
 
 
-def _asdict(obj) -> dict:
-    if dataclasses.is_dataclass(obj):
-        return {k: v for k, v in dataclasses.asdict(obj).items() if _jsonable(v)}
-    if isinstance(obj, dict):
-        return {k: v for k, v in obj.items() if _jsonable(v)}
-    return {k: v for k, v in vars(obj).items() if not k.startswith("_") and _jsonable(v)}
+def _eval_summary(modes: dict, mode: str) -> dict:
+    return {k: modes.get(mode, {}).get(k) for k in EVAL_KEYS if modes.get(mode, {}).get(k) is not None}
 
 
-def run(store: Store, job: Job, *, artifacts: str | Path, cache_dir: str | None, default_base_model: str,
-        auto_promote: bool, should_stop: Callable[[], bool]) -> dict:
-    """Run the job's kind; returns the result stored on the job."""
+def _test_item(example) -> dict:
+    return {"question": example.question, "answer": example.answer, "must_contain": example.must_contain}
+
+
+# ------------------------------------------------------------------ specs (read the database)
+def job_spec(store: Store, job: Job, *, default_base_model: str, auto_promote: bool = False) -> dict:
+    """Everything a portable job needs, read from the database, as a JSON-able dict."""
     if job.kind == "train":
-        return run_train(store, job, artifacts=artifacts, cache_dir=cache_dir,
-                         default_base_model=default_base_model, auto_promote=auto_promote, should_stop=should_stop)
+        return training_spec(store, job, default_base_model=default_base_model, auto_promote=auto_promote)
     if job.kind == "eval":
-        return run_eval(store, job, cache_dir=cache_dir, default_base_model=default_base_model)
-    if job.kind == "generate":
-        return run_generate(store, job)
-    raise JobError(f"unknown job kind {job.kind!r}")
+        return eval_spec(store, job, default_base_model=default_base_model)
+    raise JobError(f"job kind {job.kind!r} needs the database and runs only on the worker's host")
+
+
+def training_spec(store: Store, job: Job, *, default_base_model: str, auto_promote: bool = False) -> dict:
+    """The training job's examples, settings and (for auto-promotion) the version it must beat."""
+    from tuning.dataset import items_from_store
+
+    assistant = store.get_assistant(job.assistant_id)
+    params = job.params or {}
+    items = [i for i in items_from_store(store, assistant.id) if i.split != "test"]
+    if not items:
+        raise JobError(f"assistant {assistant.name!r} has no approved training examples")
+    incumbent = None
+    if auto_promote and assistant.active_version_id:
+        active = store.get_model_version(assistant.active_version_id)
+        incumbent = {"id": active.id, "base_model": active.base_model, "adapter_path": active.adapter_path}
+    return {"kind": "train", "job_id": job.id, "assistant_id": assistant.id, "assistant": assistant.name,
+            "attempt": job.attempts, "params": params, "progress": job.progress or {},
+            "base_model": params.get("base_model") or assistant.base_model or default_base_model,
+            "system_prompt": assistant.system_prompt or "",
+            "items": [dataclasses.asdict(i) for i in items],
+            "test_items": [_test_item(e) for e in store.list_examples(assistant.id, status="approved", split="test")],
+            "incumbent": incumbent}
+
+
+def eval_spec(store: Store, job: Job, *, default_base_model: str) -> dict:
+    """The version to evaluate (params.version_id, default the active one) and the test split."""
+    assistant = store.get_assistant(job.assistant_id)
+    params = job.params or {}
+    test_items = store.list_examples(assistant.id, status="approved", split="test")
+    if not test_items:
+        raise JobError(f"assistant {assistant.name!r} has no approved test examples to evaluate on")
+    version_id = params.get("version_id") or assistant.active_version_id
+    version = store.get_model_version(version_id) if version_id else None
+    return {"kind": "eval", "job_id": job.id, "assistant_id": assistant.id, "attempt": job.attempts,
+            "params": params, "progress": job.progress or {},
+            "version_id": version.id if version else None,
+            "base_model": version.base_model if version else (assistant.base_model or default_base_model),
+            "adapter_path": version.adapter_path if version else None,
+            "system_prompt": assistant.system_prompt or "", "test_items": [_test_item(e) for e in test_items]}
+
+
+# ------------------------------------------------------------------ pure job functions (no database)
+def run_job_spec(spec: dict, *, artifacts: str, cache_dir: str | None, progress_cb: Callable[[dict], None],
+                 should_stop: Callable[[], bool], staging_dir: str | Path | None = None) -> dict:
+    """Run a portable job from its spec; returns its outcome (see record_outcome)."""
+    if spec["kind"] == "train":
+        return run_training_job(spec, artifacts=artifacts, cache_dir=cache_dir, progress_cb=progress_cb,
+                                should_stop=should_stop, staging_dir=staging_dir)
+    if spec["kind"] == "eval":
+        return run_eval_job(spec, cache_dir=cache_dir)
+    raise JobError(f"unknown portable job kind {spec['kind']!r}")
 
 
 def _train_config(params: dict, base_model: str):
@@ -116,32 +189,43 @@ def _train_config(params: dict, base_model: str):
     return TrainConfig(**{**given, "base_model": given.get("base_model") or base_model})
 
 
-def _eval_summary(modes: dict, mode: str) -> dict:
-    return {k: modes.get(mode, {}).get(k) for k in EVAL_KEYS if modes.get(mode, {}).get(k) is not None}
+def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progress_cb: Callable[[dict], None],
+                     should_stop: Callable[[], bool], staging_dir: str | Path | None = None) -> dict:
+    """Train (resuming from the job's checkpoints), evaluate on the test split, store the artifacts.
 
-
-def run_train(store: Store, job: Job, *, artifacts, cache_dir, default_base_model: str, auto_promote: bool,
-              should_stop: Callable[[], bool]) -> dict:
-    """Train (resuming from the job's checkpoints), evaluate on the test split, register a candidate."""
-    from tuning.dataset import items_from_store
+    With a remote artifacts store the run writes to a local staging folder, syncs it up after every
+    epoch (so a retry on another node resumes) and at the end; the outcome names the stored folder.
+    """
+    from tuning.artifacts import ArtifactStore, local_dir
+    from tuning.dataset import TrainItem
     from tuning.train import TrainingCancelled, train
 
-    assistant = store.get_assistant(job.assistant_id)
-    params = job.params or {}
-    base_model = params.get("base_model") or assistant.base_model or default_base_model
-    config = _train_config(params, base_model)
-    items = items_from_store(store, assistant.id)
-    train_items = [i for i in items if i.split != "test"]
-    test_items = store.list_examples(assistant.id, status="approved", split="test")  # they carry must_contain
-    if not train_items:
-        raise JobError(f"assistant {assistant.name!r} has no approved training examples")
-    out_dir = job_dir(artifacts, job)
-    progress = ProgressWriter(store, job, fault=params.get("fault"))
+    params = spec.get("params") or {}
+    config = _train_config(params, spec["base_model"])
+    items = [TrainItem(**i) for i in spec["items"]]
+    store, key = ArtifactStore(artifacts), job_key(spec)
+    if store.remote:
+        out_dir = Path(staging_dir or Path(tempfile.gettempdir()) / "tunebot-staging") / key
+        if not (out_dir / "checkpoints").exists() and store.exists(f"{key}/checkpoints"):
+            log.info("job #%s: fetching its checkpoints from %s", spec["job_id"], store.url_for(key))
+            store.download_dir(key, out_dir)
+    else:
+        out_dir = Path(store.url_for(key))
+    progress = ProgressWriter(progress_cb, attempt=spec.get("attempt", 1), progress=spec.get("progress"),
+                              fault=params.get("fault"))
+
+    def on_progress(info: dict) -> None:
+        progress(info)
+        if store.remote and info.get("epoch_done"):
+            store.upload_dir(out_dir, key)  # the checkpoint, for a retry elsewhere
+
     progress.phase("training")
     try:
-        report = train(train_items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt or "",
-                       cache_dir=cache_dir, on_progress=progress, should_stop=should_stop, resume=True)
+        report = train(items, out_dir=out_dir, config=config, system_prompt=spec.get("system_prompt", ""),
+                       cache_dir=cache_dir, on_progress=on_progress, should_stop=should_stop, resume=True)
     except TrainingCancelled:
+        if store.remote:
+            store.upload_dir(out_dir, key)
         raise Stopped() from None
     last_epoch = report.epochs[-1] if report.epochs else {}
     metrics: dict = {"steps": report.steps, "total_steps": report.hyperparameters.get("total_steps"),
@@ -149,46 +233,98 @@ def run_train(store: Store, job: Job, *, artifacts, cache_dir, default_base_mode
                      "best_val_loss": report.best_val_loss, "val_kind": report.val_kind,
                      "resumed_from_step": report.resumed_from_step, "tokens_per_s": report.tokens_per_s,
                      "duration_s": report.duration_s, "stopped_early": report.stopped_early}
-    evaluation = None
+    max_new_tokens = int(params.get("eval_max_new_tokens", 128))
+    evaluation, incumbent = None, None
+    test_items = spec.get("test_items") or []
     if test_items:
         from tuning.evaluate import evaluate
 
         progress.phase("evaluating")
         evaluation = evaluate(test_items, base_model=config.base_model, adapter_dir=str(out_dir),
-                              modes=("base", "tuned"), system_prompt=assistant.system_prompt or "",
-                              cache_dir=cache_dir, max_new_tokens=int(params.get("eval_max_new_tokens", 128)),
-                              on_progress=progress.evaluating)
+                              modes=("base", "tuned"), system_prompt=spec.get("system_prompt", ""),
+                              cache_dir=cache_dir, max_new_tokens=max_new_tokens, on_progress=progress.evaluating)
         metrics.update(_eval_summary(evaluation["modes"], "tuned"))
         metrics["base_accuracy"] = evaluation["modes"].get("base", {}).get("accuracy")
         metrics["n_test"] = evaluation.get("n")
         (out_dir / "evaluation.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=2, default=str))
+        if spec.get("incumbent"):
+            theirs = spec["incumbent"]
+            result = evaluate(test_items, base_model=theirs["base_model"],
+                              adapter_dir=str(local_dir(theirs["adapter_path"], cache_dir=cache_dir)),
+                              modes=("tuned",), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
+                              max_new_tokens=max_new_tokens)
+            incumbent = {"id": theirs["id"], "summary": _eval_summary(result["modes"], "tuned")}
     if should_stop():
         raise Stopped()
-    version = register_candidate(store, assistant.id, job_id=job.id, adapter_path=str(out_dir),
-                                 base_model=config.base_model, dataset_hash=report.data_hash,
-                                 hyperparameters=report.hyperparameters, metrics=metrics)
+    adapter_dir = store.upload_dir(out_dir, key) if store.remote else str(out_dir)
+    return {"kind": "train", "adapter_dir": adapter_dir, "base_model": config.base_model,
+            "dataset_hash": report.data_hash, "hyperparameters": report.hyperparameters, "metrics": metrics,
+            "evaluation": {"n": evaluation.get("n"), "modes": evaluation["modes"]} if evaluation else None,
+            "incumbent": incumbent}
+
+
+def run_eval_job(spec: dict, *, cache_dir: str | None) -> dict:
+    """Evaluate a version and the base model on the test split; the outcome is the job's result."""
+    from tuning.artifacts import local_dir
+    from tuning.evaluate import evaluate
+
+    adapter = spec.get("adapter_path")
+    adapter = str(local_dir(adapter, cache_dir=cache_dir)) if adapter else None
+    result = evaluate(spec["test_items"], base_model=spec["base_model"], adapter_dir=adapter,
+                      modes=("base", "tuned") if adapter else ("base",), system_prompt=spec.get("system_prompt", ""),
+                      cache_dir=cache_dir, max_new_tokens=int((spec.get("params") or {}).get("max_new_tokens", 128)))
+    return {"kind": "eval", "version_id": spec.get("version_id"), "n": result.get("n"),
+            "modes": {m: _eval_summary(result["modes"], m) for m in result["modes"]}}
+
+
+# ------------------------------------------------------------------ database writes (the caller's side)
+def record_outcome(store: Store, job: Job, outcome: dict, *, auto_promote: bool,
+                   progress_cb: Callable[[dict], None] | None = None) -> dict:
+    """Write a portable job's outcome (candidate version, promotion); returns the result stored on the job."""
+    if outcome.get("kind") == "eval":
+        return {k: v for k, v in outcome.items() if k != "kind"}
+    assistant = store.get_assistant(job.assistant_id)
+    version = register_candidate(store, assistant.id, job_id=job.id, adapter_path=outcome["adapter_dir"],
+                                 base_model=outcome["base_model"], dataset_hash=outcome["dataset_hash"],
+                                 hyperparameters=outcome["hyperparameters"], metrics=outcome["metrics"])
     promoted, why = False, "auto-promotion is off"
     if auto_promote:
-        promoted, why = _maybe_promote(store, assistant, version, evaluation, test_items, cache_dir=cache_dir,
-                                       max_new_tokens=int(params.get("eval_max_new_tokens", 128)))
-    progress.phase("done")
-    return {"version_id": version.id, "promoted": promoted, "promotion": why, "adapter_dir": str(out_dir),
-            "metrics": metrics}
+        incumbent = outcome.get("incumbent")
+        if incumbent and incumbent["id"] != store.get_assistant(assistant.id).active_version_id:
+            incumbent = None  # the active version changed while training: compare with the new one here
+        promoted, why = _maybe_promote(store, assistant, version, outcome.get("evaluation"), [],
+                                       cache_dir=None, max_new_tokens=128, incumbent=incumbent)
+    if progress_cb is not None:
+        progress_cb({**(job.progress or {}), "phase": "done"})
+    return {"version_id": version.id, "promoted": promoted, "promotion": why, "adapter_dir": outcome["adapter_dir"],
+            "metrics": outcome["metrics"]}
 
 
-def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, cache_dir, max_new_tokens):
-    """Promote when the candidate beats what answers now (the active version, else the base model)."""
+def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, cache_dir, max_new_tokens,
+                   incumbent: dict | None = None):
+    """Promote when the candidate beats what answers now (the active version, else the base model).
+
+    `incumbent` ({"id", "summary"}) is the active version's evaluation when the job computed it.
+    """
     if evaluation is None:
         return False, "no test examples to compare on; promote it by hand"
     tuned = _eval_summary(evaluation["modes"], "tuned")
     if assistant.active_version_id:
-        from tuning.evaluate import evaluate
-
         active = store.get_model_version(assistant.active_version_id)
-        incumbent = evaluate(test_items, base_model=active.base_model, adapter_dir=active.adapter_path,
-                             modes=("tuned",), system_prompt=assistant.system_prompt or "", cache_dir=cache_dir,
-                             max_new_tokens=max_new_tokens)
-        theirs, name = _eval_summary(incumbent["modes"], "tuned"), f"active version #{active.id}"
+        if incumbent and incumbent["id"] == active.id:
+            theirs = incumbent["summary"]
+        else:
+            from tuning.artifacts import local_dir
+            from tuning.evaluate import evaluate
+
+            if not test_items:
+                return False, f"the active version #{active.id} changed during training; promote it by hand"
+            result = evaluate(test_items, base_model=active.base_model,
+                              adapter_dir=str(local_dir(active.adapter_path, cache_dir=cache_dir)),
+                              modes=("tuned",), system_prompt=assistant.system_prompt or "", cache_dir=cache_dir,
+                              max_new_tokens=max_new_tokens)
+            theirs = _eval_summary(result["modes"], "tuned")
+        name = f"active version #{active.id}"
     else:
         theirs, name = _eval_summary(evaluation["modes"], "base"), "the base model"
     if beats(tuned, theirs):
@@ -197,23 +333,19 @@ def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, 
     return False, f"did not beat {name} ({tuned.get('accuracy')} vs {theirs.get('accuracy')})"
 
 
-def run_eval(store: Store, job: Job, *, cache_dir, default_base_model: str) -> dict:
-    """Evaluate a version (params.version_id, default the active one) and the base model on the test split."""
-    from tuning.evaluate import evaluate
-
-    assistant = store.get_assistant(job.assistant_id)
-    params = job.params or {}
-    test_items = store.list_examples(assistant.id, status="approved", split="test")
-    if not test_items:
-        raise JobError(f"assistant {assistant.name!r} has no approved test examples to evaluate on")
-    version_id = params.get("version_id") or assistant.active_version_id
-    version = store.get_model_version(version_id) if version_id else None
-    base_model = version.base_model if version else (assistant.base_model or default_base_model)
-    result = evaluate(test_items, base_model=base_model, adapter_dir=version.adapter_path if version else None,
-                      modes=("base", "tuned") if version else ("base",), system_prompt=assistant.system_prompt or "",
-                      cache_dir=cache_dir, max_new_tokens=int(params.get("max_new_tokens", 128)))
-    return {"version_id": version.id if version else None, "n": result.get("n"),
-            "modes": {m: _eval_summary(result["modes"], m) for m in result["modes"]}}
+# ------------------------------------------------------------------ the local child's entry point
+def run(store: Store, job: Job, *, artifacts: str | Path, cache_dir: str | None, default_base_model: str,
+        auto_promote: bool, should_stop: Callable[[], bool]) -> dict:
+    """Run the job here (the local child process): spec, job function, then the DB writes; returns the result."""
+    if job.kind == "generate":
+        return run_generate(store, job)
+    if job.kind not in PORTABLE_KINDS:
+        raise JobError(f"unknown job kind {job.kind!r}")
+    spec = job_spec(store, job, default_base_model=default_base_model, auto_promote=auto_promote)
+    sink = db_progress_sink(store, job.id)
+    outcome = run_job_spec(spec, artifacts=str(artifacts), cache_dir=cache_dir, progress_cb=sink,
+                           should_stop=should_stop)
+    return record_outcome(store, store.get_job(job.id), outcome, auto_promote=auto_promote, progress_cb=sink)
 
 
 def run_generate(store: Store, job: Job) -> dict:

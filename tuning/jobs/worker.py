@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 from storage import Job, Store, open_db
 from storage.store import utcnow
 from tuning.jobs import events
+from tuning.jobs.executors import PORTABLE_KINDS
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, prune_workers, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
@@ -63,6 +65,8 @@ def describe_exit(code: int, log_path: Path | None = None) -> str:
 
 @dataclass
 class _Child:
+    """A job running in a local subprocess (tuning.jobs.ray_executor.RayRun has the same interface)."""
+
     job_id: int
     proc: subprocess.Popen
     devices: tuple[int, ...]
@@ -70,20 +74,72 @@ class _Child:
     term_at: float | None = None
     seen: tuple = field(default=())
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def cancel(self) -> None:
+        """SIGTERM; the worker kills it after its grace period."""
+        self.proc.terminate()
+
+    def reason(self, code: int) -> str:
+        return describe_exit(code, self.log_path)
+
+    def complete(self, store: Store, job: Job) -> None:
+        """Nothing to do: the child wrote the result before exiting 0."""
+
 
 class Worker:
-    """Runs queued jobs in subprocesses: one slot per GPU (or `slots` CPU slots), crash-safe, cancellable."""
+    """Runs queued jobs in subprocesses: one slot per GPU (or `slots` CPU slots), crash-safe, cancellable.
+
+    With executor="ray", training and evaluation jobs run as Ray tasks on the cluster at `ray_address`
+    (`slots` of them at once, default one per cluster GPU, else 1); this worker still writes every row.
+    """
 
     def __init__(self, db_path: str | Path, *, artifacts: str | Path, cache_dir: str | Path | None = None,
+                 executor: str = "local", ray_address: str = "", log_dir: str | Path | None = None,
                  gpus: int | Sequence[int] | None = None, slots: int = 0,
                  default_base_model: str = "bundled:smollm2-135m", auto_promote: bool = False,
                  quiet_hours: str = "", timezone: str = "UTC", max_attempts: int = 3, schedule: bool = True,
                  poll_interval: float = 0.5, heartbeat_s: float = 2.0, stale_after_s: float = 60.0,
                  grace_s: float = 5.0, shutdown_grace_s: float = 30.0, clock: Callable[[], dt.datetime] = utcnow,
                  bus: events.EventBus = events.bus, python: str = sys.executable) -> None:
+        from tuning.artifacts import is_remote
+
+        if executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, not {executor!r}")
         self.db_path = str(db_path)
-        self.artifacts = Path(artifacts)
+        self.artifacts = str(artifacts) if is_remote(artifacts) else Path(artifacts)
+        # Job logs stay on this host: next to the artifacts when they are local.
+        self.log_dir = Path(log_dir) if log_dir else (
+            Path(tempfile.gettempdir()) / "tunebot-logs" if is_remote(artifacts) else Path(artifacts))
         self.cache_dir = cache_dir
+        self.executor = executor
+        self._ray = None
+        self._ray_slots = slots
+        if executor == "ray":
+            from tuning.jobs.ray_executor import RayExecutor
+
+            self._ray = RayExecutor(address=ray_address, artifacts=str(artifacts),
+                                    cache_dir=str(cache_dir) if cache_dir else None,
+                                    default_base_model=default_base_model, auto_promote=auto_promote)
+            gpus = 0  # this host's GPUs are not used: the cluster's are
         if gpus is None:
             gpus = visible_gpus()
         self.gpus = list(range(gpus)) if isinstance(gpus, int) else list(gpus)
@@ -106,7 +162,7 @@ class Worker:
         self.bus = bus
         self.python = python
         self.id = new_worker_id()
-        self._children: dict[int, _Child] = {}
+        self._children: dict = {}  # job id -> _Child or RayRun
         self._local = threading.local()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -153,6 +209,9 @@ class Worker:
                 self._publish("state", job)
             prune_workers(store, stale_after_s=self.stale_after_s)
             self._recovered, self._last_recover = True, mono
+        if self._ray is not None:
+            self._connect_ray(store)
+            self._ray.drain(store, set(self._children))
         self._reap(store)
         self._watch(store)
         if mono - self._last_beat >= self.heartbeat_s:
@@ -167,6 +226,13 @@ class Worker:
                 self._publish("state", job)
         if not self._stop.is_set():
             self._start_jobs(store)
+
+    def _connect_ray(self, store: Store) -> None:
+        """Connect to the cluster once; slots default to its GPU count (at least 1)."""
+        if self._ray.channel is None:
+            self._ray.connect()
+            if not self._ray_slots:
+                self.cpu_slots = max(1, self._ray.cluster_gpus)
 
     def run_forever(self) -> None:
         """Loop until stop() (or SIGTERM handled by the caller); then stop the children and requeue their jobs."""
@@ -206,26 +272,35 @@ class Worker:
         with self._lock:
             children, self._children = self._children, {}
         if not children:
+            if self._ray is not None:
+                self._ray.close()
             return
         store = self.store
         for child in children.values():
-            if child.proc.poll() is None:
-                child.proc.terminate()
+            if child.poll() is None:
+                child.terminate()
         deadline = time.monotonic() + self.shutdown_grace_s
         for child in children.values():
             try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
+                child.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+                child.kill()
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    log.warning("job #%s did not stop after a kill", child.job_id)
+        if self._ray is not None:
+            self._ray.drain(store, set(children))
         for job_id, child in children.items():
             job = store.get_job(job_id)
-            if child.proc.returncode == 0 and job.status == "running":
-                self._finish(store, job_id, child)
+            if child.returncode == 0 and job.status == "running":
+                self._complete(store, job, child)
             elif store.transition_job(job_id, from_states=("running",), status="queued", pid=None, worker_id=None,
                                       devices=None, attempts=max(0, job.attempts - 1),
                                       error="requeued: the worker was stopped"):
                 self._publish("state", store.get_job(job_id))
+        if self._ray is not None:
+            self._ray.close()
 
     # ------------------------------------------------------------ children
     def _start_jobs(self, store: Store) -> None:
@@ -239,9 +314,12 @@ class Worker:
             self._launch(store, job, devices)
 
     def _launch(self, store: Store, job: Job, devices: tuple[int, ...]) -> None:
-        job_dir = self.artifacts / str(job.assistant_id or 0) / f"job-{job.id}"
+        job_dir = self.log_dir / str(job.assistant_id or 0) / f"job-{job.id}"
         job_dir.mkdir(parents=True, exist_ok=True)
         log_path = job_dir / "job.log"
+        if self._ray is not None and job.kind in PORTABLE_KINDS:
+            self._launch_ray(store, job, log_path)
+            return
         cmd = [self.python, "-m", "tuning.jobs.child", "--db", self.db_path, "--job", str(job.id),
                "--artifacts", str(self.artifacts), "--base-model", self.default_base_model,
                "--parent-pid", str(os.getpid())]
@@ -270,17 +348,33 @@ class Worker:
         log.info("job #%s (%s) started: pid %s, devices %s", job.id, job.kind, proc.pid, list(devices))
         self._publish("state", store.get_job(job.id))
 
+    def _launch_ray(self, store: Store, job: Job, log_path: Path) -> None:
+        from tuning.errors import TuningError
+
+        with open(log_path, "a", encoding="utf-8") as out:
+            out.write(f"--- attempt {job.attempts} by {self.id} on Ray at {self._ray.address or 'auto'}\n")
+        try:
+            run = self._ray.launch(store, job, log_path=log_path)
+        except TuningError as exc:  # bad data or settings: retrying cannot help
+            store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
+                                 error=str(exc))
+            self._publish("state", store.get_job(job.id))
+            return
+        self._children[job.id] = run
+        log.info("job #%s (%s) submitted to Ray", job.id, job.kind)
+        self._publish("state", store.get_job(job.id))
+
     def _watch(self, store: Store) -> None:
         """Publish progress; stop the process of a job that was cancelled (or taken away) in the database."""
         for child in list(self._children.values()):
             job = store.get_job(child.job_id)
             if job.status != "running" or job.worker_id != self.id:
                 if child.term_at is None:
-                    log.info("job #%s is %s: stopping pid %s", job.id, job.status, child.proc.pid)
-                    child.proc.terminate()
+                    log.info("job #%s is %s: stopping %s", job.id, job.status, child.pid or "its Ray task")
+                    child.cancel()
                     child.term_at = time.monotonic()
                 elif time.monotonic() - child.term_at > self.grace_s:
-                    child.proc.kill()
+                    child.kill()
                 continue
             seen = (repr(sorted(job.progress.items())),)
             if seen != child.seen:
@@ -290,7 +384,7 @@ class Worker:
 
     def _reap(self, store: Store) -> None:
         for job_id, child in list(self._children.items()):
-            code = child.proc.poll()
+            code = child.poll()
             if code is None:
                 continue
             del self._children[job_id]
@@ -300,14 +394,24 @@ class Worker:
                 self._publish("state", job)
                 continue
             if code == 0:
-                self._finish(store, job_id, child)
+                self._complete(store, job, child)
             elif code == EXIT_USER_ERROR:
                 store.transition_job(job_id, from_states=("running",), status="failed", pid=None,
-                                     finished_at=store.now(), error=job.error or describe_exit(code, child.log_path))
+                                     finished_at=store.now(), error=job.error or child.reason(code))
                 self._publish("state", store.get_job(job_id))
             else:
-                reason = "stopped before the end" if code == EXIT_STOPPED else describe_exit(code, child.log_path)
+                reason = "stopped before the end" if code == EXIT_STOPPED else child.reason(code)
                 self._retry_or_fail(store, job, reason)
+
+    def _complete(self, store: Store, job: Job, child) -> None:
+        """Record the result (a Ray task's; a local child wrote its own) and mark the job succeeded."""
+        try:
+            child.complete(store, job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database is locked: retry the job like a crash
+            log.exception("job #%s: recording its result failed", job.id)
+            self._retry_or_fail(store, store.get_job(job.id), f"its result could not be recorded ({exc})")
+            return
+        self._finish(store, job.id, child)
 
     def _finish(self, store: Store, job_id: int, child: _Child) -> None:
         store.transition_job(job_id, from_states=("running",), status="succeeded", pid=None,
