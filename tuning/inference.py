@@ -277,6 +277,10 @@ class Engine:
     def _use_adapter(self, adapter_dir: str) -> None:
         """Make this adapter the active one, loading it (and evicting the least recently used) if needed."""
         start = time.perf_counter()
+        from tuning.artifacts import is_remote, local_dir
+
+        if is_remote(adapter_dir):  # an adapter in a shared store (s3://, memory://, …): a cached local copy
+            adapter_dir = str(local_dir(adapter_dir, cache_dir=self.cache_dir))
         key = str(Path(adapter_dir).expanduser().resolve())
         name = self._adapters.get(key)
         if name is None:
