@@ -111,17 +111,18 @@ def split_items(items: Sequence[TrainItem], *, val_share: float = 0.2, seed: int
         groups.setdefault(item.group, []).append(item)
     has_variations = any(i.variation for i in pool)
     if has_variations and val_share > 0:
-        held: list[TrainItem] = []
-        for group in sorted(groups):
-            variations = [i for i in groups[group] if i.variation]
+        families = {g: [i for i in groups[g] if i.variation] for g in sorted(groups)}
+        for variations in families.values():
             rng.shuffle(variations)
-            # A fractional share is rounded up or down at random, so small families also contribute.
-            exact = val_share * len(variations)
-            n = int(exact) + (1 if rng.random() < exact - int(exact) else 0)
-            held.extend(variations[:n])
-        if not held:
-            biggest = max((g for g in groups.values() if any(i.variation for i in g)), key=len)
-            held = [next(i for i in biggest if i.variation)]
+        # floor(share) of each family's variations, then single extra ones from random families until the
+        # total is round(share * all variations): small families (1-2 variations) also contribute.
+        counts = {g: int(val_share * len(v)) for g, v in families.items()}
+        target = max(1, round(val_share * sum(len(v) for v in families.values())))
+        spare = [g for g, v in families.items() if len(v) > counts[g]]
+        rng.shuffle(spare)
+        for g in spare[:max(0, target - sum(counts.values()))]:
+            counts[g] += 1
+        held = [i for g, v in families.items() for i in v[:counts[g]]]
         held_ids = {id(i) for i in held}
         train = [i for i in pool if id(i) not in held_ids]
         return Splits(train=train, val=val + held, test=test, val_kind="recall")
