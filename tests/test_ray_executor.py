@@ -180,3 +180,31 @@ def test_a_ray_task_killed_mid_run_is_retried_and_resumes(ray_head, db_path, sto
     assert log_text.count("--- attempt") == 2
     assert "the Ray task died" in log_text
     assert [v.job_id for v in store.list_model_versions(assistant.id)] == [job.id]
+
+
+def test_tunebot_train_wait_with_the_ray_executor(ray_head, tmp_path, tiny_model_dir):
+    """The done-when: `TUNEBOT_EXECUTOR=ray tunebot train --assistant X --wait` against the local head."""
+    import json
+
+    db = tmp_path / "data" / "tunebot.db"
+    db.parent.mkdir()
+    store = Store(open_db(db))
+    assistant = store.create_assistant("acme", system_prompt="You answer for ACME.")
+    add_examples(store, assistant.id, 6)
+    env = {**os.environ, "TUNEBOT_DATA_DIR": str(tmp_path / "data"), "TUNEBOT_EXECUTOR": "ray",
+           "TUNEBOT_RAY_ADDRESS": ray_head, "TUNEBOT_BASE_MODEL": tiny_model_dir,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    out = subprocess.run([sys.executable, "-m", "bot", "train", "--assistant", "acme", "--wait", "--epochs", "1",
+                          "--batch-tokens", "64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no worker is running: running the job in this process" in out.stderr
+    assert "step " in out.stderr  # the progress lines, read from the jobs table as the bot reads them
+    job = store.list_jobs(assistant_id=assistant.id)[0]
+    assert (job.status, job.attempts) == ("succeeded", 1)
+    assert job.progress["node"] == "127.0.0.1" and job.progress["phase"] == "done"
+    version = store.get_model_version(job.result["version_id"])
+    assert f"adapter: {version.adapter_path}" in out.stdout
+    assert (Path(version.adapter_path) / "adapter_model.safetensors").exists()
+    assert "on Ray at " + ray_head in (tmp_path / "data" / "artifacts" / str(assistant.id) /
+                                       f"job-{job.id}" / "job.log").read_text()
+    assert json.loads((Path(version.adapter_path) / "train_config.json").read_text())["system_prompt"]
