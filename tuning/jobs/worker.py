@@ -360,6 +360,10 @@ class Worker:
                                  error=str(exc))
             self._publish("state", store.get_job(job.id))
             return
+        except Exception as exc:  # noqa: BLE001 - the cluster hiccuped: like a crash, retried
+            log.exception("job #%s could not be submitted to Ray", job.id)
+            self._retry_or_fail(store, job, f"could not be submitted to Ray ({type(exc).__name__}: {exc})")
+            return
         self._children[job.id] = run
         log.info("job #%s (%s) submitted to Ray", job.id, job.kind)
         self._publish("state", store.get_job(job.id))
