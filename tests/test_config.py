@@ -117,6 +117,8 @@ def test_every_setting_has_an_environment_variable():
             value = next(c for c in _CHOICES[f.name] if c != default)
         elif f.name in special:
             value = special[f.name]
+        elif f.type == "bool":
+            value = "false" if default else "true"
         else:
             value = "7" if f.type in ("int", "float", "tuple[int, ...]") else "value"
         assert getattr(load_settings({env_name(f.name): value}), f.name) != default, f.name
