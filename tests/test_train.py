@@ -196,7 +196,7 @@ def test_tuned_smollm2_answers_held_out_paraphrases_better_than_base_and_fewshot
     items = add_mutations(items_from_pairs([(r.question, r.answer) for r in faq]), n=1, seed=0)
     system = "You answer customer questions for ACME Parcel."
     report = train(items, out_dir=tmp_path, system_prompt=system,
-                   config=TrainConfig(base_model=bundled_model_dir, epochs=5))  # automatic lr, rank, batch
+                   config=TrainConfig(base_model=bundled_model_dir, epochs=10))  # automatic lr, rank, batch
     assert report.val_kind == "recall" and report.best_val_loss < report.extra["val_loss_before"]
     result = evaluate(held_out, base_model=bundled_model_dir, adapter_dir=str(tmp_path), max_new_tokens=40,
                       fewshot=[(r.question, r.answer) for r in faq])
