@@ -133,8 +133,9 @@ def training_spec(store: Store, job: Job, *, default_base_model: str, auto_promo
 
     assistant = store.get_assistant(job.assistant_id)
     params = job.params or {}
-    items = [i for i in items_from_store(store, assistant.id) if i.split != "test"]
-    if not items:
+    # Test items stay in: train() drops every group that holds a test question, variations included.
+    items = items_from_store(store, assistant.id)
+    if not any(i.split != "test" for i in items):
         raise JobError(f"assistant {assistant.name!r} has no approved training examples")
     incumbent = None
     if auto_promote and assistant.active_version_id:
