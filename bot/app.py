@@ -15,25 +15,40 @@ class App:
     """Lazily built services shared by CLI commands and Telegram handlers."""
 
     settings: Settings
-    _cache: dict = field(default_factory=dict, repr=False)
+    _engines: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def store(self) -> Store:
         return Store(open_db(self.settings.database_path))
 
-    @cached_property
+    @property
     def engine(self):
-        """The inference engine: the base model in this process, or an OpenAI-compatible server."""
+        """The inference engine of the default base model."""
+        return self.engine_for(self.settings.base_model)
+
+    def engine_for(self, base_model: str | None = None):
+        """One engine per base model, built on first use and shared by every caller: the model in this
+        process, or an OpenAI-compatible server when `inference_backend` is `openai`."""
         s = self.settings
-        if s.inference_backend == "openai":
-            from tuning.inference import RemoteEngine
+        base_model = base_model or s.base_model
+        if base_model not in self._engines:
+            if s.inference_backend == "openai":
+                from tuning.inference import RemoteEngine
 
-            return RemoteEngine(s.inference_base_url, api_key=s.openai_api_key, model=s.base_model,
+                engine = RemoteEngine(s.inference_base_url, api_key=s.openai_api_key, model=base_model,
+                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+            else:
+                from tuning.inference import Engine
+
+                engine = Engine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature)
-        from tuning.inference import Engine
+            self._engines[base_model] = engine
+        return self._engines[base_model]
 
-        return Engine(s.base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
-                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+    def close_engines(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
 
     def new_worker(self, *, gpus=None, slots: int | None = None, poll: float = 0.5):
         """A job Worker from the settings (executor local or ray, artifacts store, slots)."""

@@ -23,27 +23,22 @@ def register(sub) -> None:
 
 
 def _start_worker(app):
-    """The job worker (which also runs the scheduler) on a background thread; None if jobs are unavailable."""
+    """The job worker (which also runs the scheduler) on a background thread."""
     worker = app.new_worker()
     worker.start()
     return worker
 
 
-def _start_api(app, application):
+def _start_api(app):
     """The OpenAI-compatible API on settings.api_host:api_port, sharing the bot's engine, on a thread."""
     import uvicorn
 
-    from bot.telegram.handlers.chat import engine_for
     from storage import Store, open_db
     from tuning.api import create_api_app
 
     s = app.settings
 
-    class _Ctx:
-        bot_data = application.bot_data
-
-    engine = engine_for(_Ctx, s.base_model)
-    api = create_api_app(Store(open_db(s.database_path)), engine)
+    api = create_api_app(Store(open_db(s.database_path)), app.engine)
     server = uvicorn.Server(uvicorn.Config(api, host=s.api_host, port=s.api_port, log_level="warning"))
     threading.Thread(target=server.run, name="tunebot-api", daemon=True).start()
     return server
@@ -59,17 +54,16 @@ def run(args, app) -> int:
     except BotConfigError as exc:
         raise CommandError(str(exc)) from None
     worker = None if args.no_worker else _start_worker(app)
-    api = _start_api(app, application) if app.settings.api_port else None
+    api = _start_api(app) if app.settings.api_port else None
     log.info("bot starting (worker: %s, api: %s)", "on" if worker else "off",
              f"{app.settings.api_host}:{app.settings.api_port}" if api else "off")
     try:
-        application.run_polling(poll_interval=0.0, timeout=1, drop_pending_updates=False)
+        application.run_polling(poll_interval=0.0, timeout=10, drop_pending_updates=False)
     finally:
         if api is not None:
             api.should_exit = True
         if worker is not None:
             worker.stop(timeout=10)
             worker.shutdown()
-        for engine in application.bot_data.get("engines", {}).values():
-            engine.close()
+        app.close_engines()
     return 0

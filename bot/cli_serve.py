@@ -131,15 +131,8 @@ def cmd_apikey_revoke(args, app) -> int:
 
 # ------------------------------------------------------------------- chat
 def _engine_for(app, assistant):
-    """The shared engine, or one for the assistant's own base model when it has another."""
-    if app.settings.inference_backend == "local" and assistant.base_model and \
-            assistant.base_model != app.settings.base_model:
-        from tuning.inference import Engine
-
-        s = app.settings
-        return Engine(assistant.base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
-                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
-    return app.engine
+    """The shared engine of the assistant's base model."""
+    return app.engine_for(assistant.base_model)
 
 
 def _answer_line(app, engine, assistant, question: str, args, out) -> None:

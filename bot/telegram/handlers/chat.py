@@ -18,15 +18,8 @@ EDIT_EVERY_S = 1.5  # streamed answers are edited at most this often (Telegram a
 
 
 def engine_for(context: ContextTypes.DEFAULT_TYPE, base_model: str):
-    """One inference Engine per base model, built on first use and shared by all chats."""
-    engines = context.bot_data.setdefault("engines", {})
-    if base_model not in engines:
-        from tuning.inference import Engine
-
-        s = app_of(context).settings
-        engines[base_model] = Engine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
-                                     max_new_tokens=s.max_new_tokens, temperature=s.temperature)
-    return engines[base_model]
+    """The shared inference engine of this base model (built once by the composition root)."""
+    return app_of(context).engine_for(base_model)
 
 
 @requires("tester")
