@@ -63,6 +63,21 @@ class App:
                       ray_address=s.ray_address, log_dir=s.data_dir / "logs" if is_remote(s.artifacts) else None)
 
 
+def endpoint_configured(settings: Settings) -> bool:
+    """Whether a larger model (an OpenAI-compatible endpoint) is configured."""
+    return bool(settings.openai_base_url or settings.openai_api_key)
+
+
+def client_config(settings):
+    """The generator's ClientConfig from settings."""
+    from tuning.synthetic import ClientConfig
+
+    return ClientConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key,
+                        model=settings.generator_model, timeout_s=settings.generator_timeout_s,
+                        concurrency=settings.generator_concurrency, price_per_1k_tokens=settings.price_per_1k_tokens,
+                        json_schema=settings.generator_json_schema)
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request URL, and Telegram's URLs contain the bot token.

@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from bot.app import client_config, endpoint_configured
+
 GENERATE_METHODS = ("paraphrase", "mutate", "new", "document", "all")
 
 
@@ -59,20 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rev.add_argument("--run", type=int, default=None, metavar="RUN", help="only examples of this generation run")
     rev.add_argument("--by", type=int, default=None, metavar="TELEGRAM_ID", help="reviewer id recorded with decisions")
     rev.set_defaults(func=cmd_review)
-
-
-def endpoint_configured(settings) -> bool:
-    return bool(settings.openai_base_url or settings.openai_api_key)
-
-
-def client_config(settings):
-    """The generator's ClientConfig from settings."""
-    from tuning.synthetic import ClientConfig
-
-    return ClientConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key,
-                        model=settings.generator_model, timeout_s=settings.generator_timeout_s,
-                        concurrency=settings.generator_concurrency, price_per_1k_tokens=settings.price_per_1k_tokens,
-                        json_schema=settings.generator_json_schema)
 
 
 class _Progress:

@@ -13,7 +13,7 @@ import time
 from telegram import Message, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.cli_generate import client_config, endpoint_configured
+from bot.app import client_config, endpoint_configured
 from bot.telegram.common import (app_of, callback_args, keyboard, lang_of, reply, requires, short, store_of, tr,
                                  with_thread_store)
 from bot.telegram.texts import t
