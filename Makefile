@@ -29,7 +29,7 @@ run: setup
 	$(VENV)/bin/tunebot run
 
 test: setup
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 bench: setup
 	$(PY) bench/train_throughput.py
