@@ -7,6 +7,7 @@ mid-epoch exactly where the killed one stopped. bench/train_throughput.py compar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Callable, Sequence
 from tuning import hparams as hp
 from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
+from tuning.train_speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_delta: float = 1e-3
+    fast_path: bool = True  # per-example attention in packed rows, fused LoRA linears (same math, faster)
 
 
 @dataclass(frozen=True)
@@ -143,14 +146,18 @@ def row_loss(model, row: PackedRow, device) -> tuple:
     t = row.tensors(device)
     targets = t["labels"][0, 1:]
     keep = (targets != IGNORE).nonzero().squeeze(1)  # positions whose next token is an answer token
+    extra = {}
+    if uses_packed_attention(model):  # tuning.train_speed.fast_training: attention per example of the row
+        extra["cu_seq_lens_q"] = torch.tensor(segment_bounds(row.position_ids), dtype=torch.int32)
     # use_cache=False and no attention_mask: transformers then detects the packed examples from the
     # position ids and keeps them from attending to each other (with a cache it silently does not).
     # logits_to_keep: the vocabulary projection runs only where the loss needs it (answer tokens).
     try:
         logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False,
-                       logits_to_keep=keep).logits
+                       logits_to_keep=keep, **extra).logits
     except TypeError:  # an architecture without logits_to_keep: project every position, keep the needed ones
-        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits[:, keep]
+        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False,
+                       **extra).logits[:, keep]
     loss = F.cross_entropy(logits[0].float(), targets[keep], reduction="sum")
     return loss, int(keep.numel())
 
@@ -293,7 +300,7 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     device = _device()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=config.weight_decay, foreach=True)
     rows_per_epoch = [len(epoch_rows(train_enc, batch_tokens=batch_tokens, seed=config.seed, epoch=e))
                       for e in range(hyper.epochs)]
     total_steps = sum(rows_per_epoch)
@@ -347,6 +354,9 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
             state["bad_evals"] += 1
         return val_loss
 
+    speed = contextlib.ExitStack()  # exact fast path for the loop only (tuning.train_speed)
+    if config.fast_path:
+        speed.enter_context(fast_training(model))
     base_val = evaluate_loss(model, val_rows, device) if state["step"] == 0 else None
     if base_val is not None:
         state["val_loss_before"] = base_val
@@ -412,6 +422,7 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
                          "eta_s": round((total_steps - state["step"]) * state["train_seconds"] / state["step"], 1)
                          if not state["stopped_early"] else 0.0})
 
+    speed.close()
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
     _save_result(model, tokenizer, out, config.method)
