@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -107,7 +108,8 @@ def test_train_assistant_wait_runs_a_worker_here_and_ends_with_a_candidate(env, 
     code, out, err = run(capsys, "train", "--assistant", "acme", "--wait", "--epochs", "1", "--batch-tokens", "64")
     assert code == 0, err
     assert "no worker is running: running the job in this process" in err
-    assert "step 1/" in err  # live progress lines (not a terminal here)
+    # Live progress lines while running (not a terminal here); how many steps are seen depends on speed.
+    assert re.search(r"job #1 running .*step \d+/\d+", err), err
     version = env.list_model_versions(a.id)[0]
     assert out.startswith(f"version #{version.id} registered: candidate")
     assert f"tunebot promote {version.id}" in out
