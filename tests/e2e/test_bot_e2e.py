@@ -9,22 +9,11 @@ import subprocess
 import pytest
 
 from bot_process import TUNEBOT, ROOT, BotProcess
-from emulator import Emulator, EmulatorUnavailable
 from storage import Store, open_db
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 OWNER, EXPERT, TESTER, STRANGER = 1001, 1002, 1003, 1004
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    try:
-        emu = Emulator()
-    except EmulatorUnavailable as exc:
-        pytest.skip(str(exc))
-    yield emu
-    emu.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 from fake_openai import FakeOpenAI, Reply, paraphrases_for
 
 from bot_process import BotProcess
-from emulator import Emulator, EmulatorUnavailable
 from storage import Store, open_db
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -46,16 +45,6 @@ def llm_reply(request: dict) -> Reply:
 
 def prompt_tokens(request: dict) -> int:
     return sum(len(m["content"]) // 4 + 4 for m in request["messages"])
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    try:
-        emu = Emulator()
-    except EmulatorUnavailable as exc:
-        pytest.skip(str(exc))
-    yield emu
-    emu.close()
 
 
 @pytest.fixture(scope="module")
