@@ -8,6 +8,7 @@ from storage.records import (
     Invite,
     Example,
     ExampleRevision,
+    NewExample,
     Document,
     GenerationRun,
     Job,
@@ -29,7 +30,7 @@ from storage.text import normalize_question, question_hash
 __all__ = [
     "open_db", "migrate", "MIGRATIONS", "Store",
     "StorageError", "NotFound", "DuplicateExample", "InvalidValue",
-    "Assistant", "Member", "Invite", "Example", "ExampleRevision", "Document", "GenerationRun",
+    "Assistant", "Member", "Invite", "Example", "ExampleRevision", "NewExample", "Document", "GenerationRun",
     "Job", "ModelVersion", "RetrainPolicy", "ApiKey", "AuditEntry", "User",
     "ROLES", "SOURCES", "STATUSES", "SPLITS", "JOB_KINDS", "JOB_STATES",
     "normalize_question", "question_hash",

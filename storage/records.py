@@ -95,6 +95,16 @@ class Example:
 
 
 @dataclass(frozen=True)
+class NewExample:
+    """One example to add with `Store.add_examples`: the fields that differ from item to item."""
+
+    question: str
+    answer: str
+    split: str = "train"
+    must_contain: tuple[str, ...] | list[str] | None = None
+
+
+@dataclass(frozen=True)
 class ExampleRevision:
     id: int
     example_id: int

@@ -6,15 +6,16 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import sqlite3
 from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
-from storage.errors import DuplicateExample, InvalidValue, NotFound
+from storage.errors import DuplicateExample, InvalidValue, NotFound, StorageError
 from storage.records import (
     JOB_KINDS, JOB_STATES, ROLES, SOURCES, SPLITS, STATUSES, VERSION_STATES,
     ApiKey, Assistant, AuditEntry, Document, Example, ExampleRevision, GenerationRun, Invite,
-    Job, Member, ModelVersion, RetrainPolicy, User, from_row,
+    Job, Member, ModelVersion, NewExample, RetrainPolicy, User, from_row,
 )
 from storage.text import question_hash
 
@@ -202,12 +203,13 @@ class Store:
     # ------------------------------------------------------------- examples
     def find_duplicate(self, assistant_id: int, question: str, *, exclude_id: int | None = None) -> Example | None:
         """The live example of this assistant whose normalized question equals this one."""
-        qh = question_hash(question)
-        rows = self.db["examples"].rows_where(
-            "assistant_id = ? and question_hash = ? and deleted_at is null and status != 'rejected' and id != ?",
-            [assistant_id, qh, exclude_id or -1], limit=1)
-        row = next(iter(rows), None)
-        return from_row(Example, row) if row else None
+        row = self._duplicate_of(assistant_id, question_hash(question), exclude_id=exclude_id)
+        return self.get_example(row[0]) if row else None
+
+    def _duplicate_of(self, assistant_id: int, qh: str, *, exclude_id: int | None = None) -> tuple[int, str] | None:
+        return self.db.execute(
+            "select id, question from examples where assistant_id = ? and question_hash = ? and deleted_at is null "
+            "and status != 'rejected' and id != ? limit 1", [assistant_id, qh, exclude_id or -1]).fetchone()
 
     def add_example(self, assistant_id: int, question: str, answer: str, *, source: str = "expert",
                     status: str = "approved", split: str = "train", parent_id: int | None = None,
@@ -226,17 +228,79 @@ class Store:
             dup = self.find_duplicate(assistant_id, question)
             if dup is not None:
                 raise DuplicateExample(dup.id, dup.question)
-        now = self.now()
-        eid = self.db["examples"].insert({
-            "assistant_id": assistant_id, "question": question, "answer": answer, "source": source,
-            "status": status, "split": split, "parent_id": parent_id, "method": method,
-            "author_id": author_id, "generation_run_id": generation_run_id, "document_id": document_id,
-            "chunk_ref": chunk_ref, "judge_score": judge_score,
-            "must_contain": json.dumps(must_contain, ensure_ascii=False) if must_contain else None,
-            "question_hash": question_hash(question), "created_at": now, "updated_at": now,
-        }).last_pk
-        self._history(eid, "create", question, answer, status, author_id)
+        with self.db.conn:
+            eid = self._insert_example({
+                "assistant_id": assistant_id, "question": question, "answer": answer, "source": source,
+                "status": status, "split": split, "parent_id": parent_id, "method": method,
+                "author_id": author_id, "generation_run_id": generation_run_id, "document_id": document_id,
+                "chunk_ref": chunk_ref, "judge_score": judge_score, "must_contain": must_contain,
+            }, self.now())
         return self.get_example(eid)
+
+    def add_examples(self, assistant_id: int, items: Iterable[NewExample], *, source: str = "import",
+                     status: str = "pending", author_id: int | None = None) -> list[int | StorageError]:
+        """Insert many examples in one transaction; per item, its new id or why it was skipped.
+
+        An item is skipped with DuplicateExample (a live example, or an earlier item, has its question) or
+        InvalidValue (empty text, unknown split, a row the database refuses); the others are kept. Each
+        item's row and its history row go in together or not at all.
+        """
+        _check(source, SOURCES, "source")
+        _check(status, STATUSES, "status")
+        now = self.now()
+        conn = self.db.conn
+        if conn.in_transaction:
+            conn.commit()
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: list[int | StorageError] = []
+        try:
+            for item in items:
+                outcomes.append(self._add_one(assistant_id, item, source=source, status=status,
+                                              author_id=author_id, now=now))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return outcomes
+
+    def _add_one(self, assistant_id: int, item: NewExample, *, source: str, status: str, author_id: int | None,
+                 now: str) -> int | StorageError:
+        question, answer = item.question.strip(), item.answer.strip()
+        if not question or not answer:
+            return InvalidValue("question and answer must both be non-empty")
+        if item.split not in SPLITS:
+            return InvalidValue(f"unknown split {item.split!r}; expected one of: {', '.join(SPLITS)}")
+        dup = self._duplicate_of(assistant_id, question_hash(question))
+        if dup is not None:
+            return DuplicateExample(dup[0], dup[1])
+        conn = self.db.conn
+        conn.execute("SAVEPOINT add_example")
+        try:
+            eid = self._insert_example({
+                "assistant_id": assistant_id, "question": question, "answer": answer, "source": source,
+                "status": status, "split": item.split, "author_id": author_id,
+                "must_contain": list(item.must_contain) if item.must_contain else None}, now)
+        except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
+            if not conn.in_transaction:  # the database rolled back the whole batch: nothing to skip past
+                raise
+            conn.execute("ROLLBACK TO add_example")
+            conn.execute("RELEASE add_example")
+            return InvalidValue(f"the database refused this example: {exc}")
+        conn.execute("RELEASE add_example")
+        return eid
+
+    def _insert_example(self, values: dict[str, Any], now: str) -> int:
+        """One examples row and its "create" history row, in the caller's transaction."""
+        question, must_contain = values["question"], values.get("must_contain")
+        row = {**values, "must_contain": json.dumps(must_contain, ensure_ascii=False) if must_contain else None,
+               "question_hash": question_hash(question), "created_at": now, "updated_at": now}
+        columns = ", ".join(f"[{name}]" for name in row)
+        cur = self.db.execute(f"insert into examples ({columns}) values ({', '.join('?' * len(row))})",
+                              list(row.values()))
+        self.db.execute("insert into example_history (example_id, action, question, answer, status, changed_by, "
+                        "changed_at) values (?, 'create', ?, ?, ?, ?, ?)",
+                        [cur.lastrowid, question, values["answer"], values["status"], values.get("author_id"), now])
+        return cur.lastrowid
 
     def _history(self, example_id: int, action: str, question: str, answer: str, status: str,
                  by: int | None) -> None:
@@ -613,6 +677,21 @@ class Store:
             return self.db["messages"].get(message_id)
         except sqlite_utils.db.NotFoundError:
             raise NotFound(f"message #{message_id} not found") from None
+
+    def question_before(self, message_id: int) -> str | None:
+        """The text of the user message that the answer `message_id` replied to (the last one before it)."""
+        row = self.db.execute(
+            "select q.text from messages a join messages q on q.conversation_id = a.conversation_id "
+            "where a.id = ? and q.role = 'user' and q.id < a.id order by q.id desc limit 1", [message_id]).fetchone()
+        return row[0] if row else None
+
+    def feedback_counts(self, assistant_id: int) -> dict[str, int]:
+        """How many answers in this assistant's chats got each feedback ("up", "down")."""
+        rows = self.db.execute(
+            "select m.feedback, count(*) from messages m join conversations c on c.id = m.conversation_id "
+            "where c.assistant_id = ? and m.feedback is not null group by m.feedback order by m.feedback",
+            [assistant_id]).fetchall()
+        return dict(rows)
 
     def set_feedback(self, message_id: int, feedback: str, *, correction: str | None = None,
                      correction_example_id: int | None = None) -> None:

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from storage import (
-    MIGRATIONS, DuplicateExample, InvalidValue, NotFound, Store, migrate, normalize_question, open_db,
+    MIGRATIONS, DuplicateExample, InvalidValue, NewExample, NotFound, Store, migrate, normalize_question, open_db,
     question_hash,
 )
 from storage.store import fmt_time, hash_api_key, parse_time
@@ -220,6 +220,64 @@ def test_duplicate_detection(store, assistant):
     assert store.find_duplicate(assistant.id, "Deleted?") is None
 
 
+def test_add_examples_in_bulk_reports_each_item(store, assistant):
+    existing = store.add_example(assistant.id, "What are your hours?", "9-5")
+    rejected = store.add_example(assistant.id, "Rejected?", "r", status="pending")
+    store.reject(rejected.id)
+    outcomes = store.add_examples(assistant.id, [
+        NewExample(" Q1? ", " A1. ", split="test", must_contain=("A1",)),
+        NewExample("what are your HOURS", "dup of a stored one"),
+        NewExample("Q1", "dup of an earlier item"),
+        NewExample("  ", "empty question"),
+        NewExample("Q2", "bad split", split="dev"),
+        NewExample("Rejected?", "a rejected example does not block"),
+    ], source="import", status="pending", author_id=7)
+    first, dup_stored, dup_item, empty, bad_split, again = outcomes
+    assert isinstance(dup_stored, DuplicateExample) and dup_stored.existing_id == existing.id
+    assert isinstance(dup_item, DuplicateExample) and dup_item.existing_id == first
+    assert isinstance(empty, InvalidValue) and "non-empty" in str(empty)
+    assert isinstance(bad_split, InvalidValue) and "unknown split" in str(bad_split)
+    ex = store.get_example(first)
+    assert (ex.question, ex.answer, ex.source, ex.status, ex.split, ex.must_contain, ex.author_id) == (
+        "Q1?", "A1.", "import", "pending", "test", ["A1"], 7)
+    assert ex.question_hash == question_hash("Q1") and ex.created_at == ex.updated_at
+    assert [(h.action, h.question, h.status, h.changed_by) for h in store.example_history(first)] == [
+        ("create", "Q1?", "pending", 7)]
+    assert store.get_example(again).status == "pending"
+    assert store.count_examples(assistant.id) == 4
+    with pytest.raises(InvalidValue, match="unknown status"):
+        store.add_examples(assistant.id, [NewExample("Q3", "A3")], status="ok")
+    assert store.add_examples(assistant.id, []) == []
+
+
+def test_add_examples_skips_a_row_the_database_refuses_and_keeps_the_rest(store, assistant, db_path):
+    # real SQLite triggers stand in for any constraint a row can break (on the row, or on its history row)
+    store.db.execute("create trigger refuse_row before insert on examples when new.answer = 'boom' "
+                     "begin select raise(abort, 'refused by trigger'); end")
+    store.db.execute("create trigger refuse_history before insert on example_history when new.answer = 'bang' "
+                     "begin select raise(abort, 'history refused'); end")
+    outcomes = store.add_examples(assistant.id, [NewExample("Q1", "A1"), NewExample("Q2", "boom"),
+                                                 NewExample("Q3", "bang"), NewExample("Q4", "A4")])
+    assert isinstance(outcomes[1], InvalidValue) and "refused by trigger" in str(outcomes[1])
+    assert isinstance(outcomes[2], InvalidValue) and "history refused" in str(outcomes[2])
+    # Q3's example row went back with its history row: no example without history
+    other = Store(open_db(db_path))  # another connection sees what was committed
+    assert [e.question for e in other.list_examples(assistant.id)] == ["Q1", "Q4"]
+    assert other.db.execute("select count(*) from examples e where not exists (select 1 from example_history h "
+                            "where h.example_id = e.id)").fetchone()[0] == 0
+
+
+def test_add_examples_rolls_back_its_batch_when_the_database_aborts_it(store, assistant):
+    store.add_example(assistant.id, "Saved before", "kept")
+    store.db.execute("create trigger abort_all before insert on examples when new.answer = 'fatal' "
+                     "begin select raise(rollback, 'disk on fire'); end")
+    with pytest.raises(sqlite3.IntegrityError, match="disk on fire"):
+        store.add_examples(assistant.id, [NewExample("Q1", "A1"), NewExample("Q2", "fatal"), NewExample("Q3", "A3")])
+    assert [e.question for e in store.list_examples(assistant.id)] == ["Saved before"]
+    assert not store.db.conn.in_transaction
+    assert store.add_examples(assistant.id, [NewExample("Q1", "A1")])[0] > 0  # the connection still works
+
+
 def test_edit_keeps_history_and_checks_duplicates(store, assistant):
     ex = store.add_example(assistant.id, "Q1", "A1", author_id=1)
     store.add_example(assistant.id, "Q2", "A2")
@@ -408,6 +466,36 @@ def test_conversations_messages_feedback(store, assistant):
     assert store.get_message(q)["text"] == "Hi?"
     with pytest.raises(NotFound):
         store.get_message(999)
+
+
+def test_question_before_an_answer(store, assistant):
+    conv = store.start_conversation(assistant.id, 1)
+    q1 = store.add_message(conv, "user", "First?")
+    a1 = store.add_message(conv, "assistant", "One.")
+    other = store.start_conversation(assistant.id, 2)
+    store.add_message(other, "user", "Another chat's question")  # between, but in another conversation
+    store.add_message(conv, "user", "Second?")
+    a2 = store.add_message(conv, "assistant", "Two.")
+    assert store.question_before(a1) == "First?"
+    assert store.question_before(a2) == "Second?"
+    assert store.question_before(q1) is None  # nothing was asked before the first message
+    lone = store.add_message(store.start_conversation(assistant.id, 3), "assistant", "Unprompted.")
+    assert store.question_before(lone) is None
+    assert store.question_before(999) is None
+
+
+def test_feedback_counts_per_assistant(store, assistant):
+    assert store.feedback_counts(assistant.id) == {}
+    other = store.create_assistant("other")
+    for aid, feedback in ((assistant.id, "up"), (assistant.id, "down"), (assistant.id, "up"),
+                          (assistant.id, None), (other.id, "down")):
+        conv = store.start_conversation(aid, 1)
+        store.add_message(conv, "user", "Q?")
+        answer = store.add_message(conv, "assistant", "A.")
+        if feedback:
+            store.set_feedback(answer, feedback)
+    assert store.feedback_counts(assistant.id) == {"down": 1, "up": 2}
+    assert store.feedback_counts(other.id) == {"down": 1}
 
 
 def test_bot_state(store):
