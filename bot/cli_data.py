@@ -152,7 +152,7 @@ def cmd_import(args, app) -> int:
     if args.json:
         _print_json(report.as_dict())
     else:
-        print(report.summary("en"))
+        print(report.summary())
     return 0 if report.ok else EXIT_SKIPPED_LINES
 
 

@@ -285,7 +285,7 @@ class Store:
                 raise
             conn.execute("ROLLBACK TO add_example")
             conn.execute("RELEASE add_example")
-            return InvalidValue(f"the database refused this example: {exc}")
+            return InvalidValue(f"the database refused it ({exc})")
         conn.execute("RELEASE add_example")
         return eid
 

@@ -20,31 +20,27 @@ MUST_CONTAIN_COLUMNS = ("must_contain", "must contain")
 SPLIT_COLUMNS = ("split",)
 WRITE_FORMATS = ("jsonl", "openai")
 
-# Reasons in English and Russian, keyed by code; `{…}` are filled from LineError.params.
-MESSAGES: dict[str, tuple[str, str]] = {
-    "encoding": ("not valid UTF-8 (byte 0x{byte} at column {column}); save the file as UTF-8",
-                 "не UTF-8 (байт 0x{byte} в позиции {column}); сохраните файл в кодировке UTF-8"),
-    "invalid_json": ("invalid JSON: {detail} at column {column}",
-                     "некорректный JSON: {detail}, позиция {column}"),
-    "not_object": ("expected a JSON object like {{\"question\": …, \"answer\": …}}, got {kind}",
-                   "ожидался JSON-объект вида {{\"question\": …, \"answer\": …}}, а не {kind}"),
+# Why a line was skipped, in English, keyed by code; `{…}` are filled from LineError.params. The bot
+# shows the same reasons in the user's language from its text catalogue (keys "line_error_<code>").
+MESSAGES: dict[str, str] = {
+    "encoding": "not valid UTF-8 (byte 0x{byte} at column {column}); save the file as UTF-8",
+    "invalid_json": "invalid JSON: {detail} at column {column}",
+    "not_object": "expected a JSON object like {{\"question\": …, \"answer\": …}}, got {kind}",
     "unknown_shape": ("no question/answer fields: use {{\"question\",\"answer\"}}, {{\"prompt\",\"completion\"}} "
-                      "or {{\"messages\": […]}} (found keys: {keys})",
-                      "нет полей вопроса и ответа: используйте {{\"question\",\"answer\"}}, "
-                      "{{\"prompt\",\"completion\"}} или {{\"messages\": […]}} (есть ключи: {keys})"),
-    "missing": ("missing \"{field}\"", "нет поля \"{field}\""),
-    "empty": ("\"{field}\" is empty", "поле \"{field}\" пустое"),
-    "wrong_type": ("\"{field}\" must be {expected}, got {kind}", "поле \"{field}\" должно быть {expected_ru}, а не {kind}"),
-    "too_long": ("\"{field}\" is {length} characters long; the limit is {limit}",
-                 "поле \"{field}\" длиной {length} символов; предел {limit}"),
-    "bad_split": ("\"split\" must be train, val or test, got {value}", "\"split\" должен быть train, val или test, а не {value}"),
-    "bad_messages": ("\"messages\" must be [system?, user, assistant]: {detail}",
-                     "\"messages\" должен быть [system?, user, assistant]: {detail_ru}"),
-    "duplicate_in_file": ("same question as line {other}", "тот же вопрос, что в строке {other}"),
-    "csv_columns": ("{count} fields but the header has {expected}; quote fields that contain \"{delimiter}\"",
-                    "полей {count}, а в заголовке {expected}; возьмите в кавычки поля с \"{delimiter}\""),
-    "csv_error": ("cannot parse CSV: {detail}", "не удалось разобрать CSV: {detail}"),
-    "storage": ("{detail}", "{detail}"),
+                      "or {{\"messages\": […]}} (found keys: {keys})"),
+    "missing": "missing \"{field}\"",
+    "empty": "\"{field}\" is empty",
+    "wrong_type": "\"{field}\" must be a string, got {kind}",
+    "not_string_list": "\"{field}\" must be a list of strings, got {kind}",
+    "too_long": "\"{field}\" is {length} characters long; the limit is {limit}",
+    "bad_split": "\"split\" must be train, val or test, got {value}",
+    "messages_not_list": "\"messages\" must be [system?, user, assistant]: expected a list of objects",
+    "bad_messages": ("\"messages\" must be [system?, user, assistant]: got roles {roles}; "
+                     "one user and one assistant message are supported"),
+    "duplicate_in_file": "same question as line {other}",
+    "csv_columns": "{count} fields but the header has {expected}; quote fields that contain \"{delimiter}\"",
+    "csv_error": "cannot parse CSV: {detail}",
+    "storage": "not saved: {detail}",
 }
 
 
@@ -61,18 +57,12 @@ class Record:
 
 @dataclass(frozen=True)
 class LineError:
-    """A line that was skipped, with the reason (English) and a code for other languages."""
+    """A line that was skipped: the reason in English, and its code and params for other languages."""
 
     line: int
     reason: str
     code: str = ""
     params: tuple[tuple[str, str], ...] = ()
-
-    def describe(self, lang: str = "en") -> str:
-        """The reason in `lang` ("en" or "ru")."""
-        if lang == "ru" and self.code in MESSAGES:
-            return MESSAGES[self.code][1].format(**dict(self.params))
-        return self.reason
 
 
 @dataclass(frozen=True)
@@ -89,16 +79,13 @@ class _Skip(Exception):
     def __init__(self, code: str, **params: Any):
         self.code = code
         self.params = tuple((k, str(v)) for k, v in params.items())
-        super().__init__(MESSAGES[code][0].format(**dict(self.params)))
+        super().__init__(MESSAGES[code].format(**dict(self.params)))
 
 
 def line_error(line: int, code: str, **params: Any) -> LineError:
     """Build a LineError from a message code and its parameters."""
     skip = _Skip(code, **params)
     return LineError(line, str(skip), code, skip.params)
-
-
-_KIND_RU = {"string": "строкой", "a list of strings": "списком строк"}
 
 
 def _type_name(value: Any) -> str:
@@ -110,8 +97,7 @@ def _text(value: Any, field: str, limit: int) -> str:
     if value is None:
         raise _Skip("missing", field=field)
     if not isinstance(value, str):
-        raise _Skip("wrong_type", field=field, expected="a string", expected_ru=_KIND_RU["string"],
-                    kind=_type_name(value))
+        raise _Skip("wrong_type", field=field, kind=_type_name(value))
     value = value.strip()
     if not value:
         raise _Skip("empty", field=field)
@@ -124,8 +110,7 @@ def _must_contain(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Skip("wrong_type", field="must_contain", expected="a list of strings",
-                    expected_ru=_KIND_RU["a list of strings"], kind=_type_name(value))
+        raise _Skip("not_string_list", field="must_contain", kind=_type_name(value))
     tokens = tuple(v.strip() for v in value if v.strip())
     return tokens or None
 
@@ -148,17 +133,13 @@ def _content(message: dict) -> Any:
 
 
 def _from_messages(messages: Any, limit: int) -> tuple[str, str]:
-    def bad(detail: str, detail_ru: str) -> _Skip:
-        return _Skip("bad_messages", detail=detail, detail_ru=detail_ru)
-
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise bad("expected a list of objects", "ожидается список объектов")
+        raise _Skip("messages_not_list")
     roles = [m.get("role") for m in messages]
     if roles and roles[0] == "system":  # a per-line system prompt is accepted and ignored
         messages, roles = messages[1:], roles[1:]
     if roles != ["user", "assistant"]:
-        raise bad(f"got roles {roles}; one user and one assistant message are supported",
-                  f"роли {roles}; поддерживается одно сообщение user и одно assistant")
+        raise _Skip("bad_messages", roles=roles)
     return (_text(_content(messages[0]), "user content", limit),
             _text(_content(messages[1]), "assistant content", limit))
 

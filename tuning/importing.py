@@ -17,15 +17,6 @@ CHAT_OVERHEAD_TOKENS = 10
 _LATIN = re.compile(r"[\x00-\x7f]")
 
 
-def plural_ru(n: int, one: str, few: str, many: str) -> str:
-    """Russian plural form for n: 1 пример, 2 примера, 5 примеров."""
-    if n % 10 == 1 and n % 100 != 11:
-        return one
-    if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14:
-        return few
-    return many
-
-
 def line_ranges(lines: list[int]) -> str:
     """Compact line numbers: [1, 2, 3, 5] -> "1-3, 5"."""
     parts: list[str] = []
@@ -56,37 +47,24 @@ class ImportReport:
         """True when no line was skipped for an error (duplicates are not errors)."""
         return not self.errors
 
-    def summary(self, lang: str = "en", *, max_lines: int = 20) -> str:
-        """A readable report, one line per problem, in English ("en") or Russian ("ru")."""
-        ru = lang == "ru"
+    def summary(self, *, max_lines: int = 20) -> str:
+        """A readable English report, one line per problem (the bot renders its own from the codes)."""
         out = []
         if self.added:
-            if ru:
-                word = plural_ru(self.added, "пример", "примера", "примеров")
-                state = "одобрены" if self.approved else "ждут проверки"
-                out.append(f"Добавлено {self.added} {word} ({state}).")
-            else:
-                state = "approved" if self.approved else "pending review"
-                out.append(f"Added {_en(self.added, 'example')} ({state}).")
+            out.append(f"Added {_en(self.added, 'example')} ({'approved' if self.approved else 'pending review'}).")
         elif self.duplicates:
-            out.append("Ничего нового: все подходящие строки уже есть." if ru
-                       else "Nothing new: every usable line is already there.")
+            out.append("Nothing new: every usable line is already there.")
         else:
-            out.append("Ничего не добавлено." if ru else "Nothing was added.")
+            out.append("Nothing was added.")
         if self.duplicates:
             n = len(self.duplicates)
             lines = line_ranges([line for line, _ in self.duplicates])
-            out.append(f"Уже есть, пропущено: {n} {plural_ru(n, 'вопрос', 'вопроса', 'вопросов')} "
-                       f"(строки {lines})." if ru
-                       else f"Already there, skipped: {_en(n, 'question')} (line{'s' if n > 1 else ''} {lines}).")
+            out.append(f"Already there, skipped: {_en(n, 'question')} (line{'s' if n > 1 else ''} {lines}).")
         if self.errors:
-            n = len(self.errors)
-            out.append(f"Пропущено {n} {plural_ru(n, 'строка', 'строки', 'строк')} с ошибками:" if ru
-                       else f"Skipped {_en(n, 'bad line')}:")
-            for error in self.errors[:max_lines]:
-                out.append(f"  {'строка' if ru else 'line'} {error.line}: {error.describe(lang)}")
-            if n > max_lines:
-                out.append(f"  … и ещё {n - max_lines}" if ru else f"  … and {n - max_lines} more")
+            out.append(f"Skipped {_en(len(self.errors), 'bad line')}:")
+            out.extend(f"  line {error.line}: {error.reason}" for error in self.errors[:max_lines])
+            if len(self.errors) > max_lines:
+                out.append(f"  … and {len(self.errors) - max_lines} more")
         return "\n".join(out)
 
     def as_dict(self) -> dict:

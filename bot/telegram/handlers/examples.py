@@ -161,13 +161,14 @@ async def upload(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, 
         await reply(update, tr(update, context, "upload_too_big", limit=f"{settings.max_upload_mb:g}"))
         return
     if name.endswith(TABLE_SUFFIXES):
+        from bot.telegram.import_report import import_summary
         from tuning.importing import import_file
 
         uid = update.effective_user.id
         report = await with_thread_store(context, lambda store: import_file(
             store, assistant.id, data, filename=doc.file_name, approve=True, author_id=uid,
             max_field_chars=settings.max_field_chars))
-        await reply(update, report.summary(lang_of(update, context)))
+        await reply(update, import_summary(report, lang_of(update, context)))
         return
     await document_uploaded(update, context, assistant, doc.file_name, data)
 
