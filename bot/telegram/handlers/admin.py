@@ -67,9 +67,7 @@ async def stats(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     store = store_of(context)
     counts = store.example_counts(assistant.id)
     versions = store.list_model_versions(assistant.id)
-    feedback = {r["feedback"]: r["n"] for r in store.db.query(
-        "select m.feedback, count(*) as n from messages m join conversations c on c.id = m.conversation_id "
-        "where c.assistant_id = ? and m.feedback is not null group by m.feedback", [assistant.id])}
+    feedback = store.feedback_counts(assistant.id)
     fmt = lambda d: ", ".join(f"{k}: {v}" for k, v in d.items()) or "—"  # noqa: E731
     await reply(update, tr(update, context, "stats", name=assistant.name, by_status=fmt(counts["status"]),
                            by_source=fmt(counts["source"]), by_split=fmt(counts["split"]), versions=len(versions),

@@ -107,10 +107,7 @@ async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
         await reply(update, tr(update, context, "not_member"))
         return
     answer_msg = store.get_message(pending["message_id"])
-    question_row = next(iter(store.db.query(
-        "select text from messages where conversation_id = ? and role = 'user' and id < ? order by id desc limit 1",
-        [answer_msg["conversation_id"], answer_msg["id"]])), None)
-    question = question_row["text"] if question_row else ""
+    question = store.question_before(answer_msg["id"]) or ""
     correction = update.message.text.strip()
     try:
         ex = store.add_example(pending["assistant_id"], question, correction, source="feedback", status="pending",
