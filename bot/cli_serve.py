@@ -83,10 +83,11 @@ def cmd_serve(args, app) -> int:
     app.engine.load()
     print(f"serving the OpenAI-compatible API on http://{host}:{port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(create_api_app(app.store, app.engine, max_body_bytes=args.max_body_kb * 1024),
+        uvicorn.run(create_api_app(app.store, app.engine, engine_for=app.engine_for,
+                                   max_body_bytes=args.max_body_kb * 1024),
                     host=host, port=port, log_level=app.settings.log_level.lower())
     finally:
-        app.engine.close()
+        app.close_engines()
     return 0
 
 

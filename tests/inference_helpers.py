@@ -20,6 +20,36 @@ def make_random_adapter(model_dir: str, out_dir: str | Path, *, seed: int, rank:
     return str(out_dir)
 
 
+def make_random_model_like(model_dir: str, out_dir: str | Path, *, seed: int) -> str:
+    """Another model with the tokenizer of model_dir but other random weights and an untied output layer.
+
+    (A tiny random model with tied embeddings mostly repeats the prompt's last token, whatever its seed.)
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.tie_word_embeddings = False
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def plain_generate(model, tokenizer, messages: list[dict], *, max_new_tokens: int, stop_ids) -> list[int]:
+    """Greedy answer tokens of transformers' own generate() (end-of-turn token left out), the reference for the Engine."""
+    import torch
+
+    from tuning.generation import encode_prompt
+
+    ids = encode_prompt(tokenizer, messages)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
+    return [t for t in out[0, ids.shape[1]:].tolist() if t not in stop_ids]
+
+
 class ServerThread:
     """A uvicorn server for an ASGI app on a free loopback port, in a thread (a context manager)."""
 

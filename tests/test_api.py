@@ -7,7 +7,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from inference_helpers import ServerThread, make_random_adapter
+from inference_helpers import ServerThread, make_random_adapter, make_random_model_like
 from tuning.api import create_api_app
 from tuning.inference import Engine, RemoteEngine
 
@@ -121,3 +121,29 @@ def test_remote_engine_talks_to_an_openai_compatible_server(setup, engine):
     assert via_server.text == local.text and via_server.n_tokens >= 1
     tuned = "".join(remote.stream("Hello?", adapter_name="acme", max_new_tokens=5))
     assert tuned == engine.answer("Hello?", adapter_dir=setup["adapter"], max_new_tokens=5).text
+
+
+@pytest.fixture(scope="module")
+def other_engine(tiny_model_dir, tmp_path_factory):
+    """The engine of a second base model (same tokenizer, other weights)."""
+    eng = Engine(make_random_model_like(tiny_model_dir, tmp_path_factory.mktemp("other-base"), seed=7), max_new_tokens=6)
+    yield eng
+    eng.close()
+
+
+def test_each_assistant_is_answered_by_the_engine_of_its_base_model(store, engine, other_engine):
+    initech = store.create_assistant("initech", base_model=other_engine.base_model, owner_id=3)
+    acme = store.create_assistant("acme", owner_id=1)  # no base model of its own: the default engine
+    engines = {other_engine.base_model: other_engine}
+    _, initech_key = store.create_api_key(initech.id)
+    _, acme_key = store.create_api_key(acme.id)
+    messages = [{"role": "user", "content": "Hello?"}]
+    with ServerThread(create_api_app(store, engine, engine_for=engines.__getitem__)) as server:
+        def ask(key, model):
+            c = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+            return c.chat.completions.create(model=model, messages=messages, max_tokens=5).choices[0].message.content
+
+        initech_text, acme_text = ask(initech_key, "initech:base"), ask(acme_key, "acme:base")
+    assert initech_text == other_engine.answer("Hello?", max_new_tokens=5).text
+    assert acme_text == engine.answer("Hello?", max_new_tokens=5).text
+    assert initech_text != acme_text

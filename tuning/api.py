@@ -114,11 +114,19 @@ def _model_ids(name: str) -> list[str]:
     return [name + (":" + s if s else "") for s in LISTED_SUFFIXES]
 
 
-def create_api_app(store: Store, engine, *, max_body_bytes: int = 1_000_000, max_tokens_limit: int = 1024) -> FastAPI:
-    """The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions (with and without stream)."""
+def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int = 1_000_000,
+                   max_tokens_limit: int = 1024) -> FastAPI:
+    """The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions (with and without stream).
+
+    `engine` serves the default base model; `engine_for(base_model)` gives the engine of an assistant whose
+    base model differs (the composition root's App.engine_for); without it every assistant uses `engine`.
+    """
     app = FastAPI(title="Tunebot", description="OpenAI-compatible API of Tunebot assistants", docs_url=None,
                   redoc_url=None)
     get_store = _thread_local_store(store)
+
+    def assistant_engine(assistant):
+        return engine_for(assistant.base_model) if engine_for is not None and assistant.base_model else engine
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -182,7 +190,10 @@ def create_api_app(store: Store, engine, *, max_body_bytes: int = 1_000_000, max
             plan = plan_answer(get_store(), assistant.id, question, mode=mode, version_id=version_id)
         except TuningError as exc:
             raise ApiError(400, str(exc), code="model_not_ready") from None
-        pieces, generation = await run_in_threadpool(_start, engine, req, plan)
+        try:
+            pieces, generation = await run_in_threadpool(_start, assistant_engine(assistant), req, plan)
+        except TuningError as exc:  # e.g. the assistant's base model cannot be loaded
+            raise _engine_error(exc) from None
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         started = time.perf_counter()
