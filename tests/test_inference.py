@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from inference_helpers import make_random_adapter
+from inference_helpers import make_random_adapter, plain_generate
 from tuning.inference import (
     Engine, InferenceError, NoActiveVersion, answer_question, compare_answers, plan_answer, prepare_messages,
     select_fewshot,
@@ -137,3 +137,68 @@ def test_engine_serves_again_after_close(tiny_model_dir):
     eng.close()
     assert eng.answer(QUESTION).text == first  # a new inference thread starts
     eng.close()
+
+
+def test_engine_answers_token_for_token_like_plain_generate(engine, adapters, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    messages = prepare_messages(QUESTION, system_prompt="You answer for ACME.")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), adapters[0]).eval()
+    for model, adapter in ((base, None), (tuned, adapters[0]), (base, None)):  # base again after an adapter
+        generation = engine.submit(messages, adapter_dir=adapter, max_new_tokens=24)
+        result = generation.result()
+        expected = plain_generate(model, engine.tokenizer, messages, max_new_tokens=24, stop_ids=engine.stop_ids)
+        assert generation.token_ids == expected and result.n_tokens == len(expected)
+        assert result.text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_batched_requests_answer_exactly_as_one_at_a_time(tiny_model_dir, adapters):
+    eng = Engine(tiny_model_dir, max_new_tokens=12, max_batch_size=4)
+    questions = [QUESTION, "Hi", "Where is my parcel? It was sent last week from Berlin to Rome.", "Pianos?", "Hello"]
+    asks = [(q, a) for q in questions for a in (adapters[0], None)]
+    alone = {}
+    for q, a in [("Tell me a long story.", adapters[0]), *asks]:
+        generation = eng.submit(prepare_messages(q), adapter_dir=a, max_new_tokens=200 if "story" in q else None)
+        generation.result()
+        alone[q, a] = generation.token_ids
+    assert eng.largest_batch == 1
+    # A long request keeps a batch running while the others arrive: same-adapter ones join it (prompts of
+    # different lengths, left-padded), the base ones wait and then run as a batch of their own.
+    long = eng.submit(prepare_messages("Tell me a long story."), adapter_dir=adapters[0], max_new_tokens=200)
+    batched = [eng.submit(prepare_messages(q), adapter_dir=a) for q, a in asks]
+    for generation in [long, *batched]:
+        generation.result()
+    assert 2 <= eng.largest_batch <= 4
+    assert long.token_ids == alone["Tell me a long story.", adapters[0]]
+    assert [g.token_ids for g in batched] == [alone[k] for k in asks]
+    assert [g.text for g in batched] == [eng.tokenizer.decode(alone[k], skip_special_tokens=True) for k in asks]
+    eng.close()
+
+
+def test_a_cancelled_request_leaves_its_batch_and_the_others_finish(tiny_model_dir, adapters):
+    eng = Engine(tiny_model_dir, max_new_tokens=40)
+    expected = eng.submit(prepare_messages(QUESTION), adapter_dir=adapters[1])
+    expected.result()
+    streams = [eng.stream(QUESTION, adapter_dir=adapters[1]) for _ in range(3)]
+    firsts = [next(s) for s in streams]
+    streams[1].close()  # cancelled after its first piece
+    texts = [first + "".join(s) for first, s in zip(firsts, (streams[0], streams[2]))]
+    assert texts == [expected.text, expected.text]
+    assert eng.largest_batch >= 2
+    eng.close()
+
+
+def test_adapter_logits_are_exactly_peft_logits(engine, adapters, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuning.generation import encode_prompt
+
+    engine.answer(QUESTION, adapter_dir=adapters[2], max_new_tokens=1)  # the engine's LoRA layers point at a2 now
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), adapters[2]).eval()
+    ids = encode_prompt(engine.tokenizer, prepare_messages(QUESTION))
+    with torch.inference_mode():
+        assert torch.equal(engine.model(ids).logits, tuned(ids).logits)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -83,6 +84,7 @@ class Generation:
         self.finished_at: float | None = None
         self.text = ""
         self.n_tokens = 0
+        self.token_ids: list[int] = []  # the answer's tokens (without the end-of-turn token)
         self.prompt_tokens = 0
         self.stopped = False
         self._pieces: queue.Queue = queue.Queue()
@@ -126,50 +128,113 @@ class Generation:
         self._pieces.put(_END)
 
 
-class _TokenStreamer:
-    """A transformers streamer that emits text per generated token (holding back half UTF-8 characters)."""
+class _Detokenizer:
+    """Text pieces of a growing answer, decoding a short window of tokens (not the whole answer) per token.
 
-    def __init__(self, tokenizer, generation: Generation, stop_ids: set[int]):
+    The window starts at the last piece sent, so tokenizers that drop a word's leading space at the start of
+    a decode see the same start in both decodes; a piece ending in half a UTF-8 character is held back.
+    """
+
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.generation = generation
-        self.stop_ids = stop_ids
         self.ids: list[int] = []
-        self.sent = 0
-        self.prompt_seen = False
+        self.start = 0  # the window's first token
+        self.sent = 0  # ids[start:sent] were already sent as text
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first passes the prompt
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            if token in self.stop_ids:
-                self.generation.stopped = True
-                continue
-            self.ids.append(token)
-            self.generation.n_tokens += 1
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            if len(text) > self.sent:
-                self.generation._emit(text[self.sent:])
-                self.sent = len(text)
-            elif self.generation.first_token_at is None:
-                self.generation.first_token_at = time.perf_counter()
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent:
-            self.generation._emit(text[self.sent:])
-            self.sent = len(text)
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.start:self.sent])
+        text = self._decode(self.ids[self.start:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.start, self.sent = self.sent, len(self.ids)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.start:self.sent])
+        text = self._decode(self.ids[self.start:])
+        self.start = self.sent = len(self.ids)
+        return text[len(before):] if len(text) > len(before) else ""
+
+
+def _lean_lora_forward(self, x, *args, **kwargs):
+    """peft's LoRA Linear forward with one plain adapter, as the same operations without peft's per-call checks.
+
+    `_tunebot_lora` is (A, B, scaling) of the active adapter, None for the base model (or a layer the adapter
+    does not touch), False to fall back to peft's own forward (DoRA and other variants, biases).
+    """
+    import torch.nn.functional as F
+
+    lora = self._tunebot_lora
+    if lora is False or args or kwargs or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    if lora is None:
+        return result
+    a, b, scaling = lora
+    return result + F.linear(F.linear(x, a), b) * scaling  # peft: result + lora_B(lora_A(dropout(x))) * scaling
+
+
+def _lean_lora_state(layer, name: str | None):
+    """What _lean_lora_forward needs for this layer and adapter (see there)."""
+    import torch
+
+    if name is None or name not in layer.lora_A:
+        return None
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    if (name in getattr(layer, "lora_variant", {}) or a.bias is not None or b.bias is not None
+            or not isinstance(layer.lora_dropout[name], (torch.nn.Identity, torch.nn.Dropout))):
+        return False
+    return (a.weight, b.weight, layer.scaling[name])
+
+
+def _stackable_cache(model) -> bool:
+    """Whether the model's KV cache is plain growing tensors (no sliding window), so rows can be padded and stacked."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a model whose cache transformers builds differently: serve its requests one at a time
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+@dataclass
+class _Row:
+    """A request inside the running batch: the token it feeds next and at which position."""
+
+    generation: Generation
+    detok: _Detokenizer
+    last: int = 0
+    position: int = 0
+
+
+class _Batch:
+    """Requests decoded together on one adapter: one KV cache, left-padded, with a mask of the real tokens."""
+
+    def __init__(self, adapter_dir: str | None):
+        self.adapter_dir = adapter_dir
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask = None  # (rows, cache length) long: 1 where a row has a real token
+        self.context = contextlib.ExitStack()
 
 
 class Engine:
-    """The base model loaded once, LoRA adapters in an LRU on one PeftModel, requests served FIFO by one thread."""
+    """The base model loaded once, LoRA adapters in an LRU on one PeftModel, and one inference thread that decodes
+    queued requests of the same adapter (or of the base model) together in one batch."""
 
     def __init__(self, base_model: str, *, cache_dir: str | Path | None = None, adapter_cache_size: int = 8,
-                 max_new_tokens: int = 256, temperature: float = 0.0, device: str | None = None, dtype=None):
+                 max_new_tokens: int = 256, temperature: float = 0.0, device: str | None = None, dtype=None,
+                 max_batch_size: int = 8):
         if adapter_cache_size < 1:
             raise InferenceError("adapter_cache_size must be at least 1")
+        if max_batch_size < 1:
+            raise InferenceError("max_batch_size must be at least 1")
         self.base_model = base_model
         self.cache_dir = cache_dir
         self.adapter_cache_size = adapter_cache_size
@@ -177,17 +242,22 @@ class Engine:
         self.temperature = temperature
         self.device = device
         self.dtype = dtype
-        self.model = None  # the base model, later wrapped in place by the PeftModel
+        self.max_batch_size = max_batch_size
+        self.model = None  # the base model; peft injects the LoRA layers into it in place
         self.tokenizer = None
         self._peft = None
         self._adapters: OrderedDict[str, str] = OrderedDict()  # resolved folder -> peft adapter name
         self._names = itertools.count()
-        self._active: str | None = None
+        self._active: str | None = None  # None: the base model
         self._lora_layers: list | None = None  # peft's LoRA layers, found once per set of loaded adapters
         self._aux = False  # some adapter has modules_to_save: switch with peft's own set_adapter
+        self.stop_ids: set[int] = set()
+        self._logits_to_keep = False
+        self._batchable = False  # whether the model's KV cache can be padded and stacked (found at load)
         self.adapter_loads = 0
         self.adapter_evictions = 0
         self.last_switch_ms = 0.0
+        self.largest_batch = 0
         self._load_lock = threading.Lock()
         self._requests: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -198,12 +268,20 @@ class Engine:
         with self._load_lock:
             if self.model is not None:
                 return
+            import inspect
+
             from tuning.models import load_base_model
 
-            model, tokenizer = load_base_model(self.base_model, cache_dir=self.cache_dir, dtype=self.dtype,
-                                               device=self.device)
+            model, tok = load_base_model(self.base_model, cache_dir=self.cache_dir, dtype=self.dtype,
+                                         device=self.device)
             model.eval()
-            self.tokenizer = tokenizer
+            configured = model.generation_config.eos_token_id
+            configured = configured if isinstance(configured, (list, tuple)) else [configured]
+            self.stop_ids = {i for i in (*configured, tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
+                              if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+            self._batchable = _stackable_cache(model)
+            self.tokenizer = tok
             self.model = model
 
     def _ensure_thread(self) -> None:
@@ -257,22 +335,239 @@ class Engine:
 
     # ----------------------------------------------------- inference thread
     def _serve(self) -> None:
-        while True:
-            generation = self._requests.get()
-            if generation is None:
-                return
+        """Take queued requests, start a batch with the oldest, let requests of its adapter join, decode."""
+        import torch
+
+        pending: deque[Generation] = deque()
+        closing, batch = False, None
+        with torch.inference_mode():
+            while True:
+                closing = self._take_requests(pending, block=batch is None and not pending) or closing
+                if batch is None:
+                    if not pending:
+                        if closing:
+                            return
+                        continue
+                    batch = self._start_batch(pending.popleft())
+                    if batch is None:
+                        continue
+                    self._admit(batch, pending, starting=True)
+                else:
+                    self._admit(batch, pending, starting=False)
+                try:
+                    if batch.rows:
+                        self._step(batch)
+                except Exception as exc:
+                    log.exception("generation failed")
+                    for row in batch.rows:
+                        if row.generation.finished_at is None:
+                            row.generation._finish(InferenceError(f"generation failed: {exc}"))
+                    batch.rows = []
+                if not batch.rows:
+                    batch.context.close()
+                    batch = None
+
+    def _take_requests(self, pending: deque, *, block: bool) -> bool:
+        """Move queued requests to pending (waiting for one if block); True when close() asked to stop."""
+        closing = False
+        try:
+            item = self._requests.get() if block else self._requests.get_nowait()
+            while True:
+                if item is None:
+                    closing = True
+                else:
+                    pending.append(item)
+                item = self._requests.get_nowait()
+        except queue.Empty:
+            return closing
+
+    def _start_batch(self, generation: Generation) -> _Batch | None:
+        """A batch on the request's adapter with the request in it (None when it was cancelled or failed)."""
+        if generation.cancelled.is_set():
+            generation._finish()
+            return None
+        batch = _Batch(generation.adapter_dir)
+        try:
+            if generation.adapter_dir:
+                self._use_adapter(generation.adapter_dir)
+            else:
+                self._use_base(batch)
+        except TuningError as exc:  # reported to the waiting caller, the thread keeps serving
+            log.warning("request failed: %s", exc)
+            generation._finish(exc)
+            return None
+        except Exception as exc:
+            log.exception("adapter switch failed")
+            generation._finish(InferenceError(f"generation failed: {exc}"))
+            return None
+        self._join(batch, generation)
+        return batch
+
+    def _admit(self, batch: _Batch, pending: deque, *, starting: bool) -> None:
+        """Pending requests of the batch's adapter join it; once another adapter waits, the batch only drains."""
+        if not pending or not self._batchable:
+            return
+        if not starting and any(g.adapter_dir != batch.adapter_dir for g in pending):
+            return
+        for generation in [g for g in pending if g.adapter_dir == batch.adapter_dir]:
+            if len(batch.rows) >= self.max_batch_size:
+                break
+            pending.remove(generation)
             if generation.cancelled.is_set():
                 generation._finish()
-                continue
-            try:
-                self._generate(generation)
-                generation._finish()
-            except TuningError as exc:  # reported to the waiting caller, the thread keeps serving
-                log.warning("request failed: %s", exc)
-                generation._finish(exc)
-            except Exception as exc:
+            else:
+                self._join(batch, generation)
+
+    def _forward(self, **inputs):
+        if self._logits_to_keep:
+            inputs["logits_to_keep"] = 1
+        return self.model(**inputs, use_cache=True).logits[:, -1].float()
+
+    def _join(self, batch: _Batch, generation: Generation) -> None:
+        """Prefill the request alone (exactly as an unbatched generate would), then stack its cache onto the batch's."""
+        import torch
+        from transformers import DynamicCache
+
+        from tuning.generation import encode_prompt
+
+        row = _Row(generation, _Detokenizer(self.tokenizer))
+        try:
+            input_ids = encode_prompt(self.tokenizer, generation.messages).to(self.model.device)
+            n = int(input_ids.shape[1])
+            generation.prompt_tokens = n
+            cache = DynamicCache(config=self.model.config)
+            logits = self._forward(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   position_ids=torch.arange(n, device=input_ids.device)[None],
+                                   past_key_values=cache)
+            row.position = n
+            if self._accept(row, self._choose(logits, [row])[0]):
+                return
+            self._stack(batch, cache, n)
+        except Exception as exc:
+            if not isinstance(exc, TuningError):
                 log.exception("generation failed")
-                generation._finish(InferenceError(f"generation failed: {exc}"))
+                exc = InferenceError(f"generation failed: {exc}")
+            generation._finish(exc)
+            return
+        batch.rows.append(row)
+        self.largest_batch = max(self.largest_batch, len(batch.rows))
+
+    def _stack(self, batch: _Batch, cache, n: int) -> None:
+        """Add a prefilled cache of n tokens to the batch: both left-padded with zeros to the longer length."""
+        import torch
+        import torch.nn.functional as F
+        mask = torch.ones(1, n, dtype=torch.long, device=self.model.device)
+        if batch.cache is None:
+            batch.cache, batch.mask = cache, mask
+            return
+        length = max(batch.mask.shape[1], n)
+
+        def pad(t, size):  # (rows, heads, time, dim) or (rows, time): zeros on the left of time
+            extra = length - size
+            if not extra:
+                return t
+            return F.pad(t, (0, 0, extra, 0)) if t.dim() == 4 else F.pad(t, (extra, 0))
+
+        old = batch.mask.shape[1]
+        for mine, new in zip(batch.cache.layers, cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, old), pad(new.keys, n)])
+            mine.values = torch.cat([pad(mine.values, old), pad(new.values, n)])
+        batch.mask = torch.cat([pad(batch.mask, old), pad(mask, n)])
+
+    def _step(self, batch: _Batch) -> None:
+        """One decoding step for every row of the batch; finished rows leave it."""
+        import torch
+
+        device = self.model.device
+        self._drop(batch, [i for i, row in enumerate(batch.rows) if row.generation.cancelled.is_set()])
+        if not batch.rows:
+            return
+        rows = batch.rows
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
+        logits = self._forward(input_ids=torch.tensor([[r.last] for r in rows], device=device),
+                               position_ids=torch.tensor([[r.position] for r in rows], device=device),
+                               attention_mask=batch.mask, past_key_values=batch.cache)
+        done = []
+        for i, (row, token) in enumerate(zip(rows, self._choose(logits, rows))):
+            row.position += 1
+            if self._accept(row, token):
+                done.append(i)
+        self._drop(batch, done)
+
+    def _drop(self, batch: _Batch, indices: list[int]) -> None:
+        """Remove finished rows from the batch, and the cache columns that only they used."""
+        if not indices:
+            return
+        import torch
+
+        for i in indices:
+            row = batch.rows[i]
+            if not row.generation.finished_at:
+                self._finish(row)
+        keep = [i for i in range(len(batch.rows)) if i not in set(indices)]
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=batch.mask.device)
+        mask = batch.mask.index_select(0, index)
+        start = int(mask.any(dim=0).nonzero()[0])  # leading columns that are padding in every remaining row
+        batch.mask = mask[:, start:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def _choose(self, logits, rows: list[_Row]) -> list[int]:
+        """The next token of each row: the most likely one, or a sample for rows with a temperature."""
+        import torch
+
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            temperature = row.generation.temperature
+            if temperature > 0:
+                scores = logits[i] / temperature
+                top_k = self.model.generation_config.top_k or 0
+                if 0 < top_k < scores.shape[-1]:
+                    kth = torch.topk(scores, top_k).values[-1]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                tokens[i] = int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+        return tokens
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Stream a chosen token; True when the row is finished (end of turn, token limit or cancelled)."""
+        generation = row.generation
+        if token in self.stop_ids:
+            generation.stopped = True
+            self._finish(row)
+            return True
+        generation.n_tokens += 1
+        generation.token_ids.append(token)
+        piece = row.detok.push(token)
+        if piece:
+            generation._emit(piece)
+        elif generation.first_token_at is None:
+            generation.first_token_at = time.perf_counter()
+        row.last = token
+        if generation.n_tokens >= generation.max_new_tokens or generation.cancelled.is_set():
+            self._finish(row)
+            return True
+        return False
+
+    def _finish(self, row: _Row) -> None:
+        piece = row.detok.flush()
+        if piece:
+            row.generation._emit(piece)
+        row.generation._finish()
+
+    # -------------------------------------------------------------- adapters
+    def _use_base(self, batch: _Batch) -> None:
+        """Answer with the base model: LoRA layers point at no adapter (peft's disable_adapter walks every module)."""
+        if self._peft is None:
+            return
+        start = time.perf_counter()
+        if self._aux:  # modules_to_save are switched off by peft's own context
+            batch.context.enter_context(self._peft.disable_adapter())
+        self._switch(None)
+        self.last_switch_ms = (time.perf_counter() - start) * 1000
 
     def _use_adapter(self, adapter_dir: str) -> None:
         """Make this adapter the active one, loading it (and evicting the least recently used) if needed."""
@@ -302,6 +597,7 @@ class Engine:
             self._aux = self._aux or bool(getattr(config, "modules_to_save", None) or
                                           getattr(config, "trainable_token_indices", None))
             self._lora_layers = None
+            self._active = ""  # the new adapter's layers were just added: point every layer again
             self.adapter_loads += 1
             self._adapters[key] = name
         self._adapters.move_to_end(key)
@@ -314,59 +610,34 @@ class Engine:
             self._lora_layers = None
             self.adapter_evictions += 1
 
-    def _switch(self, name: str) -> None:
-        """Activate a resident adapter by pointing each LoRA layer at it.
+    def _switch(self, name: str | None) -> None:
+        """Activate a resident adapter (None: no adapter) by pointing each LoRA layer at it.
 
         peft's set_adapter also walks every module and toggles requires_grad on every resident adapter, which
         grows with the number of adapters (~250 ms with 20 on this CPU); inference needs only the pointer.
+        Plain LoRA linears also get a lean forward (the same operations as peft's, without its per-call checks).
         """
-        if self._aux:  # modules_to_save / trainable tokens have their own switching: use peft's full walk
-            self._peft.set_adapter(name)
-        else:
-            if self._lora_layers is None:
-                from peft.tuners.tuners_utils import BaseTunerLayer
+        if self._lora_layers is None:
+            import types
 
-                self._lora_layers = [m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)]
+            from peft.tuners.lora.layer import Linear as LoraLinear
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)]
             for layer in self._lora_layers:
-                layer._active_adapter = [name]
-            self._peft.base_model.active_adapter = name
+                if type(layer) is LoraLinear and not layer.fan_in_fan_out and "forward" not in vars(layer):
+                    layer.forward = types.MethodType(_lean_lora_forward, layer)
+        if self._aux and name is not None:  # modules_to_save / trainable tokens: peft's full walk
+            self._peft.set_adapter(name)
+        elif not self._aux:
+            if name is not None:
+                self._peft.base_model.active_adapter = name
+        for layer in self._lora_layers:
+            if not self._aux:
+                layer._active_adapter = [name] if name is not None else []
+            if "forward" in vars(layer):
+                layer._tunebot_lora = _lean_lora_state(layer, name)
         self._active = name
-
-    def _generate(self, generation: Generation) -> None:
-        import contextlib
-
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from tuning.generation import encode_prompt
-
-        tok = self.tokenizer
-        input_ids = encode_prompt(tok, generation.messages).to(self.model.device)
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        generation.prompt_tokens = int(input_ids.shape[1])
-        configured = self.model.generation_config.eos_token_id
-        configured = configured if isinstance(configured, (list, tuple)) else [configured]
-        stop_ids = {i for i in (*configured, tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
-                    if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), generation.cancelled.is_set(), dtype=torch.bool)
-
-        if generation.adapter_dir:
-            self._use_adapter(generation.adapter_dir)
-            model, context = self._peft, contextlib.nullcontext()
-        elif self._peft is not None:
-            model, context = self._peft, self._peft.disable_adapter()
-        else:
-            model, context = self.model, contextlib.nullcontext()
-        sample = generation.temperature > 0
-        kwargs = {"do_sample": sample, "temperature": generation.temperature} if sample else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        with context, torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=generation.max_new_tokens, eos_token_id=sorted(stop_ids),
-                           pad_token_id=tok.pad_token_id, streamer=_TokenStreamer(tok, generation, stop_ids),
-                           stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
 
 
 class RemoteEngine:
