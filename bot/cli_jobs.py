@@ -95,7 +95,8 @@ def add_assistant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="follow the progress until the run ends")
     parser.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     parser.add_argument("--gpus", type=int, default=0, metavar="N",
-                        help="GPUs the run needs on a GPU worker (default 1; ignored on a CPU worker)")
+                        help="GPUs the run needs on a GPU worker (default 1; ignored on a CPU worker); "
+                             "with several, the run trains data-parallel, one process per GPU")
 
 
 def parse_at(text: str, *, timezone: str, now: dt.datetime | None = None) -> dt.datetime:

@@ -57,6 +57,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", dest="lora_rank", type=int, default=None, help="LoRA rank")
     parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per packed batch")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="data-parallel processes, one per GPU (default: one per visible GPU, 1 on CPU)")
+    parser.add_argument("--accumulate", type=int, default=None, metavar="N",
+                        help="packed rows per process per optimizer step (default 1)")
     parser.add_argument("--augment", default=None, metavar="mutate[:N]|none",
                         help="add N rule-based mutations (typos, layout, …) per example as variations; "
                              "default: mutate with the mutations_per_example setting when the file has none")
@@ -147,7 +151,8 @@ def cmd_train(args, app) -> int:
         n = settings.mutations_per_example if not any(i.variation for i in items) else 0
     if n:
         items = add_mutations(items, n=n, seed=args.seed or 0)
-    given = {k: getattr(args, k) for k in ("method", "epochs", "learning_rate", "lora_rank", "batch_tokens", "seed")
+    given = {k: getattr(args, k) for k in ("method", "epochs", "learning_rate", "lora_rank", "batch_tokens", "seed",
+                                          "processes", "accumulate")
              if getattr(args, k) is not None}
     config = TrainConfig(base_model=args.base_model or settings.base_model, **given)
     progress = _Progress(quiet=False)

@@ -116,6 +116,8 @@ def load_base_model(spec: str, *, cache_dir: str | Path | None = None, dtype=Non
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
+        if device:  # data-parallel QLoRA: each rank's 4-bit copy on its own GPU
+            kwargs["device_map"] = {"": device}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:

@@ -55,6 +55,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     min_delta: float = 1e-3
     fast_path: bool = True  # per-example attention in packed rows, fused LoRA linears (same math, faster)
+    accumulate: int = 1  # packed rows per process per optimizer step
+    processes: int | None = None  # data-parallel processes; None = one per visible CUDA GPU (tuning.distributed)
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_dir=None):
-    """(model with trainable parameters, tokenizer) for the chosen method."""
+def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_dir=None, device=None):
+    """(model with trainable parameters, tokenizer) for the chosen method, on `device` (default: GPU 0 or CPU)."""
     import torch
 
     from tuning.models import load_base_model
@@ -112,7 +114,8 @@ def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_d
         raise TrainingError("QLoRA (4-bit) needs a CUDA GPU; use --method lora (or dora) on this machine")
     dtype = torch.bfloat16 if cuda and config.method != "full" else torch.float32
     model, tokenizer = load_base_model(config.base_model, cache_dir=cache_dir, dtype=dtype,
-                                       quantize_4bit=config.method == "qlora", device=None)
+                                       quantize_4bit=config.method == "qlora",
+                                       device=str(device) if device is not None and config.method == "qlora" else None)
     model.config.use_cache = False
     if config.method == "full":
         n = sum(p.numel() for p in model.parameters())
@@ -134,7 +137,7 @@ def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_d
                 if p.requires_grad:
                     p.data = p.data.float()  # adapters train in fp32 on a bf16 base
     if config.method != "qlora":
-        model.to(_device())
+        model.to(device or _device())
     return model, tokenizer
 
 
@@ -162,21 +165,24 @@ def row_loss(model, row: PackedRow, device) -> tuple:
     return loss, int(keep.numel())
 
 
-def evaluate_loss(model, rows: Sequence[PackedRow], device) -> float | None:
-    """Mean loss per answer token over rows (no gradients)."""
+def evaluate_loss(model, rows: Sequence[PackedRow], device, *, ranks=None) -> float | None:
+    """Mean loss per answer token over rows (no gradients); with ranks, each rank takes its share."""
     import torch
 
     if not rows:
         return None
+    mine = rows if ranks is None else rows[ranks.rank::ranks.world]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in rows:
+        for row in mine:
             loss, n = row_loss(model, row, device)
             total += float(loss)
             count += n
     model.train(was_training)
+    if ranks is not None:
+        total, count = ranks.sum([total, count])
     return total / max(1, count)
 
 
@@ -264,10 +270,38 @@ def plot_loss_curve(epochs: Sequence[dict], path: Path, *, step_losses: Sequence
 def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainConfig(), system_prompt: str = "",
           cache_dir=None, on_progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainingReport:
-    """Train on the train split, validate every epoch, keep the best epoch; write everything to out_dir."""
+    """Train on the train split, validate every epoch, keep the best epoch; write everything to out_dir.
+
+    With several processes (config.processes, or one per visible GPU) the run is data-parallel:
+    tuning.distributed starts the ranks and relays their progress; the result is the same files.
+    """
+    from tuning.distributed import Ranks, launch, processes_for
+
+    if config.accumulate < 1:
+        raise TrainingError("accumulate must be at least 1")
+    world = processes_for(config)
+    if world > 1:
+        if not split_items(items, val_share=config.val_share, seed=config.seed).train:
+            raise TrainingError("no training examples: approve some examples (test examples are never trained on)")
+        return launch(items, out_dir=out_dir, config=config, world_size=world, system_prompt=system_prompt,
+                      cache_dir=cache_dir, on_progress=on_progress, should_stop=should_stop, resume=resume)
+    return train_rank(items, out_dir=out_dir, config=config, system_prompt=system_prompt, cache_dir=cache_dir,
+                      on_progress=on_progress, should_stop=should_stop, resume=resume, ranks=Ranks())
+
+
+def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, system_prompt: str, cache_dir,
+               on_progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None, resume: bool,
+               ranks) -> TrainingReport | None:
+    """The training loop in one process: all of it, or one rank's share (rank 0 writes; others return None).
+
+    Each optimizer step takes `world * accumulate` packed rows; rank r computes rows r, r+world, … of
+    them, the gradients (each row's mean loss / rows in the step) are summed over the ranks, so every
+    rank takes the same step as one process accumulating all of those rows.
+    """
     import torch
 
     started = time.perf_counter()
+    main = ranks.main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits: Splits = split_items(items, val_share=config.val_share, seed=config.seed)
@@ -289,21 +323,26 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     digest = data_hash(items, system_prompt=system_prompt)
     snapshot = {"config": dataclasses.asdict(config), "hyperparameters": dataclasses.asdict(hyper),
                 "data_hash": digest, "system_prompt": system_prompt}
-    (out / "train_config.json").write_text(json.dumps(snapshot, indent=2, ensure_ascii=False))
-    # The trained examples themselves (no variations): `tunebot eval` uses them for the few-shot mode.
-    with open(out / "fewshot_pool.jsonl", "w", encoding="utf-8") as fp:
-        for item in splits.train:
-            if not item.variation:
-                fp.write(json.dumps({"question": item.question, "answer": item.answer}, ensure_ascii=False) + "\n")
+    if ranks.world > 1:  # a checkpoint of another world size has other steps: it cannot be resumed here
+        snapshot["world_size"] = ranks.world
+    if main:
+        (out / "train_config.json").write_text(json.dumps(snapshot, indent=2, ensure_ascii=False))
+        # The trained examples themselves (no variations): `tunebot eval` uses them for the few-shot mode.
+        with open(out / "fewshot_pool.jsonl", "w", encoding="utf-8") as fp:
+            for item in splits.train:
+                if not item.variation:
+                    fp.write(json.dumps({"question": item.question, "answer": item.answer},
+                                        ensure_ascii=False) + "\n")
 
-    model, tokenizer = load_for_training(config, hyper, cache_dir=cache_dir)
-    device = _device()
+    device = ranks.device or _device()
+    model, tokenizer = load_for_training(config, hyper, cache_dir=cache_dir, device=device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=config.weight_decay, foreach=True)
-    rows_per_epoch = [len(epoch_rows(train_enc, batch_tokens=batch_tokens, seed=config.seed, epoch=e))
-                      for e in range(hyper.epochs)]
-    total_steps = sum(rows_per_epoch)
+    per_step = ranks.world * config.accumulate  # packed rows per optimizer step, over all ranks
+    steps_per_epoch = [math.ceil(len(epoch_rows(train_enc, batch_tokens=batch_tokens, seed=config.seed, epoch=e))
+                                 / per_step) for e in range(hyper.epochs)]
+    total_steps = sum(steps_per_epoch)
     warmup = max(1, int(config.warmup_ratio * total_steps))
 
     def schedule(step: int) -> float:  # linear warmup, cosine decay to 10%
@@ -323,7 +362,7 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     resumed_from = 0
     if resume and (last_dir / "state.json").exists():
         saved = json.loads((last_dir / "state.json").read_text())
-        if saved.get("snapshot") == snapshot:
+        if saved.get("snapshot") == json.loads(json.dumps(snapshot)):
             _load_trainable(model, torch.load(last_dir / "trainable.pt"))
             extra = torch.load(last_dir / "optimizer.pt", weights_only=False)
             optimizer.load_state_dict(extra["optimizer"])
@@ -334,22 +373,26 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
             log.info("resuming %s from step %d (epoch %d)", out, state["step"], state["epoch"] + 1)
         else:
             log.warning("ignoring the checkpoint in %s: data or config changed", ckpt_dir)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    elif not resume:
+            ranks.barrier()  # every rank has read the old checkpoint's state before rank 0 removes it
+            if main:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+    elif not resume and main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     def checkpoint() -> None:
-        _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        if main:
+            _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
 
     def run_validation() -> float | None:
-        val_loss = evaluate_loss(model, val_rows, device)
+        val_loss = evaluate_loss(model, val_rows, device, ranks=ranks)
         if val_loss is None:
             return None
         if state["best_val"] is None or val_loss < state["best_val"] - config.min_delta:
             state["best_val"], state["best_epoch"], state["bad_evals"] = val_loss, state["epoch"] + 1, 0
-            best_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(_trainable_state(model), best_dir / "trainable.pt.tmp")
-            os.replace(best_dir / "trainable.pt.tmp", best_dir / "trainable.pt")
+            if main:
+                best_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(_trainable_state(model), best_dir / "trainable.pt.tmp")
+                os.replace(best_dir / "trainable.pt.tmp", best_dir / "trainable.pt")
         else:
             state["bad_evals"] += 1
         return val_loss
@@ -357,7 +400,7 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     speed = contextlib.ExitStack()  # exact fast path for the loop only (tuning.train_speed)
     if config.fast_path:
         speed.enter_context(fast_training(model))
-    base_val = evaluate_loss(model, val_rows, device) if state["step"] == 0 else None
+    base_val = evaluate_loss(model, val_rows, device, ranks=ranks) if state["step"] == 0 else None
     if base_val is not None:
         state["val_loss_before"] = base_val
 
@@ -365,36 +408,48 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     while state["epoch"] < hyper.epochs and not state["stopped_early"]:
         epoch = state["epoch"]
         rows = epoch_rows(train_enc, batch_tokens=batch_tokens, seed=config.seed, epoch=epoch)
+        n_steps = steps_per_epoch[epoch]
         epoch_started = time.perf_counter()
-        for i in range(state["step_in_epoch"], len(rows)):
-            if should_stop and should_stop():
+        for i in range(state["step_in_epoch"], n_steps):
+            # rank 0 decides (its should_stop is the job's); the others learn it here, before the step
+            if ranks.any(bool(main and should_stop and should_stop())):
                 checkpoint()
                 raise TrainingCancelled(f"training cancelled at step {state['step']}; run again to resume")
             t0 = time.perf_counter()
-            loss_sum, n = row_loss(model, rows[i], device)
-            (loss_sum / max(1, n)).backward()
+            group = rows[i * per_step:(i + 1) * per_step]
+            loss_sum_total, n_total, mean_total = 0.0, 0, 0.0
+            for row in group[ranks.rank::ranks.world]:
+                loss_sum, n = row_loss(model, row, device)
+                (loss_sum / max(1, n) / len(group)).backward()
+                loss_sum_total += loss_sum.item()
+                n_total += n
+                mean_total += loss_sum.item() / max(1, n)
+            if ranks.world > 1:
+                ranks.sum_gradients(params)
+                loss_sum_total, n_total, mean_total = ranks.sum([loss_sum_total, n_total, mean_total])
+                n_total = int(n_total)
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            loss = loss_sum.item() / max(1, n)
+            loss = mean_total / len(group)
             state["step"] += 1
             state["step_in_epoch"] = i + 1
-            state["tokens"] += len(rows[i].input_ids)
+            state["tokens"] += sum(len(r.input_ids) for r in group)
             state["train_seconds"] += dt
-            state["epoch_loss_sum"] += loss_sum.item()
-            state["epoch_loss_tokens"] += n
+            state["epoch_loss_sum"] += loss_sum_total
+            state["epoch_loss_tokens"] += n_total
             state["step_losses"].append([state["step"], round(loss, 5)])
             rate = state["tokens"] / max(1e-9, state["train_seconds"])
             steps_left = total_steps - state["step"]
-            if on_progress:
+            if on_progress and main:
                 on_progress({"step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
                              "epochs": hyper.epochs, "loss": round(loss, 4), "val_loss": last_val,
-                             "tokens_per_s": round(rate, 1),
+                             "tokens_per_s": round(rate, 1), "processes": ranks.world,
                              "eta_s": round(steps_left * state["train_seconds"] / state["step"], 1)})
-            if hyper.eval_every_steps and state["step"] % hyper.eval_every_steps == 0 and i + 1 < len(rows):
+            if hyper.eval_every_steps and state["step"] % hyper.eval_every_steps == 0 and i + 1 < n_steps:
                 last_val = run_validation()
                 if state["bad_evals"] >= hyper.patience:
                     state["stopped_early"] = True
@@ -414,7 +469,7 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
         if val_loss is not None and state["bad_evals"] >= hyper.patience:
             state["stopped_early"] = True
         checkpoint()
-        if on_progress:
+        if on_progress and main:
             on_progress({"step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
                          "epochs": hyper.epochs, "loss": state["epochs"][-1]["train_loss"], "val_loss": val_loss,
                          "tokens_per_s": state["epochs"][-1]["tokens_per_s"], "epoch_done": True,
@@ -423,6 +478,8 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
                          if not state["stopped_early"] else 0.0})
 
     speed.close()
+    if not main:
+        return None
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
     _save_result(model, tokenizer, out, config.method)
@@ -436,7 +493,8 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
                 "train_variations": sum(i.variation for i in splits.train), "train_tokens": n_tokens,
                 "answer_tokens": sum(e.n_answer_tokens for e in train_enc)},
         hyperparameters={**dataclasses.asdict(hyper), "batch_tokens": batch_tokens, "seed": config.seed,
-                         "method": config.method, "total_steps": total_steps},
+                         "method": config.method, "total_steps": total_steps, "processes": ranks.world,
+                         "accumulate": config.accumulate},
         epochs=state["epochs"], best_epoch=state["best_epoch"] or (state["epoch"] if state["epochs"] else None),
         best_val_loss=None if state["best_val"] is None else round(state["best_val"], 5),
         val_kind=splits.val_kind, stopped_early=state["stopped_early"], resumed_from_step=resumed_from,

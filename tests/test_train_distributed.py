@@ -1,0 +1,147 @@
+"""Data-parallel training (tuning.distributed): 2 CPU ranks over gloo on a tiny random model.
+
+On a GPU node the same code runs one rank per GPU over NCCL; here the ranks share the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from train_helpers import fact_items
+from tuning.errors import TrainingError, TuningError
+from tuning.train import TrainConfig, TrainingCancelled, train
+
+
+def config(model_dir: str, **kw) -> TrainConfig:
+    return TrainConfig(base_model=model_dir, **{"epochs": 2, "learning_rate": 1e-2, "batch_tokens": 64, **kw})
+
+
+def adapter(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def rank_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if "tuning.distributed" in " ".join(p.cmdline())]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tiny_model_dir, tmp_path_factory):
+    """One process taking 2 packed rows per optimizer step: what 2 ranks of 1 row each must reproduce."""
+    out = tmp_path_factory.mktemp("accumulate-2")
+    return out, train(fact_items(), out_dir=out, config=config(tiny_model_dir, accumulate=2))
+
+
+def test_two_ranks_take_the_same_steps_as_one_process_accumulating_their_rows(tiny_model_dir, accumulated, tmp_path):
+    acc_dir, acc_report = accumulated
+    progress: list[dict] = []
+    report = train(fact_items(), out_dir=tmp_path, config=config(tiny_model_dir, processes=2),
+                   on_progress=progress.append)
+    # Gradients summed over the ranks: the adapter equals the accumulating run's (it would not if rank 0
+    # stepped on its own rows only).
+    assert max_diff(adapter(tmp_path), adapter(acc_dir)) < 1e-5
+    assert report.steps == acc_report.steps == report.hyperparameters["total_steps"]
+    assert [e["train_loss"] for e in report.epochs] == pytest.approx([e["train_loss"] for e in acc_report.epochs],
+                                                                     abs=1e-4)
+    assert report.best_val_loss == pytest.approx(acc_report.best_val_loss, abs=1e-4)
+    assert report.hyperparameters["processes"] == 2 and acc_report.hyperparameters["processes"] == 1
+    # Rank 0's progress reached the caller, live and in order; the examples' spec file is gone.
+    steps = [p["step"] for p in progress if not p.get("epoch_done")]
+    assert steps == sorted(steps) and steps[-1] == report.steps
+    assert all(p["processes"] == 2 for p in progress if not p.get("epoch_done"))
+    assert [p["epoch"] for p in progress if p.get("epoch_done")] == [1, 2]
+    assert not list(tmp_path.glob(".data_parallel_spec.json"))
+    for name in ("adapter_config.json", "training_report.json", "loss_curve.png", "fewshot_pool.jsonl"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "training_report.json").read_text())["steps"] == report.steps
+    assert not rank_processes()
+
+
+def test_a_cancelled_run_stops_every_rank_and_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+    items = fact_items(n=12)
+    cfg = config(tiny_model_dir, processes=2, epochs=6)
+    progress: list[dict] = []
+    started = time.monotonic()
+    with pytest.raises(TrainingCancelled):
+        train(items, out_dir=tmp_path / "run", config=cfg, on_progress=progress.append,
+              should_stop=lambda: any(p.get("step", 0) >= 3 for p in progress))
+    stopped_at = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())["step"]
+    assert 3 <= stopped_at < max(p["total_steps"] for p in progress)
+    assert not rank_processes()
+    assert time.monotonic() - started < 120
+    resumed = train(items, out_dir=tmp_path / "run", config=cfg)
+    assert resumed.resumed_from_step == stopped_at
+    whole = train(items, out_dir=tmp_path / "whole", config=cfg)
+    assert resumed.steps == whole.steps
+    assert max_diff(adapter(tmp_path / "run"), adapter(tmp_path / "whole")) < 1e-5
+
+
+def test_a_crashed_rank_fails_the_run_promptly_instead_of_hanging(tiny_model_dir, tmp_path):
+    killed: list[int] = []
+
+    def kill_rank_1(_progress: dict) -> None:
+        if not killed:
+            ranks = sorted(rank_processes(), key=lambda p: p.pid)
+            victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+            killed.append(victim.pid)
+            os.kill(victim.pid, signal.SIGKILL)
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 of 2 exited"):
+        train(fact_items(n=12), out_dir=tmp_path, config=config(tiny_model_dir, processes=2, epochs=20),
+              on_progress=kill_rank_1)
+    assert killed
+    assert time.monotonic() - started < 60
+    assert not rank_processes()
+
+
+def test_an_error_in_the_ranks_reaches_the_caller_as_its_message(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    broken = TrainConfig(base_model=str(tmp_path / "not-a-model"), epochs=1)
+    with pytest.raises(TuningError) as alone:
+        train(fact_items(), out_dir=tmp_path / "one", config=broken)
+    with pytest.raises(TrainingError) as ranked:
+        train(fact_items(), out_dir=tmp_path / "two", config=dataclasses.replace(broken, processes=2))
+    assert str(ranked.value) == str(alone.value) and "not-a-model" in str(alone.value)
+    assert not rank_processes()
+
+
+def test_bad_process_counts_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(TrainingError, match="processes must be at least 1"):
+        train(fact_items(), out_dir=tmp_path, config=config(tiny_model_dir, processes=0))
+    with pytest.raises(TrainingError, match="accumulate must be at least 1"):
+        train(fact_items(), out_dir=tmp_path, config=config(tiny_model_dir, accumulate=0))
+
+
+def test_a_queued_job_trains_data_parallel_through_the_worker(db_path, store, assistant, tmp_path, tiny_model_dir):
+    from jobs_helpers import add_examples, run_until, tiny_params
+    from tuning.jobs import Worker, enqueue_training
+
+    add_examples(store, assistant.id, 6, test=2)
+    job = enqueue_training(store, assistant.id, params=tiny_params(tiny_model_dir, batch_tokens=64, processes=2))
+    worker = Worker(db_path, artifacts=tmp_path / "art", gpus=0, poll_interval=0.1)
+    run_until(worker, lambda: store.get_job(job.id).status in ("succeeded", "failed"), timeout=240)
+    done = store.get_job(job.id)
+    assert (done.status, done.attempts) == ("succeeded", 1), done.error
+    assert done.progress["processes"] == 2 and done.progress["phase"] == "done"
+    (version,) = store.list_model_versions(assistant.id)
+    assert version.hyperparameters["processes"] == 2
+    assert version.metrics["steps"] == version.hyperparameters["total_steps"]
+    assert (Path(version.adapter_path) / "adapter_model.safetensors").exists()
+    assert not rank_processes()
