@@ -208,3 +208,21 @@ def test_tunebot_train_wait_with_the_ray_executor(ray_head, tmp_path, tiny_model
     assert "on Ray at " + ray_head in (tmp_path / "data" / "artifacts" / str(assistant.id) /
                                        f"job-{job.id}" / "job.log").read_text()
     assert json.loads((Path(version.adapter_path) / "train_config.json").read_text())["system_prompt"]
+
+
+def test_a_ray_task_trains_data_parallel_in_several_processes(ray_head, db_path, store, assistant, tmp_path,
+                                                              tiny_model_dir):
+    """A job asking for 2 processes: the Ray task launches 2 ranks on its node (GPUs on a GPU cluster)."""
+    add_examples(store, assistant.id, 6)
+    job = enqueue_training(store, assistant.id, params=tiny_params(tiny_model_dir, batch_tokens=64, processes=2))
+    worker = _worker(db_path, tmp_path, ray_head, EventBus())
+    try:
+        run_until(worker, lambda: store.get_job(job.id).status in ("succeeded", "failed"), timeout=200)
+    finally:
+        worker.shutdown()
+    done = store.get_job(job.id)
+    assert (done.status, done.attempts) == ("succeeded", 1), done.error
+    assert done.progress["processes"] == 2 and done.progress["node"] == "127.0.0.1"
+    (version,) = store.list_model_versions(assistant.id)
+    assert version.hyperparameters["processes"] == 2
+    assert (Path(version.adapter_path) / "adapter_model.safetensors").exists()
