@@ -1,7 +1,9 @@
 """Serving latency on the bundled model: first token, tokens/s, adapter switches, 8 clients vs 1, adapter overhead.
 
 Prints JSON and writes bench/results/serve_latency.json. Ratios (adapter vs base, 8 clients vs 1) hold on a
-noisy machine; absolute times are for this machine only.
+noisy machine; absolute times are for this machine only. 8 clients on one adapter are decoded as one batch;
+8 clients on 8 adapters are served one adapter batch at a time. `batched_equals_unbatched` checks that the
+batched greedy answers are the same text as the one-at-a-time ones.
 """
 
 from __future__ import annotations
@@ -58,14 +60,15 @@ def median(values) -> float:
 
 def clients(engine, n_clients: int, per_client: int, *, adapters, max_new_tokens: int) -> dict:
     """n_clients threads each asking per_client questions in turn; tokens/s over the wall time."""
-    results, lock = [], threading.Lock()
+    results, texts, lock = [], {}, threading.Lock()
 
     def client(c: int) -> None:
         for j in range(per_client):
-            a = engine.answer(QUESTIONS[(c + j) % len(QUESTIONS)], adapter_dir=adapters[c % len(adapters)],
-                              max_new_tokens=max_new_tokens)
+            question, adapter = QUESTIONS[(c + j) % len(QUESTIONS)], adapters[(c + j) % len(adapters)]
+            a = engine.answer(question, adapter_dir=adapter, max_new_tokens=max_new_tokens)
             with lock:
                 results.append(a)
+                texts[question, adapter] = a.text
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
@@ -77,7 +80,7 @@ def clients(engine, n_clients: int, per_client: int, *, adapters, max_new_tokens
     return {"clients": n_clients, "requests": len(results), "tokens": sum(a.n_tokens for a in results),
             "wall_s": round(wall, 2), "tokens_per_s": round(sum(a.n_tokens for a in results) / wall, 1),
             "ttft_ms_p50": median([a.ttft_ms for a in results]),
-            "ttft_ms_max": round(max(a.ttft_ms for a in results), 1)}
+            "ttft_ms_max": round(max(a.ttft_ms for a in results), 1), "texts": texts}
 
 
 def main() -> int:
@@ -129,8 +132,15 @@ def main() -> int:
                                   max_new_tokens=n_tok))
             switch_ms.append(engine.last_switch_ms)
         note("latency measured; concurrency next")
-        one = clients(engine, 1, 8, adapters=adapters[:8], max_new_tokens=n_tok)
-        eight = clients(engine, 8, 1, adapters=adapters[:8], max_new_tokens=n_tok)
+        one = clients(engine, 1, 8, adapters=adapters[:1], max_new_tokens=n_tok)
+        eight = clients(engine, 8, 1, adapters=adapters[:1], max_new_tokens=n_tok)
+        largest_batch = getattr(engine, "largest_batch", 1)  # engines before batching had none
+        one_many = clients(engine, 1, 8, adapters=adapters[:8], max_new_tokens=n_tok)
+        eight_many = clients(engine, 8, 1, adapters=adapters[:8], max_new_tokens=n_tok)
+        alone = {**one["texts"], **one_many["texts"]}
+        batched_same = all(text == alone[k] for k, text in {**eight["texts"], **eight_many["texts"]}.items())
+        for run in (one, eight, one_many, eight_many):
+            del run["texts"]
         # The baseline for switching: peft's own set_adapter (walks all modules, toggles grads of every adapter).
         names = list(engine._adapters.values())
         peft_ms = []
@@ -156,7 +166,11 @@ def main() -> int:
             "tokens_per_s_ratio": round(median([a.tokens_per_s for a in same]) /
                                         median([a.tokens_per_s for a in base]), 3)},
         "concurrency": {"one_client": one, "eight_clients": eight,
-                        "throughput_ratio_8_vs_1": round(eight["tokens_per_s"] / one["tokens_per_s"], 3)},
+                        "throughput_ratio_8_vs_1": round(eight["tokens_per_s"] / one["tokens_per_s"], 3),
+                        "largest_batch": largest_batch, "batched_equals_unbatched": batched_same,
+                        "eight_adapters": {
+                            "one_client": one_many, "eight_clients": eight_many,
+                            "throughput_ratio_8_vs_1": round(eight_many["tokens_per_s"] / one_many["tokens_per_s"], 3)}},
         "setup_s": {"load_base": round(load_s, 1), "make_adapters": round(make_s, 1)},
         "targets": TARGETS,
     }

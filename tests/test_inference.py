@@ -202,3 +202,9 @@ def test_adapter_logits_are_exactly_peft_logits(engine, adapters, tiny_model_dir
     ids = encode_prompt(engine.tokenizer, prepare_messages(QUESTION))
     with torch.inference_mode():
         assert torch.equal(engine.model(ids).logits, tuned(ids).logits)
+
+
+def test_adapters_loaded_by_the_engine_stay_ordinary_tensors(engine, adapters):
+    engine.answer(QUESTION, adapter_dir=adapters[0], max_new_tokens=1)
+    lora = [p for name, p in engine.model.named_parameters() if "lora_" in name]
+    assert lora and not any(p.is_inference() for p in lora)

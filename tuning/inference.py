@@ -364,7 +364,8 @@ class Engine:
                             row.generation._finish(InferenceError(f"generation failed: {exc}"))
                     batch.rows = []
                 if not batch.rows:
-                    batch.context.close()
+                    with torch.inference_mode(False):
+                        batch.context.close()
                     batch = None
 
     def _take_requests(self, pending: deque, *, block: bool) -> bool:
@@ -386,12 +387,15 @@ class Engine:
         if generation.cancelled.is_set():
             generation._finish()
             return None
+        import torch
+
         batch = _Batch(generation.adapter_dir)
         try:
-            if generation.adapter_dir:
-                self._use_adapter(generation.adapter_dir)
-            else:
-                self._use_base(batch)
+            with torch.inference_mode(False):  # adapter weights stay ordinary tensors (peft toggles their grads)
+                if generation.adapter_dir:
+                    self._use_adapter(generation.adapter_dir)
+                else:
+                    self._use_base(batch)
         except TuningError as exc:  # reported to the waiting caller, the thread keeps serving
             log.warning("request failed: %s", exc)
             generation._finish(exc)
