@@ -125,6 +125,30 @@ def test_cancel_then_resume_finishes_the_same_run(tiny_model_dir, tmp_path):
     assert resumed.epochs[-1]["val_loss"] == pytest.approx(full.epochs[-1]["val_loss"], abs=1e-4)
 
 
+def test_a_run_that_crashes_mid_epoch_resumes_from_its_timed_checkpoint(tiny_model_dir, tmp_path):
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(p):
+        if p["step"] == 3 and not p.get("epoch_done"):
+            raise Crash()
+
+    cfg = config(tiny_model_dir, batch_tokens=64, checkpoint_minutes=0.0)  # a checkpoint after every step
+    with pytest.raises(Crash):
+        train(fact_items(), out_dir=tmp_path / "a", config=cfg, on_progress=crash_at_step_3)
+    state = json.loads((tmp_path / "a" / "checkpoints" / "last" / "state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 3, 3)  # inside the first epoch
+    resumed = train(fact_items(), out_dir=tmp_path / "a", config=config(tiny_model_dir, batch_tokens=64))
+    full = train(fact_items(), out_dir=tmp_path / "b", config=config(tiny_model_dir, batch_tokens=64))
+    assert resumed.resumed_from_step == 3 and resumed.steps == full.steps
+    assert [e["val_loss"] for e in resumed.epochs] == pytest.approx([e["val_loss"] for e in full.epochs], abs=1e-5)
+    # With the default (every 10 minutes) the same crash leaves no checkpoint: the run starts over.
+    with pytest.raises(Crash):
+        train(fact_items(), out_dir=tmp_path / "c", config=config(tiny_model_dir, batch_tokens=64),
+              on_progress=crash_at_step_3)
+    assert not (tmp_path / "c" / "checkpoints" / "last").exists()
+
+
 KILLABLE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})

@@ -56,6 +56,7 @@ class TrainConfig:
     min_delta: float = 1e-3
     fast_path: bool = True  # per-example attention in packed rows, fused LoRA linears (same math, faster)
     accumulate: int = 1  # packed rows per process per optimizer step
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch this often: a killed long epoch resumes near its end
     processes: int | None = None  # data-parallel processes; None = one per visible CUDA GPU (tuning.distributed)
 
 
@@ -321,7 +322,9 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
                       batch_tokens=config.batch_tokens, patience=config.patience)
     batch_tokens = max(hyper.batch_tokens, max(len(e.input_ids) for e in train_enc))
     digest = data_hash(items, system_prompt=system_prompt)
-    snapshot = {"config": dataclasses.asdict(config), "hyperparameters": dataclasses.asdict(hyper),
+    # What a checkpoint must match to be resumed (how often checkpoints are taken does not matter).
+    snapshot = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_minutes"},
+                "hyperparameters": dataclasses.asdict(hyper),
                 "data_hash": digest, "system_prompt": system_prompt}
     if ranks.world > 1:  # a checkpoint of another world size has other steps: it cannot be resumed here
         snapshot["world_size"] = ranks.world
@@ -379,9 +382,13 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
     elif not resume and main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+    last_checkpoint = time.monotonic()
+
     def checkpoint() -> None:
+        nonlocal last_checkpoint
         if main:
             _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        last_checkpoint = time.monotonic()
 
     def run_validation() -> float | None:
         val_loss = evaluate_loss(model, val_rows, device, ranks=ranks)
@@ -444,11 +451,16 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
             state["step_losses"].append([state["step"], round(loss, 5)])
             rate = state["tokens"] / max(1e-9, state["train_seconds"])
             steps_left = total_steps - state["step"]
+            saved = False
+            if i + 1 < n_steps and time.monotonic() - last_checkpoint >= config.checkpoint_minutes * 60:
+                checkpoint()  # rank 0 only writes; the time is rank 0's, the others do not take part
+                saved = True
             if on_progress and main:
                 on_progress({"step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
                              "epochs": hyper.epochs, "loss": round(loss, 4), "val_loss": last_val,
                              "tokens_per_s": round(rate, 1), "processes": ranks.world,
-                             "eta_s": round(steps_left * state["train_seconds"] / state["step"], 1)})
+                             "eta_s": round(steps_left * state["train_seconds"] / state["step"], 1),
+                             **({"checkpoint": True} if saved else {})})
             if hyper.eval_every_steps and state["step"] % hyper.eval_every_steps == 0 and i + 1 < n_steps:
                 last_val = run_validation()
                 if state["bad_evals"] >= hyper.patience:

@@ -217,7 +217,7 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
 
     def on_progress(info: dict) -> None:
         progress(info)
-        if store.remote and info.get("epoch_done"):
+        if store.remote and (info.get("epoch_done") or info.get("checkpoint")):
             store.upload_dir(out_dir, key)  # the checkpoint, for a retry elsewhere
 
     progress.phase("training")
