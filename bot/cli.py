@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        from bot.app import App, configure_logging
+        from bot.app import App, configure_logging, configure_threads
 
         settings = load_settings()
         configure_logging(settings)
+        configure_threads(settings)
         return int(args.func(args, App(settings)) or 0)
     except user_errors() as exc:
         print(f"tunebot: error: {exc}", file=sys.stderr)

@@ -55,6 +55,7 @@ class Settings:
     ray_address: str = ""
     artifacts_url: str = ""  # default: <data_dir>/artifacts; any fsspec URL
     log_level: str = "INFO"
+    torch_threads: int = 0  # CPU threads per model process; 0: PyTorch's default (one per core)
 
     @property
     def database_path(self) -> Path:

@@ -130,3 +130,22 @@ def test_cli_reports_invalid_setting_in_one_line(monkeypatch, capsys):
     assert main(["assistants", "list"]) == 2
     err = capsys.readouterr().err
     assert err == "tunebot: error: TUNEBOT_MAX_FIELD_CHARS: expected a whole number, got 'many'\n"
+
+
+def test_torch_threads_caps_this_process_and_the_job_processes_it_starts(monkeypatch):
+    import os
+
+    import torch
+
+    from bot.app import configure_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    before = torch.get_num_threads()
+    try:
+        configure_threads(Settings())  # 0: untouched
+        assert os.environ["OMP_NUM_THREADS"] == "" and torch.get_num_threads() == before
+        configure_threads(Settings(torch_threads=1))
+        assert os.environ["OMP_NUM_THREADS"] == "1"  # inherited by the worker's job processes
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
