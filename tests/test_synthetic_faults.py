@@ -162,3 +162,23 @@ async def test_document_pairs_keep_chunk_reference(fake, store, assistant):
     assert run.status == "succeeded", run.error
     made = variations(store, assistant, run)
     assert made and all(e.document_id == doc.id and e.source == "document" and "chunk" in e.chunk_ref for e in made)
+
+
+async def test_should_stop_ends_a_slow_run_at_once_keeping_what_was_saved(fake, store, assistant, roots):
+    import time
+
+    fake.add(Reply(json.dumps({"questions": ["Berlin delivery: how many days?", "Days to ship to Berlin?"]})))
+    fake.default = lambda request: Reply(json.dumps({"questions": ["slow one?", "slow two?"]}), delay_s=30)
+    stop_at = time.monotonic() + 1.0
+    started = time.monotonic()
+    run = await generate(store, assistant.id, method="paraphrase", per_example=2,
+                         client_config=config(fake, concurrency=1, timeout_s=60),
+                         should_stop=lambda: time.monotonic() >= stop_at)
+    assert time.monotonic() - started < 5  # not the 30 s the request in flight would take
+    assert run.status == "stopped" and "shutting down" in run.error and f"--resume {run.id}" in run.error
+    assert len(variations(store, assistant, run)) == 2  # the first answer was saved before the stop
+    fake.default = paraphrases_for
+    resumed = await generate(store, assistant.id, method="paraphrase", per_example=2, client_config=config(fake),
+                             resume_run_id=run.id)
+    assert resumed.status == "succeeded", resumed.error
+    assert len(variations(store, assistant, resumed)) == 8

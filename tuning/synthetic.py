@@ -19,6 +19,7 @@ from tuning.errors import GenerationError
 log = logging.getLogger(__name__)
 
 METHODS = ("paraphrase", "new", "document")
+STOP_POLL_S = 0.2  # how often generate() checks should_stop
 LANGUAGE_NAMES = {"en": "English", "ru": "Russian"}
 
 
@@ -364,11 +365,12 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
                    judge: bool = False, auto_approve_above: float = 0.0, document_id: int | None = None,
                    chunk_chars: int = 2000, resume_run_id: int | None = None, author_id: int | None = None,
                    max_chars: int = 4000, dedup_threshold: float = DEFAULT_THRESHOLD, shots: int = 5,
-                   max_rounds: int = 3, client=None):
+                   max_rounds: int = 3, client=None, should_stop: Callable[[], bool] | None = None):
     """Generate pending examples with the larger model; every item is saved as it arrives. Returns the GenerationRun.
 
     A run stopped by its budget or failed halfway keeps its items and resumes with `resume_run_id`
-    (units already complete in that run are skipped).
+    (units already complete in that run are skipped). `should_stop()` (polled 5 times a second) ends the
+    run early the same way, requests in flight included: the bot uses it when it shuts down.
     """
     budget = budget or Budget()
     assistant = store.get_assistant(assistant_id)
@@ -486,12 +488,31 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
         state["done"] += 1
         report()
 
+    async def watch(tasks: list) -> None:
+        while not should_stop():
+            await asyncio.sleep(STOP_POLL_S)
+        if runner.stop_reason is None:
+            runner.stop_reason, runner.stop_status = "stopped before the end (Tunebot was shutting down)", "stopped"
+        for task in tasks:
+            task.cancel()  # a request in flight is abandoned; what was saved stays
+
     report()
+    tasks = [asyncio.ensure_future(guarded(u)) for u in units]
+    watcher = asyncio.ensure_future(watch(tasks)) if should_stop is not None else None
     try:
-        await asyncio.gather(*(guarded(u) for u in units))
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
     except BaseException as exc:
+        for task in tasks:
+            task.cancel()
         store.finish_generation_run(run.id, status="failed", error=f"interrupted: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     final = store.get_generation_run(run.id)
     resume = f"resume with `tunebot generate --assistant {assistant.name} --resume {run.id}`"
     if runner.stop_reason is not None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import logging
 import secrets
+import signal
+import threading
 import traceback
 
 from telegram import BotCommand, Update
@@ -43,8 +47,25 @@ async def error_handler(update: object, context: ContextTypes.DEFAULT_TYPE) -> N
             log.exception("could not tell the user about error ref=%s", ref)
 
 
+def _catch_stop_signals(application: Application) -> None:
+    """SIGINT/SIGTERM: flag bot_data["stopping"] for long background work (a generation), then stop as PTB does.
+
+    PTB waits for every create_task task before it stops; a generation sees the flag and ends within
+    a fraction of a second, its items saved and the run resumable, instead of holding the shutdown.
+    """
+    def on_signal() -> None:
+        application.bot_data["stopping"].set()
+        raise SystemExit  # what run_polling's own handler does
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+
+
 async def post_init(application: Application) -> None:
-    """Register the command menu (both languages)."""
+    """Catch the stop signals; register the command menu (both languages)."""
+    _catch_stop_signals(application)
     for lang in ("en", "ru"):
         commands = [BotCommand(c, t(lang, f"cmd_{c}")) for c in COMMANDS]
         await application.bot.set_my_commands(commands, language_code=None if lang == "en" else lang)
@@ -66,6 +87,7 @@ def build_application(app) -> Application:
         builder = builder.base_file_url((base[: -len("/bot")] if base.endswith("/bot") else base) + "/file/bot")
     application = builder.build()
     application.bot_data["app"] = app
+    application.bot_data["stopping"] = threading.Event()  # set when the bot begins to shut down
     for handler in all_handlers():
         application.add_handler(handler)
     application.add_error_handler(error_handler)

@@ -242,3 +242,31 @@ def test_generation_runs_off_the_event_loop_with_progress(emulator, bot, db, llm
         llm.default = llm_reply
     run = db.list_generation_runs(aid)[-1]
     assert run.status == "succeeded" and run.kept == 3 * roots
+
+
+def test_shutdown_does_not_wait_for_a_slow_generation(emulator, bot, db, llm):
+    """Last in this module: it stops the bot. SIGTERM ends a generation stuck on the larger model at once."""
+    expert = emulator.user(EXPERT, "Expert")
+    aid = db.assistant_by_name("parcels").id
+    calls = []
+
+    def stuck(request: dict) -> Reply:
+        calls.append(request)
+        return Reply(json.dumps({"questions": ["never delivered?"]}), delay_s=60.0)
+
+    llm.default = stuck
+    try:
+        menu = expert.ask("/generate")
+        expert.tap(menu, "Paraphrase ×3")
+        deadline = time.monotonic() + 20
+        while not calls:
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.1)
+        started = time.monotonic()
+        bot.stop()  # SIGTERM; killed after 30 s
+        stopped_in = time.monotonic() - started
+    finally:
+        llm.default = llm_reply
+    assert bot.proc.returncode == 0 and stopped_in < 20, (bot.proc.returncode, stopped_in, bot.log()[-2000:])
+    run = db.list_generation_runs(aid)[-1]
+    assert run.status == "stopped" and "shutting down" in run.error and f"--resume {run.id}" in run.error

@@ -137,7 +137,7 @@ def start_generation(update: Update, context: ContextTypes.DEFAULT_TYPE, status:
 
 
 def _run_blocking(settings, store, *, assistant_id: int, method: str, per_example: int, document_id: int | None,
-                  user_id: int, on_progress):
+                  user_id: int, on_progress, should_stop=None):
     """One generation run, on a worker thread: the services of tuning, called as the CLI calls them."""
     if method == "mutate":
         from tuning.mutate import mutate_assistant
@@ -151,7 +151,7 @@ def _run_blocking(settings, store, *, assistant_id: int, method: str, per_exampl
         budget=Budget(max_requests=settings.generator_max_requests, max_tokens=settings.generator_max_tokens),
         on_progress=on_progress, judge=settings.generator_judge,
         auto_approve_above=settings.judge_auto_approve, document_id=document_id, author_id=user_id,
-        max_chars=settings.max_field_chars))
+        max_chars=settings.max_field_chars, should_stop=should_stop))
 
 
 async def _generation_task(context: ContextTypes.DEFAULT_TYPE, *, chat_id: int, message_id: int | None, lang: str,
@@ -178,7 +178,8 @@ async def _generation_task(context: ContextTypes.DEFAULT_TYPE, *, chat_id: int, 
 
     work = asyncio.ensure_future(with_thread_store(context, lambda store: _run_blocking(
         settings, store, assistant_id=assistant_id, method=method, per_example=per_example,
-        document_id=document_id, user_id=user_id, on_progress=on_progress)))
+        document_id=document_id, user_id=user_id, on_progress=on_progress,
+        should_stop=context.bot_data["stopping"].is_set if "stopping" in context.bot_data else None)))
     shown, last_edit = None, time.monotonic()
     while not work.done():
         await asyncio.wait({work}, timeout=EDIT_EVERY_S)
