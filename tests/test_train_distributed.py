@@ -145,3 +145,34 @@ def test_a_queued_job_trains_data_parallel_through_the_worker(db_path, store, as
     assert version.metrics["steps"] == version.hyperparameters["total_steps"]
     assert (Path(version.adapter_path) / "adapter_model.safetensors").exists()
     assert not rank_processes()
+
+
+LAUNCHER = """
+import sys, time
+sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/tests")
+from train_helpers import fact_items
+from tuning.train import TrainConfig, train
+cfg = TrainConfig(base_model={model!r}, epochs=50, learning_rate=1e-2, batch_tokens=64, processes=2)
+train(fact_items(n=12), out_dir={out!r}, config=cfg, on_progress=lambda p: print("step", flush=True))
+"""
+
+
+def test_ranks_die_with_a_killed_launcher(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(root=root, model=tiny_model_dir,
+                                                                   out=str(tmp_path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().startswith("step")  # training is under way in both ranks
+        ranks = [p for p in psutil.Process(proc.pid).children() if "tuning.distributed" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive, [p.pid for p in alive]

@@ -188,12 +188,14 @@ def launch(items, *, out_dir, config, world_size: int, system_prompt: str = "", 
 
     try:
         for rank in range(world_size):
-            cmd = [sys.executable, "-m", "tuning.distributed", "--spec", str(spec_path)]
+            cmd = [sys.executable, "-m", "tuning.distributed", "--spec", str(spec_path),
+                   "--parent-pid", str(os.getpid())]
             if rank == 0:
                 cmd += ["--progress-fd", str(write_fd)]
+            # No preexec_fn (unsafe in a threaded parent such as a Ray worker): each rank arms its own
+            # parent-death signal first thing and checks that its parent is still the launcher.
             procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          pass_fds=(write_fd,) if rank == 0 else (),
-                                          preexec_fn=_die_with_parent))
+                                          pass_fds=(write_fd,) if rank == 0 else ()))
         os.close(write_fd)
         write_fd = -1
         log.info("data-parallel training in %d processes (pids %s)", world_size, [p.pid for p in procs])
@@ -250,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuning.distributed", description=__doc__)
     parser.add_argument("--spec", required=True)
     parser.add_argument("--progress-fd", type=int)
+    parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
+    _die_with_parent()
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return EXIT_CANCELLED  # the launcher died before this rank armed its parent-death signal
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank %(process)d %(name)s: %(message)s")
     import datetime as dt
 
