@@ -62,6 +62,7 @@ class App:
                       slots=s.worker_slots if slots is None else slots, default_base_model=s.base_model,
                       auto_promote=s.auto_promote, quiet_hours=s.quiet_hours, timezone=s.timezone,
                       max_attempts=s.job_max_attempts, poll_interval=poll, executor=s.executor,
+                      train_gpus=s.train_gpus,
                       ray_address=s.ray_address, log_dir=s.data_dir / "logs" if is_remote(s.artifacts) else None)
 
 

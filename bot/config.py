@@ -41,6 +41,7 @@ class Settings:
     judge_auto_approve: float = 0.0  # 0 disables auto-approval by the LLM judge
     worker_slots: int = 0  # 0: one per visible GPU, or one CPU slot
     job_max_attempts: int = 3
+    train_gpus: int = 0  # GPUs per run started in Telegram or by a retraining policy (0: one on a GPU worker)
     quiet_hours: str = ""  # e.g. "09:00-18:00": training does not start then
     timezone: str = "UTC"
     auto_promote: bool = False

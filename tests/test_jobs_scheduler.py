@@ -89,8 +89,9 @@ def test_periodic_policy_fires_only_with_enough_new_examples_and_survives_restar
     # Restart: a new connection and scheduler see the policy from the database.
     restarted = Store(open_db(db_path), clock=clock)
     clock.set("2026-06-29 09:00:00")  # three Mondays were missed while down: one run, not three
-    jobs = Scheduler(restarted).fire_policies()
+    jobs = Scheduler(restarted, gpus=2, max_attempts=5).fire_policies()  # TUNEBOT_TRAIN_GPUS, _JOB_MAX_ATTEMPTS
     assert len(jobs) == 1 and jobs[0].kind == "train" and "4 new examples" in jobs[0].params["reason"]
+    assert (jobs[0].gpus, jobs[0].max_attempts) == (2, 5)
     assert Scheduler(restarted).fire_policies() == []
 
 

@@ -103,10 +103,11 @@ def new_examples_since_active(store: Store, assistant_id: int) -> int:
 class Scheduler:
     """Driven by `tick()` (the worker calls it every loop), so tests control time through the store's clock."""
 
-    def __init__(self, store: Store, *, timezone: str = "UTC", max_attempts: int = 3) -> None:
+    def __init__(self, store: Store, *, timezone: str = "UTC", max_attempts: int = 3, gpus: int = 0) -> None:
         self.store = store
         self.timezone = timezone
         self.max_attempts = max_attempts
+        self.gpus = gpus  # per training run it starts; several train data-parallel
 
     def tick(self) -> list[Job]:
         """Release due scheduled jobs and fire due retraining policies; returns jobs made queued."""
@@ -131,6 +132,7 @@ class Scheduler:
                 continue
             try:
                 job = enqueue_training(self.store, policy.assistant_id, max_attempts=self.max_attempts,
+                                       gpus=self.gpus,
                                        params={"reason": f"policy {policy.cron!r}: {new} new examples"})
             except JobError as exc:
                 log.info("policy of assistant #%s skipped: %s", policy.assistant_id, exc)

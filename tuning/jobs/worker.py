@@ -116,7 +116,8 @@ class Worker:
                  executor: str = "local", ray_address: str = "", log_dir: str | Path | None = None,
                  gpus: int | Sequence[int] | None = None, slots: int = 0,
                  default_base_model: str = "bundled:smollm2-135m", auto_promote: bool = False,
-                 quiet_hours: str = "", timezone: str = "UTC", max_attempts: int = 3, schedule: bool = True,
+                 quiet_hours: str = "", timezone: str = "UTC", max_attempts: int = 3, train_gpus: int = 0,
+                 schedule: bool = True,
                  poll_interval: float = 0.5, heartbeat_s: float = 2.0, stale_after_s: float = 60.0,
                  grace_s: float = 5.0, shutdown_grace_s: float = 30.0, clock: Callable[[], dt.datetime] = utcnow,
                  bus: events.EventBus = events.bus, python: str = sys.executable) -> None:
@@ -152,6 +153,7 @@ class Worker:
         self.quiet_hours = quiet_hours
         self.timezone = timezone
         self.max_attempts = max_attempts
+        self.train_gpus = train_gpus  # for the runs its scheduler starts
         self.schedule = schedule
         self.poll_interval = poll_interval
         self.heartbeat_s = heartbeat_s
@@ -222,7 +224,8 @@ class Worker:
                 store.transition_job(job_id, from_states=("running",), heartbeat_at=now)
             self._last_beat = mono
         if self.schedule:
-            for job in Scheduler(store, timezone=self.timezone, max_attempts=self.max_attempts).tick():
+            for job in Scheduler(store, timezone=self.timezone, max_attempts=self.max_attempts,
+                                 gpus=self.train_gpus).tick():
                 self._publish("state", job)
         if not self._stop.is_set():
             self._start_jobs(store)

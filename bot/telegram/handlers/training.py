@@ -23,8 +23,9 @@ def _jobs():
     return jobs
 
 
-def _enqueue(store, assistant_id: int, *, at, by: int, chat_id: int):
-    return _jobs().enqueue_training(store, assistant_id, at=at, created_by=by, tg_chat_id=chat_id)
+def _enqueue(store, assistant_id: int, *, at, by: int, chat_id: int, settings):
+    return _jobs().enqueue_training(store, assistant_id, at=at, created_by=by, tg_chat_id=chat_id,
+                                    gpus=settings.train_gpus, max_attempts=settings.job_max_attempts)
 
 
 @requires("expert")
@@ -37,7 +38,10 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     if approved < 2:
         await reply(update, tr(update, context, "train_too_few", n=approved))
         return
-    epochs = 3
+    from tuning.hparams import choose
+
+    # The epochs the run will plan for this much data (early stopping may end it sooner).
+    epochs = choose(n_items=approved, n_tokens=stats["approved_tokens_estimate"]).epochs
     estimate_s = stats["approved_tokens_estimate"] * epochs / TOKENS_PER_S_CPU
     by_source = ", ".join(f"{k}: {v}" for k, v in stats["by_source"].items())
     by_split = ", ".join(f"{k}: {v}" for k, v in stats["by_split"].items())
@@ -53,7 +57,8 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
 
 async def _start_job(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, at: dt.datetime | None) -> None:
     store = store_of(context)
-    job = _enqueue(store, assistant.id, at=at, by=update.effective_user.id, chat_id=update.effective_chat.id)
+    job = _enqueue(store, assistant.id, at=at, by=update.effective_user.id, chat_id=update.effective_chat.id,
+                   settings=app_of(context).settings)
     store.upsert_user(update.effective_user.id, language=lang_of(update, context))
     msg = await update.effective_chat.send_message(render_progress(job, lang_of(update, context)),
                                                    reply_markup=None)
