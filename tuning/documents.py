@@ -30,9 +30,11 @@ def _decode_text(data: bytes, filename: str) -> str:
         try:
             return data.decode("utf-16")
         except UnicodeDecodeError:
-            raise FormatError(f"{filename}: damaged UTF-16 text") from None
+            raise FormatError(f"{filename}: damaged UTF-16 text", code="doc_bad_utf16",
+                              params={"name": filename}) from None
     if b"\x00" in data[:4096]:
-        raise FormatError(f"{filename}: looks like a binary file, not text")
+        raise FormatError(f"{filename}: looks like a binary file, not text", code="doc_binary",
+                          params={"name": filename})
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -40,7 +42,8 @@ def _decode_text(data: bytes, filename: str) -> str:
     try:
         return data.decode("cp1251")  # the usual legacy encoding of Russian text files
     except UnicodeDecodeError:
-        raise FormatError(f"{filename}: not UTF-8 text; save it as UTF-8 and try again") from None
+        raise FormatError(f"{filename}: not UTF-8 text; save it as UTF-8 and try again", code="doc_not_utf8",
+                          params={"name": filename}) from None
 
 
 def _pdf_text(data: bytes, filename: str) -> str:
@@ -50,16 +53,21 @@ def _pdf_text(data: bytes, filename: str) -> str:
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
-            raise FormatError(f"{filename}: the PDF is password-protected; remove the password and upload it again")
+            raise FormatError(f"{filename}: the PDF is password-protected; remove the password and upload it again",
+                              code="pdf_password", params={"name": filename})
         return "\n\n".join((page.extract_text() or "").strip() for page in reader.pages)
     except FormatError:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise FormatError(f"{filename}: not a readable PDF ({exc})") from None
+        raise FormatError(f"{filename}: not a readable PDF ({exc})", code="pdf_unreadable",
+                          params={"name": filename, "detail": exc}) from None
     except Exception as exc:  # pypdf raises several internal types on damaged files
         if "crypt" in str(exc).lower():
-            raise FormatError(f"{filename}: the PDF is encrypted in a way that cannot be opened") from None
-        raise FormatError(f"{filename}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+            raise FormatError(f"{filename}: the PDF is encrypted in a way that cannot be opened",
+                              code="pdf_encryption", params={"name": filename}) from None
+        detail = f"{type(exc).__name__}: {exc}"
+        raise FormatError(f"{filename}: not a readable PDF ({detail})", code="pdf_unreadable",
+                          params={"name": filename, "detail": detail}) from None
 
 
 def _docx_text(data: bytes, filename: str) -> str:
@@ -69,9 +77,11 @@ def _docx_text(data: bytes, filename: str) -> str:
     try:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, OSError) as exc:
-        raise FormatError(f"{filename}: not a readable .docx file ({exc})") from None
+        raise FormatError(f"{filename}: not a readable .docx file ({exc})", code="docx_unreadable",
+                          params={"name": filename, "detail": exc}) from None
     except Exception as exc:  # zipfile.BadZipFile and lxml errors on damaged files
-        raise FormatError(f"{filename}: not a readable .docx file ({type(exc).__name__})") from None
+        raise FormatError(f"{filename}: not a readable .docx file ({type(exc).__name__})", code="docx_unreadable",
+                          params={"name": filename, "detail": type(exc).__name__}) from None
     parts = [p.text for p in document.paragraphs]
     for table in document.tables:
         for row in table.rows:
@@ -83,9 +93,16 @@ def extract_text(filename: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYT
     """The text of a txt/md/pdf/docx file; FormatError for a wrong type, too big, unreadable, encrypted or empty one."""
     suffix = Path(filename).suffix.lower()
     if suffix not in SUPPORTED:
-        raise FormatError(f"{filename}: unsupported file type {suffix or '(none)'}; send one of: {', '.join(SUPPORTED)}")
+        supported = ", ".join(SUPPORTED)
+        if suffix:
+            raise FormatError(f"{filename}: unsupported file type {suffix}; send one of: {supported}",
+                              code="doc_type", params={"name": filename, "suffix": suffix, "supported": supported})
+        raise FormatError(f"{filename}: unsupported file type (none); send one of: {supported}",
+                          code="doc_no_suffix", params={"name": filename, "supported": supported})
     if len(data) > max_bytes:
-        raise FormatError(f"{filename}: the file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB")
+        size, limit = f"{len(data) / 1e6:.1f}", f"{max_bytes / 1e6:.1f}"
+        raise FormatError(f"{filename}: the file is {size} MB; the limit is {limit} MB", code="doc_too_big",
+                          params={"name": filename, "size": size, "limit": limit})
     if suffix == ".pdf":
         text = _pdf_text(data, filename)
     elif suffix == ".docx":
@@ -95,8 +112,10 @@ def extract_text(filename: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYT
     text = re.sub(r"[ \t\u00a0]+", " ", text.replace("\r\n", "\n"))
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if not text:
-        hint = " (a scanned PDF has no text layer; run OCR first)" if suffix == ".pdf" else ""
-        raise FormatError(f"{filename}: no text found in the file{hint}")
+        if suffix == ".pdf":
+            raise FormatError(f"{filename}: no text found in the file (a scanned PDF has no text layer; run OCR first)",
+                              code="pdf_no_text", params={"name": filename})
+        raise FormatError(f"{filename}: no text found in the file", code="doc_empty", params={"name": filename})
     return text
 
 

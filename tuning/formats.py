@@ -222,12 +222,14 @@ def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Recor
     if header is None:
         return [], []
     if any(_has_surrogates(cell) for cell in header):
-        raise FormatError(_NOT_UTF8)
+        raise FormatError(_NOT_UTF8, code="not_utf8")
     q_col, a_col = _find_column(header, QUESTION_COLUMNS), _find_column(header, ANSWER_COLUMNS)
     if q_col is None or a_col is None:
+        found = ", ".join(header)
         raise FormatError(
             f"CSV line {header_line}: the header needs a question column and an answer column "
-            f"(question/answer, q/a, вопрос/ответ or prompt/completion); found: {', '.join(header)}")
+            f"(question/answer, q/a, вопрос/ответ or prompt/completion); found: {found}",
+            code="csv_header", params={"line": header_line, "found": found})
     mc_col, split_col = _find_column(header, MUST_CONTAIN_COLUMNS), _find_column(header, SPLIT_COLUMNS)
     names = {q_col: header[q_col], a_col: header[a_col]}
     records, errors = [], []
@@ -261,13 +263,13 @@ def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Recor
     return records, errors
 
 
-_BINARY_MAGIC = {
-    b"%PDF": "a PDF document",
-    b"PK\x03\x04": "a ZIP archive (an .xlsx or .docx file?)",
-    b"\x1f\x8b": "a gzip archive",
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"\xd0\xcf\x11\xe0": "an old Office document",
+_BINARY_MAGIC = {  # magic -> (error code, what it is in English)
+    b"%PDF": ("file_pdf", "a PDF document"),
+    b"PK\x03\x04": ("file_zip", "a ZIP archive (an .xlsx or .docx file?)"),
+    b"\x1f\x8b": ("file_gzip", "a gzip archive"),
+    b"\x89PNG": ("file_png", "a PNG image"),
+    b"\xff\xd8\xff": ("file_jpeg", "a JPEG image"),
+    b"\xd0\xcf\x11\xe0": ("file_office", "an old Office document"),
 }
 
 
@@ -281,9 +283,11 @@ def _load_bytes(source: str | Path | bytes) -> tuple[bytes, str | None]:
     try:
         return path.read_bytes(), path.name
     except FileNotFoundError:
-        raise FormatError(f"file {str(path)!r} does not exist") from None
+        raise FormatError(f"file {str(path)!r} does not exist", code="file_missing",
+                          params={"path": path}) from None
     except IsADirectoryError:
-        raise FormatError(f"{str(path)!r} is a folder, not a file") from None
+        raise FormatError(f"{str(path)!r} is a folder, not a file", code="file_is_folder",
+                          params={"path": path}) from None
 
 
 def _check_text(data: bytes, filename: str | None) -> bytes:
@@ -293,15 +297,18 @@ def _check_text(data: bytes, filename: str | None) -> bytes:
             try:
                 return data.decode(codec).encode("utf-8")
             except UnicodeDecodeError:
-                raise FormatError("the file says it is UTF-16 but is not; save it as UTF-8") from None
+                raise FormatError("the file says it is UTF-16 but is not; save it as UTF-8", code="bad_utf16") from None
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     name = f"{filename!r} " if filename else "the file "
-    for magic, what in _BINARY_MAGIC.items():
+    # without a file name the bot's texts cannot be filled and it shows the English message
+    params = {"name": filename} if filename else {}
+    for magic, (code, what) in _BINARY_MAGIC.items():
         if data.startswith(magic):
-            raise FormatError(f"{name}is {what}, not a JSONL or CSV file of examples")
+            raise FormatError(f"{name}is {what}, not a JSONL or CSV file of examples", code=code, params=params)
     if b"\x00" in data[:8192]:
-        raise FormatError(f"{name}is binary, not a JSONL or CSV text file of examples")
+        raise FormatError(f"{name}is binary, not a JSONL or CSV text file of examples", code="file_binary",
+                          params=params)
     return data
 
 
@@ -327,12 +334,13 @@ def read_examples(source: str | Path | bytes, *, filename: str | None = None,
     data = _check_text(data, filename)
     if detect_format(data, filename) == "jsonl":
         if data.lstrip()[:1] == b"[" and b"\n" in data.strip():
-            raise FormatError("the file is one JSON array; write one JSON object per line (JSONL) instead")
+            raise FormatError("the file is one JSON array; write one JSON object per line (JSONL) instead",
+                              code="json_array")
         records, errors = _read_jsonl(data, max_field_chars)
     else:
         records, errors = _read_csv(data, max_field_chars, filename)
     if not records and errors and all(e.code == "encoding" for e in errors):
-        raise FormatError(_NOT_UTF8)
+        raise FormatError(_NOT_UTF8, code="not_utf8")
     seen: dict[str, int] = {}
     unique = []
     for record in records:
@@ -365,7 +373,8 @@ def write_examples(examples: Iterable[Any], fp: TextIO, *, format: str = "jsonl"
     non-train split and must_contain are kept so that a re-import gives the same examples.
     """
     if format not in WRITE_FORMATS:
-        raise FormatError(f"unknown export format {format!r}; use one of: {', '.join(WRITE_FORMATS)}")
+        raise FormatError(f"unknown export format {format!r}; use one of: {', '.join(WRITE_FORMATS)}",
+                          code="export_format", params={"format": format, "formats": ", ".join(WRITE_FORMATS)})
     count = 0
     for item in examples:
         question, answer, extra = _pair(item)

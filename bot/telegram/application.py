@@ -14,7 +14,7 @@ import traceback
 from telegram import BotCommand, Update
 from telegram.ext import AIORateLimiter, Application, ContextTypes
 
-from bot.telegram.common import reply, tr
+from bot.telegram.common import reply, tr, tr_error
 from bot.telegram.handlers import all_handlers
 from bot.telegram.persistence import StorePersistence
 from bot.telegram.progress import POLL_S, poll_jobs
@@ -32,10 +32,10 @@ class BotConfigError(Exception):
 
 
 async def error_handler(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Domain errors are shown as they are; anything else is logged with a reference the user can quote."""
+    """Domain errors are shown in the user's language; anything else is logged with a reference the user can quote."""
     exc = context.error
     if isinstance(update, Update) and update.effective_chat and isinstance(exc, (StorageError, TuningError)):
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     ref = secrets.token_hex(4)
     log.error("unhandled error ref=%s: %s\n%s", ref, type(exc).__name__,

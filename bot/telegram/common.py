@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import ContextTypes
 
-from bot.telegram.texts import pick_language, t
+from bot.telegram.texts import catalogue, pick_language, t
 from storage import Store
 from storage.records import ROLES, Assistant
 
@@ -41,6 +41,23 @@ def lang_of(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
 def tr(update: Update, context: ContextTypes.DEFAULT_TYPE, key: str, **params: object) -> str:
     """The text `key` in this user's language."""
     return t(lang_of(update, context), key, **params)
+
+
+def error_reason(exc: BaseException, lang: str) -> str:
+    """A domain error in `lang`: the catalogue's "error_<code>" filled with its params, else its English message."""
+    code = getattr(exc, "code", "")
+    key = f"error_{code}"
+    if code and key in catalogue("en"):
+        try:
+            return t(lang, key).format(**getattr(exc, "params", {}))
+        except (KeyError, IndexError):  # the text needs a param this error lacks (a file without a name)
+            log.debug("error %s lacks params for %s; showing it in English", code, lang)
+    return str(exc)
+
+
+def tr_error(update: Update, context: ContextTypes.DEFAULT_TYPE, exc: BaseException) -> str:
+    """The "⚠️ reason" reply for a domain error (TuningError, StorageError), in this user's language."""
+    return tr(update, context, "error_user", reason=error_reason(exc, lang_of(update, context)))
 
 
 def role_at_least(role: str | None, needed: str) -> bool:

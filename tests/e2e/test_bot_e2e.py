@@ -129,6 +129,18 @@ def test_document_without_larger_model_is_kept_and_explained(emulator, bot, db):
     assert "not a readable PDF" in expert.wait(mark)[-1].text
 
 
+def test_russian_expert_gets_file_errors_in_russian(emulator, bot, db):
+    expert = emulator.user(EXPERT, "Expert", language="ru")
+    aid = db.assistant_by_name("acme").id
+    before = db.count_examples(aid)
+    mark = expert.send_document("faq.csv", b"question,answer\x00\x01\x02\x03")
+    assert expert.wait(mark)[-1].text == ("⚠️ «faq.csv» — двоичный файл, а не текстовый файл примеров "
+                                          "в формате JSONL или CSV")
+    mark = expert.send_document("scan.pdf", b"%PDF-1.4 broken")
+    assert expert.wait(mark)[-1].text.startswith("⚠️ scan.pdf: не удаётся прочитать PDF (")
+    assert db.count_examples(aid) == before
+
+
 def test_tester_is_refused_expert_work(emulator, bot):
     tester = emulator.user(TESTER, "Tester")
     for command in ("/review", "/train", "/add", "/generate"):

@@ -8,7 +8,7 @@ from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler, filters
 
 from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, short, store_of, tr,
-                                 with_thread_store)
+                                 tr_error, with_thread_store)
 from bot.telegram.handlers.generate import document_uploaded
 from storage import DuplicateExample, StorageError
 
@@ -37,7 +37,7 @@ def save_example(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_i
     except DuplicateExample as exc:
         return tr(update, context, "example_duplicate", id=exc.existing_id, question=short(exc.question, 80))
     except StorageError as exc:
-        return tr(update, context, "error_user", reason=str(exc))
+        return tr_error(update, context, exc)
     total = store_of(context).count_examples(assistant_id, status="approved")
     return tr(update, context, "example_saved", id=ex.id, total=total)
 
@@ -218,7 +218,7 @@ async def examples_button(update: Update, context: ContextTypes.DEFAULT_TYPE, as
     try:
         ex = store.get_example(example_id)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     if ex.assistant_id != assistant.id:
         await reply(update, tr(update, context, "not_member"))
@@ -244,7 +244,7 @@ async def edit_example_text(update: Update, context: ContextTypes.DEFAULT_TYPE, 
     try:
         store.edit_example(ex.id, question=question, answer=answer, by=update.effective_user.id)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     await reply(update, tr(update, context, "example_edited", id=ex.id))
 

@@ -14,8 +14,8 @@ from telegram import Message, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
 from bot.app import client_config, endpoint_configured
-from bot.telegram.common import (app_of, callback_args, keyboard, lang_of, reply, requires, short, store_of, tr,
-                                 with_thread_store)
+from bot.telegram.common import (app_of, callback_args, error_reason, keyboard, lang_of, reply, requires, short,
+                                 store_of, tr, with_thread_store)
 from bot.telegram.texts import t
 from storage import StorageError
 from tuning.errors import TuningError
@@ -192,7 +192,7 @@ async def _generation_task(context: ContextTypes.DEFAULT_TYPE, *, chat_id: int, 
     try:
         run = work.result()
     except (TuningError, StorageError) as exc:
-        await show(t(lang, "generate_failed", reason=str(exc)))
+        await show(t(lang, "generate_failed", reason=error_reason(exc, lang)))
         return
     key = "generate_done_document" if method == "document" else "generate_done"
     text = t(lang, key, kept=run.kept, requested=run.requested, cost=f"{run.cost_usd:.4f}",
