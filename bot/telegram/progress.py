@@ -39,6 +39,10 @@ def render_progress(job: Job, lang: str) -> str:
             lines.append(t(lang, "job_loss", loss=_num(p.get("loss")), val_loss=_num(p.get("val_loss"))))
         if p.get("eta_s") is not None:
             lines.append(t(lang, "job_eta", eta=_duration(p.get("eta_s"))))
+        if (p.get("processes") or 1) > 1:
+            lines.append(t(lang, "job_parallel", n=p["processes"]))
+        if p.get("node"):  # a Ray task: the cluster node it runs on
+            lines.append(t(lang, "job_node", node=p["node"]))
         return "\n".join(lines)
     if job.status == "succeeded":
         return t(lang, "job_succeeded", id=job.id)

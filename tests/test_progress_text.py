@@ -1,0 +1,21 @@
+"""The Telegram progress message of a running job, in both languages."""
+
+from __future__ import annotations
+
+from bot.telegram.progress import render_progress
+from storage.records import Job
+
+
+def running(progress: dict) -> Job:
+    return Job(id=7, kind="train", assistant_id=1, status="running", progress=progress)
+
+
+def test_running_job_shows_steps_loss_eta_and_where_it_runs():
+    p = {"step": 5, "total_steps": 20, "epoch": 1, "loss": 1.25, "val_loss": None, "eta_s": 75}
+    plain = render_progress(running(p), "en")
+    assert "#7" in plain and "5" in plain and "20" in plain and "1m 15s" in plain
+    assert "Data parallel" not in plain and "node" not in plain
+    wide = render_progress(running({**p, "processes": 4, "node": "10.0.0.3"}), "en")
+    assert "Data parallel: 4 processes" in wide and "On node 10.0.0.3" in wide
+    ru = render_progress(running({**p, "processes": 4, "node": "10.0.0.3"}), "ru")
+    assert "процессов: 4" in ru and "Узел: 10.0.0.3" in ru and "Data parallel" not in ru
