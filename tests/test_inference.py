@@ -208,3 +208,31 @@ def test_adapters_loaded_by_the_engine_stay_ordinary_tensors(engine, adapters):
     engine.answer(QUESTION, adapter_dir=adapters[0], max_new_tokens=1)
     lora = [p for name, p in engine.model.named_parameters() if "lora_" in name]
     assert lora and not any(p.is_inference() for p in lora)
+
+
+def test_close_while_decoding_returns_and_racing_requests_are_all_answered(tiny_model_dir):
+    """close() during a batch returns (it used to wait forever: the thread blocked on an empty queue after
+    taking the stop marker), and a request submitted while close() runs is served, never stranded."""
+    import threading
+
+    eng = Engine(tiny_model_dir, max_new_tokens=1)
+    eng.load()
+    messages = prepare_messages(QUESTION)
+    generations = []
+    for _ in range(60):
+        eng.submit(messages)  # a live thread for close() to stop
+        submitted: list = []
+        closer = threading.Thread(target=eng.close, daemon=True)
+        submitter = threading.Thread(target=lambda: submitted.append(eng.submit(messages)), daemon=True)
+        closer.start()
+        submitter.start()
+        closer.join(30)
+        submitter.join(30)
+        assert not closer.is_alive() and not submitter.is_alive(), "close() never returned"
+        generations += submitted
+    done = threading.Event()
+    threading.Thread(target=lambda: ([g.result() for g in generations], done.set()), daemon=True).start()
+    try:
+        assert done.wait(60), f"{sum(g.finished_at is None for g in generations)} request(s) never served"
+    finally:
+        eng.close()

@@ -284,11 +284,18 @@ class Engine:
             self.tokenizer = tok
             self.model = model
 
-    def _ensure_thread(self) -> None:
+    def _enqueue(self, generation: Generation) -> None:
+        """Queue a request, starting the inference thread if needed.
+
+        Under the same lock as close(): a request is queued either before close()'s stop marker (and
+        served before the thread ends) or after the thread ended (and a new thread serves it), never
+        behind the marker with no thread left to take it.
+        """
         with self._load_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="tunebot-inference", daemon=True)
                 self._thread.start()
+            self._requests.put(generation)
 
     def close(self) -> None:
         """Stop the inference thread after the requests already queued (a later request starts it again)."""
@@ -308,11 +315,10 @@ class Engine:
                max_new_tokens: int | None = None, temperature: float | None = None) -> Generation:
         """Queue a request for chat messages; iterate the returned Generation for text pieces."""
         self.load()
-        self._ensure_thread()
         generation = Generation(messages, adapter_dir=str(adapter_dir) if adapter_dir else None,
                                 max_new_tokens=min(max_new_tokens or self.max_new_tokens, 4096),
                                 temperature=self.temperature if temperature is None else temperature)
-        self._requests.put(generation)
+        self._enqueue(generation)
         return generation
 
     def stream(self, question_or_messages, *, adapter_dir: str | Path | None = None, adapter_name: str | None = None,
@@ -342,7 +348,8 @@ class Engine:
         closing, batch = False, None
         with torch.inference_mode():
             while True:
-                closing = self._take_requests(pending, block=batch is None and not pending) or closing
+                # Once close() asked to stop, never block again: finish what is queued, then return.
+                closing = self._take_requests(pending, block=batch is None and not pending and not closing) or closing
                 if batch is None:
                     if not pending:
                         if closing:
