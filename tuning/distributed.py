@@ -127,8 +127,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this rank when its launcher dies, so no orphan keeps a GPU busy."""
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (a job child, a rank), so no orphan keeps a GPU busy."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-fd", type=int)
     parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return EXIT_CANCELLED  # the launcher died before this rank armed its parent-death signal
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank %(process)d %(name)s: %(message)s")

@@ -268,6 +268,13 @@ def plot_loss_curve(epochs: Sequence[dict], path: Path, *, step_losses: Sequence
     plt.close(fig)
 
 
+def _training_splits(items: Sequence[TrainItem], config: TrainConfig) -> Splits:
+    splits = split_items(items, val_share=config.val_share, seed=config.seed)
+    if not splits.train:
+        raise TrainingError("no training examples: approve some examples (test examples are never trained on)")
+    return splits
+
+
 def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainConfig(), system_prompt: str = "",
           cache_dir=None, on_progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainingReport:
@@ -282,8 +289,7 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
         raise TrainingError("accumulate must be at least 1")
     world = processes_for(config)
     if world > 1:
-        if not split_items(items, val_share=config.val_share, seed=config.seed).train:
-            raise TrainingError("no training examples: approve some examples (test examples are never trained on)")
+        _training_splits(items, config)  # fail here, before starting any process
         return launch(items, out_dir=out_dir, config=config, world_size=world, system_prompt=system_prompt,
                       cache_dir=cache_dir, on_progress=on_progress, should_stop=should_stop, resume=resume)
     return train_rank(items, out_dir=out_dir, config=config, system_prompt=system_prompt, cache_dir=cache_dir,
@@ -305,9 +311,7 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
     main = ranks.main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits: Splits = split_items(items, val_share=config.val_share, seed=config.seed)
-    if not splits.train:
-        raise TrainingError("no training examples: approve some examples (test examples are never trained on)")
+    splits = _training_splits(items, config)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -12,6 +11,7 @@ import threading
 import time
 import traceback
 
+from tuning.distributed import die_with_parent
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR
 
 log = logging.getLogger("tuning.jobs.child")
@@ -41,15 +41,6 @@ class StopFlag:
         return self.event.is_set()
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the worker dies, so no orphan keeps a GPU busy."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuning.jobs.child", description=__doc__)
     parser.add_argument("--db", required=True)
@@ -61,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _die_with_parent()
+    die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return EXIT_STOPPED
 
