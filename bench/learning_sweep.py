@@ -1,11 +1,14 @@
-"""Learning quality per training setting: the demo's data, held-out paraphrases, must_contain accuracy.
+"""Learning quality per training setting and data set: every answer mode beside the model-free lookup baseline.
 
-Each setting trains a LoRA adapter on the ACME FAQ (examples/acme_faq.jsonl) plus N local mutations per
-question (validation = held-out mutations, as in `tunebot demo`), then answers the 40 paraphrased
-questions of examples/acme_eval.jsonl greedily. Base and few-shot are measured once, as the baselines
-of the same run. Settings are `key=value,...` over TrainConfig fields.
+Each setting trains a LoRA adapter on a FAQ plus N local mutations per question (validation = held-out
+mutations, as `tunebot train --data X --augment mutate` does), then answers held-out customer-style questions
+greedily in every mode, and an out-of-scope file for the abstain rates. Data sets:
 
-    python bench/learning_sweep.py "epochs=6" "epochs=12" "epochs=12,learning_rate=2e-3" [--out FILE]
+- `acme` (examples/acme_faq.jsonl + acme_eval.jsonl): the set hyperparameters were chosen on;
+- `harbor` (en) and `ru` (examples/harbor_*.jsonl, ru_*.jsonl): written separately, the report sets;
+- `gen:N[:LANG[:SEED]]`: N invented facts from bench/faqgen.py (names and numbers no model knows).
+
+    python bench/learning_sweep.py --data acme "recipe=grounded" "recipe=closed,epochs=12" [--out FILE]
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-SYSTEM = "You answer customer questions for ACME Parcel, a parcel delivery company."  # as in `tunebot demo`
+SYSTEMS = {"acme": "You answer customer questions for ACME Parcel, a parcel delivery company.",
+           "harbor": "You answer customer questions for Harbor Line, a ferry and marina company.",
+           "ru": "Ты отвечаешь на вопросы пациентов клиники «Здоровье+»."}
+MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
 
 
 def parse_setting(text: str) -> dict:
@@ -31,57 +38,75 @@ def parse_setting(text: str) -> dict:
     return out
 
 
+def load_data(name: str):
+    """(train pairs, held-out items, out-of-scope questions, system prompt) of a data set."""
+    from tuning.formats import read_examples
+
+    def jsonl(path):
+        return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    if name.startswith("gen:"):
+        from faqgen import generate_faq
+
+        parts = name.split(":")
+        n, language = int(parts[1]), parts[2] if len(parts) > 2 else "en"
+        seed = int(parts[3]) if len(parts) > 3 else 0
+        pairs, test = generate_faq(n, language=language, seed=seed)
+        return [(p["question"], p["answer"]) for p in pairs], test, [], ""
+    faq = read_examples(ROOT / "examples" / f"{name}_faq.jsonl").records
+    held_out = jsonl(ROOT / "examples" / f"{name}_eval.jsonl")
+    oos_path = ROOT / "examples" / f"{name}_out_of_scope.jsonl"
+    oos = [r["question"] for r in jsonl(oos_path)] if oos_path.exists() else []
+    return [(r.question, r.answer) for r in faq], held_out, oos, SYSTEMS.get(name, "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="+")
+    parser.add_argument("--data", default="acme")
     parser.add_argument("--per-example", type=int, default=3)
     parser.add_argument("--base", default="bundled:smollm2-135m")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "test-models"))
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--baselines", action="store_true", help="also measure base and few-shot")
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     from tuning.dataset import TrainItem, add_mutations
     from tuning.evaluate import evaluate
-    from tuning.formats import read_examples
     from tuning.train import TrainConfig, train
 
-    faq = read_examples(ROOT / "examples" / "acme_faq.jsonl").records
-    held_out = read_examples(ROOT / "examples" / "acme_eval.jsonl").records
-    items = add_mutations([TrainItem(r.question, r.answer, group=str(i)) for i, r in enumerate(faq)],
+    pairs, held_out, oos, system = load_data(args.data)
+    items = add_mutations([TrainItem(q, a, group=str(i)) for i, (q, a) in enumerate(pairs)],
                           n=args.per_example, seed=0)
-    result: dict = {"base_model": args.base, "facts": len(faq), "items": len(items), "held_out": len(held_out),
-                    "settings": []}
-    if args.baselines:
-        started = time.perf_counter()
-        base = evaluate(held_out, base_model=args.base, modes=("base", "fewshot"),
-                        fewshot=[(r.question, r.answer) for r in faq], system_prompt=SYSTEM,
-                        cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens)
-        result["baselines"] = {m: {k: v[k] for k in ("accuracy", "f1")} for m, v in base["modes"].items()}
-        result["baselines"]["seconds"] = round(time.perf_counter() - started, 1)
-        print(json.dumps(result["baselines"]), file=sys.stderr)
+    result: dict = {"data": args.data, "base_model": args.base, "facts": len(pairs), "items": len(items),
+                    "held_out": len(held_out), "out_of_scope": len(oos), "settings": []}
+    modes = tuple(args.modes.split(","))
     for text in args.settings:
         given = parse_setting(text)
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             report = train(items, out_dir=tmp, config=TrainConfig(base_model=args.base, **given),
-                           system_prompt=SYSTEM, cache_dir=args.cache_dir)
+                           system_prompt=system, cache_dir=args.cache_dir)
             trained_s = time.perf_counter() - started
-            tuned = evaluate(held_out, base_model=args.base, adapter_dir=tmp, modes=("tuned",),
-                             system_prompt=SYSTEM, cache_dir=args.cache_dir,
-                             max_new_tokens=args.max_new_tokens)["modes"]["tuned"]
-        row = {"setting": given, "accuracy": tuned["accuracy"], "f1": tuned["f1"],
-               "stop_rate": tuned.get("stop_rate"), "epochs_run": len(report.epochs),
-               "best_epoch": report.best_epoch, "best_val_loss": report.best_val_loss,
-               "train_s": round(trained_s, 1), "tokens_per_s": report.tokens_per_s,
-               "learning_rate": report.hyperparameters["learning_rate"],
-               "lora_rank": report.hyperparameters["lora_rank"]}
+            started = time.perf_counter()
+            ev = evaluate(held_out, base_model=args.base, adapter_dir=tmp, modes=modes, system_prompt=system,
+                          cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, out_of_scope=oos)
+            eval_s = time.perf_counter() - started
+        row = {"setting": given, "modes": {m: {"accuracy": v["accuracy"], "f1": v["f1"],
+                                               "abstain_rate": v["abstain_rate"]} for m, v in ev["modes"].items()},
+               "out_of_scope": ev.get("out_of_scope"), "retrieval": ev.get("retrieval"),
+               "abstain_threshold": ev["abstain_threshold"], "epochs_run": len(report.epochs),
+               "epochs_planned": report.hyperparameters["epochs"], "best_epoch": report.best_epoch,
+               "best_val_loss": report.best_val_loss, "train_s": round(trained_s, 1), "eval_s": round(eval_s, 1),
+               "tokens_per_s": report.tokens_per_s, "train_rows": report.counts.get("train_rows"),
+               "learning_rate": report.hyperparameters["learning_rate"]}
         result["settings"].append(row)
-        print(json.dumps(row), file=sys.stderr)
-    text = json.dumps(result, indent=2)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
 
 

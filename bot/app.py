@@ -23,6 +23,15 @@ class App:
     def store(self) -> Store:
         return Store(open_db(self.settings.database_path))
 
+    @cached_property
+    def indexes(self):
+        """Each assistant's retriever over its approved examples, kept in sync and saved under the data dir."""
+        from tuning.retrieval import AssistantIndexes, sentence_embedder
+
+        s = self.settings
+        embed = sentence_embedder(s.embedding_model, cache_dir=s.models_cache) if s.embedding_model else None
+        return AssistantIndexes(s.data_dir / "retrieval", embed=embed, embed_weight=s.embedding_weight)
+
     @property
     def engine(self):
         """The inference engine of the default base model."""

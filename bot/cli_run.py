@@ -38,7 +38,8 @@ def _start_api(app):
 
     s = app.settings
 
-    api = create_api_app(Store(open_db(s.database_path)), app.engine, engine_for=app.engine_for)
+    api = create_api_app(Store(open_db(s.database_path)), app.engine, engine_for=app.engine_for,
+                         indexes=app.indexes)
     server = uvicorn.Server(uvicorn.Config(api, host=s.api_host, port=s.api_port, log_level="warning"))
     threading.Thread(target=server.run, name="tunebot-api", daemon=True).start()
     return server

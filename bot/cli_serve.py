@@ -44,10 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Answers stream as they are generated. Type /quit or press Ctrl-D to leave.")
     chat.add_argument("--assistant", required=True, metavar="NAME")
     chat.add_argument("--mode", choices=MODES, default="auto",
-                      help="auto: the active version, else few-shot; tuned; base; fewshot (approved examples as "
-                           "context); version (with --version)")
+                      help="auto (default): the active version as it was trained (grounded: given the retrieved "
+                           "examples), else few-shot, and \"I don't know\" when unsure; grounded; tuned (closed book); "
+                           "base; fewshot (retrieved examples as context); version (with --version)")
     chat.add_argument("--version", type=int, default=None, metavar="ID", help="a model version id (mode version)")
-    chat.add_argument("--compare", action="store_true", help="answer each question in base, few-shot and tuned mode")
+    chat.add_argument("--compare", action="store_true", help="answer each question in base, few-shot, tuned and grounded mode")
     chat.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens")
     chat.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming")
     chat.set_defaults(func=cmd_chat)
@@ -84,7 +85,7 @@ def cmd_serve(args, app) -> int:
     app.engine.load()
     print(f"serving the OpenAI-compatible API on http://{host}:{port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(create_api_app(app.store, app.engine, engine_for=app.engine_for,
+        uvicorn.run(create_api_app(app.store, app.engine, engine_for=app.engine_for, indexes=app.indexes,
                                    max_body_bytes=args.max_body_kb * 1024),
                     host=host, port=port, log_level=app.settings.log_level.lower())
     finally:
@@ -142,14 +143,17 @@ def _answer_line(app, engine, assistant, question: str, args, out) -> None:
 
     if args.json:
         if args.compare:
-            answers = compare_answers(app.store, engine, assistant.id, question)
+            answers = compare_answers(app.store, engine, assistant.id, question, indexes=app.indexes)
         else:
             answers = [answer_question(app.store, engine, assistant.id, question, mode=args.mode,
-                                       version_id=args.version)]
+                                       version_id=args.version, indexes=app.indexes)]
         for a in answers:
             out.write(json.dumps({"question": question, "mode": a.mode, "version_id": a.version_id, "answer": a.text,
                                   "ttft_ms": round(a.ttft_ms, 1), "tokens_per_s": round(a.tokens_per_s, 1),
-                                  "message_id": a.message_id}, ensure_ascii=False) + "\n")
+                                  "message_id": a.message_id, "abstained": a.abstained,
+                                  "unanswered_id": a.unanswered_id, "confidence": a.confidence,
+                                  "sources": [{"example_id": i, "question": q} for i, q in a.sources]},
+                                 ensure_ascii=False) + "\n")
         out.flush()
         return
 
@@ -166,12 +170,17 @@ def _answer_line(app, engine, assistant, question: str, args, out) -> None:
                 current[0] = mode
             show(piece)
 
-        compare_answers(app.store, engine, assistant.id, question, on_piece=show_mode)
+        compare_answers(app.store, engine, assistant.id, question, on_piece=show_mode, indexes=app.indexes)
         out.write("\n")
     else:
         answer = answer_question(app.store, engine, assistant.id, question, mode=args.mode, version_id=args.version,
-                                 on_piece=show)
+                                 on_piece=show, indexes=app.indexes)
         out.write("\n")
+        if answer.abstained:
+            out.write(f"  (not sure: confidence {answer.confidence:.2f}; queued for the experts as unanswered "
+                      f"#{answer.unanswered_id}, see /review)\n")
+        if answer.sources:
+            out.write("  sources: " + "; ".join(f"#{i} {q[:60]}" for i, q in answer.sources) + "\n")
         if out.isatty():
             out.write(f"  ({answer.mode}, first token {answer.ttft_ms:.0f} ms, {answer.tokens_per_s:.0f} tokens/s)\n")
     out.flush()

@@ -21,17 +21,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
     ev = subparsers.add_parser(
-        "eval", help="compare base, few-shot and tuned answers on a test file",
+        "eval", help="compare base, few-shot, lookup, tuned and grounded answers on a test file",
         description="Answer every question of a test file with the base model, the base model with few-shot "
-                    "examples in the prompt, and the tuned model; report must_contain accuracy, token F1, "
-                    "ROUGE-L, how often answers end by themselves, time to first token and tokens/s.")
+                    "examples in the prompt, the nearest example's answer (lookup: no model, the baseline), "
+                    "the tuned model closed book, and the tuned model given the retrieved examples (grounded); "
+                    "report must_contain accuracy, token F1, ROUGE-L, how often answers end by themselves, "
+                    "how often the assistant would say it does not know, retrieval recall, time to first "
+                    "token and tokens/s.")
     ev.add_argument("--model", metavar="DIR", help="a folder written by `tunebot train` (needed for 'tuned')")
     ev.add_argument("--data", metavar="FILE", required=True, help="test questions (JSONL/CSV; must_contain optional)")
     ev.add_argument("--compare", default=None, metavar="MODES",
-                    help="comma-separated modes among base,fewshot,tuned (default: all that the inputs allow)")
+                    help="comma-separated modes among base,fewshot,lookup,tuned,grounded "
+                         "(default: all that the inputs allow)")
     ev.add_argument("--fewshot-data", metavar="FILE",
-                    help="examples for the few-shot prompt (default: the examples the model was trained on)")
-    ev.add_argument("--k", type=int, default=8, help="few-shot examples per question, most similar first (default 8)")
+                    help="examples to retrieve from for fewshot/lookup/grounded (default: the retrieval index the "
+                         "training run saved in --model)")
+    ev.add_argument("--out-of-scope", metavar="FILE",
+                    help="questions the examples do not answer: reports how often each mode says it does not know")
+    ev.add_argument("--k", type=int, default=None,
+                    help="retrieved examples per grounded answer (default: what the model was trained with)")
     ev.add_argument("--base-model", default=None, help="default: the model's own base, else the base_model setting")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -61,6 +69,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-parallel processes, one per GPU (default: one per visible GPU, 1 on CPU)")
     parser.add_argument("--accumulate", type=int, default=None, metavar="N",
                         help="packed rows per process per optimizer step (default 1)")
+    parser.add_argument("--recipe", choices=("grounded", "closed"), default=None,
+                        help="grounded (default): each row shows the question with retrieved examples, so the "
+                             "model learns to pick and copy the right fact (and some rows without the right one, "
+                             "so it learns the facts too); closed: the question alone (closed book)")
+    parser.add_argument("--grounded-k", type=int, default=None, metavar="K",
+                        help="retrieved examples per grounded row and answer (default 3)")
     parser.add_argument("--augment", default=None, metavar="mutate[:N]|none",
                         help="add N rule-based mutations (typos, layout, …) per example as variations; "
                              "default: mutate with the mutations_per_example setting when the file has none")
@@ -101,6 +115,31 @@ def _read(path: str, what: str):
     if not result.records:
         raise CommandError(f"{path} has no readable question-answer pairs")
     return result.records
+
+
+def _read_questions(path: str, what: str) -> list[str]:
+    """Questions alone: JSONL lines with a "question" (answers are not needed), or one question per text line."""
+    if not Path(path).exists():
+        raise CommandError(f"{what} {path!r} does not exist")
+    questions = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            text = row.get("question") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                print(f"{path}: line {number}: no \"question\" text (skipped)", file=sys.stderr)
+                continue
+            line = text.strip()
+        questions.append(line)
+    if not questions:
+        raise CommandError(f"{path} has no questions")
+    return questions
 
 
 class _Progress:
@@ -152,7 +191,7 @@ def cmd_train(args, app) -> int:
     if n:
         items = add_mutations(items, n=n, seed=args.seed or 0)
     given = {k: getattr(args, k) for k in ("method", "epochs", "learning_rate", "lora_rank", "batch_tokens", "seed",
-                                          "processes", "accumulate")
+                                          "processes", "accumulate", "recipe", "grounded_k")
              if getattr(args, k) is not None}
     config = TrainConfig(base_model=args.base_model or settings.base_model, **given)
     progress = _Progress(quiet=False)
@@ -184,21 +223,27 @@ def cmd_eval(args, app) -> int:
     if args.limit:
         items = items[:args.limit]
     fewshot: list[tuple[str, str]] = []
+    has_index = model_dir is not None and (model_dir / "retrieval" / "meta.json").exists()
     if args.fewshot_data:
         fewshot = [(r.question, r.answer) for r in _read(args.fewshot_data, "--fewshot-data")]
-    elif model_dir is not None and (model_dir / "fewshot_pool.jsonl").exists():
+    elif not has_index and model_dir is not None and (model_dir / "fewshot_pool.jsonl").exists():
         fewshot = [(r.question, r.answer) for r in _read(str(model_dir / "fewshot_pool.jsonl"), "few-shot pool")]
+    out_of_scope = _read_questions(args.out_of_scope, "--out-of-scope") if args.out_of_scope else []
+    retrievable = bool(fewshot) or has_index
     if args.compare:
         modes = [m.strip() for m in args.compare.split(",") if m.strip()]
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise CommandError(f"--compare: unknown mode(s) {', '.join(bad) or '(none)'}; choose from {','.join(MODES)}")
     else:
-        modes = ["base"] + (["fewshot"] if fewshot else []) + (["tuned"] if model_dir else [])
-    if "tuned" in modes and model_dir is None:
-        raise CommandError("--compare tuned needs --model DIR")
-    if "fewshot" in modes and not fewshot:
-        raise CommandError("--compare fewshot needs --fewshot-data FILE (or a --model folder from `tunebot train`)")
+        modes = ["base"] + (["fewshot", "lookup"] if retrievable else []) + (["tuned"] if model_dir else []) \
+            + (["grounded"] if model_dir and retrievable else [])
+    for mode in ("tuned", "grounded"):
+        if mode in modes and model_dir is None:
+            raise CommandError(f"--compare {mode} needs --model DIR")
+    for mode in ("fewshot", "lookup", "grounded"):
+        if mode in modes and not retrievable:
+            raise CommandError(f"--compare {mode} needs --fewshot-data FILE (or a --model folder from `tunebot train`)")
     base_model = args.base_model
     if base_model is None and model_dir is not None and (model_dir / "train_config.json").exists():
         base_model = json.loads((model_dir / "train_config.json").read_text())["config"]["base_model"]
@@ -211,7 +256,7 @@ def cmd_eval(args, app) -> int:
         result = evaluate(items, base_model=base_model or app.settings.base_model,
                           adapter_dir=str(model_dir) if model_dir else None, modes=modes, fewshot=fewshot,
                           cache_dir=app.settings.models_cache, max_new_tokens=args.max_new_tokens, k=args.k,
-                          include_answers=args.answers, on_progress=(lambda *_: bar.update(1)) if bar else None)
+                          include_answers=args.answers, out_of_scope=out_of_scope, on_progress=(lambda *_: bar.update(1)) if bar else None)
     finally:
         if bar is not None:
             bar.close()

@@ -65,24 +65,32 @@ def test_stop_event_ends_generation_early(tiny):
     assert answer.n_tokens <= 1 and not answer.stopped
 
 
-def test_evaluate_compares_three_modes(tiny_model_dir, tmp_path):
+def test_evaluate_compares_every_mode_with_the_lookup_baseline(tiny_model_dir, tmp_path):
+    from tuning.grounding import Grounding
     from tuning.train import TrainConfig, train
 
     train(fact_items(3, 1), out_dir=tmp_path, config=TrainConfig(base_model=tiny_model_dir, epochs=1))
+    assert (tmp_path / "retrieval" / "meta.json").exists() and Grounding.load(tmp_path).recipe == "grounded"
     items = [EvalItem("When is depot 1 open?", "Depot 1 opens at 8:00.", ("8:00",)),
              {"question": "depot 2 hours?", "answer": "Depot 2 opens at 9:00."}]
     seen = []
     result = evaluate(items, base_model=tiny_model_dir, adapter_dir=str(tmp_path), max_new_tokens=6,
-                      fewshot=[("When is depot 0 open?", "At 7:00.")], include_answers=True,
+                      include_answers=True, out_of_scope=["zzzz qqqq xxxx"],
                       on_progress=lambda mode, i, n: seen.append(mode))
-    assert result["n"] == 2 and list(result["modes"]) == ["base", "fewshot", "tuned"]
+    assert result["n"] == 2 and list(result["modes"]) == ["base", "fewshot", "lookup", "tuned", "grounded"]
     for metrics in result["modes"].values():
-        assert {"accuracy", "f1", "rouge_l", "stop_rate", "ttft_ms", "tokens_per_s"} <= set(metrics)
+        assert {"accuracy", "f1", "rouge_l", "stop_rate", "ttft_ms", "tokens_per_s", "abstain_rate"} <= set(metrics)
         assert metrics["accuracy"] in (0.0, 1.0)  # one question has must_contain
-    assert seen.count("tuned") == 2 and len(result["answers"]) == 2
+    # lookup needs no model: the nearest trained example's answer, verbatim (the random model never gets 8:00)
+    assert result["modes"]["lookup"]["accuracy"] == 1.0 and result["answers"][0]["lookup"].startswith("Depot 1 opens at 8:00")
+    assert result["retrieval"]["recall@1"] == 1.0
+    # a question sharing nothing with the examples is below the calibrated threshold: it would be abstained
+    assert result["out_of_scope"]["lookup"]["abstain_rate"] == 1.0
+    assert result["out_of_scope_answers"][0]["confidence"] < result["abstain_threshold"]
+    assert seen.count("tuned") == 3 and seen.count("grounded") == 3 and len(result["answers"]) == 2
     json.dumps(result)
     table = markdown_table(result)
-    assert table.count("\n| ") == 3 and "| tuned |" in table
+    assert table.count("\n| ") == 5 and "| grounded |" in table and "out of scope" in table
     with pytest.raises(Exception, match="fewshot"):
         evaluate(items, base_model=tiny_model_dir, modes=("fewshot",))
 

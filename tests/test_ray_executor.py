@@ -156,12 +156,15 @@ def test_a_ray_task_killed_mid_run_is_retried_and_resumes(ray_head, db_path, sto
     from tuning.jobs.executors import training_spec
     from tuning import hparams as hp
     from tuning.dataset import TrainItem, encode_items, epoch_rows, split_items
+    from tuning.grounding import grounded_items, training_index
     from tuning.models import load_tokenizer
 
     spec = training_spec(store, store.get_job(job.id), default_base_model=tiny_model_dir)
     splits = split_items([TrainItem(**i) for i in spec["items"]], val_share=0.2, seed=0)
-    enc = encode_items(load_tokenizer(tiny_model_dir), splits.train, max_tokens=1024)
-    batch = max(hp.choose(n_items=len(enc), n_tokens=sum(len(e.input_ids) for e in enc), method="lora",
+    rows, _ = grounded_items(splits.train, splits.val, training_index(splits.train), seed=0)
+    enc = encode_items(load_tokenizer(tiny_model_dir), rows, max_tokens=1024)
+    batch = max(hp.choose(n_facts=len({i.group for i in splits.train}), n_items=len(enc),
+                          n_tokens=sum(len(e.input_ids) for e in enc), method="lora", recipe="grounded",
                           epochs=2, batch_tokens=64).batch_tokens, max(len(e.input_ids) for e in enc))
     steps_per_epoch = len(epoch_rows(enc, batch_tokens=batch, seed=0, epoch=0))
     params["fault"]["kill_at_step"] = steps_per_epoch + 1

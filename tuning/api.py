@@ -16,12 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import Store, open_db
 from tuning.errors import TuningError
-from tuning.inference import Engine, InferenceError, plan_answer, prepare_messages, record_answer
+from tuning.answer_service import ABSTAIN_TEXT, plan_answer, record_answer
+from tuning.inference import Engine, InferenceError
 
 log = logging.getLogger(__name__)
 
 # model id suffixes: "acme" is the active version (few-shot before any training), "acme:base" the base model, …
-MODEL_SUFFIXES = {"": "auto", "tuned": "tuned", "base": "base", "fewshot": "fewshot"}
+MODEL_SUFFIXES = {"": "auto", "tuned": "tuned", "grounded": "grounded", "base": "base", "fewshot": "fewshot"}
 LISTED_SUFFIXES = ("", "base", "fewshot")
 
 
@@ -115,11 +116,14 @@ def _model_ids(name: str) -> list[str]:
 
 
 def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int = 1_000_000,
-                   max_tokens_limit: int = 1024) -> FastAPI:
+                   max_tokens_limit: int = 1024, indexes=None) -> FastAPI:
     """The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions (with and without stream).
 
     `engine` serves the default base model; `engine_for(base_model)` gives the engine of an assistant whose
     base model differs (the composition root's App.engine_for); without it every assistant uses `engine`.
+    `indexes` (tuning.retrieval.AssistantIndexes) keeps each assistant's retriever between requests.
+    An answer the assistant is unsure of (the default model id) is the "I don't know" text, and the
+    question is queued for the experts, as in the chat.
     """
     app = FastAPI(title="Tunebot", description="OpenAI-compatible API of Tunebot assistants", docs_url=None,
                   redoc_url=None)
@@ -187,13 +191,17 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
         assistant, mode, version_id = resolve_model(key, req["model"])
         question = req["messages"][-1]["content"]
         try:
-            plan = plan_answer(get_store(), assistant.id, question, mode=mode, version_id=version_id)
+            plan = await run_in_threadpool(lambda: plan_answer(get_store(), assistant.id, question, mode=mode,
+                                                               version_id=version_id, indexes=indexes))
         except TuningError as exc:
             raise ApiError(400, str(exc), code="model_not_ready") from None
-        try:
-            pieces, generation = await run_in_threadpool(_start, assistant_engine(assistant), req, plan)
-        except TuningError as exc:  # e.g. the assistant's base model cannot be loaded
-            raise _engine_error(exc) from None
+        if plan.unsure:
+            pieces, generation = iter([ABSTAIN_TEXT]), None
+        else:
+            try:
+                pieces, generation = await run_in_threadpool(_start, assistant_engine(assistant), req, plan)
+            except TuningError as exc:  # e.g. the assistant's base model cannot be loaded
+                raise _engine_error(exc) from None
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         started = time.perf_counter()
@@ -202,7 +210,11 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
             stopped = generation.stopped if generation else True
             prompt = generation.prompt_tokens if generation else 0
             completion = generation.n_tokens if generation else len(text.split())
-            record_answer(get_store(), plan, question, text, latency_ms=(time.perf_counter() - started) * 1000)
+            store_ = get_store()
+            conversation_id, message_id = record_answer(store_, plan, question, text, abstained=plan.unsure,
+                                                        latency_ms=(time.perf_counter() - started) * 1000)
+            if plan.unsure:
+                store_.add_unanswered(assistant.id, question, conversation_id=conversation_id, message_id=message_id)
             return {"finish_reason": "stop" if stopped else "length",
                     "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                               "total_tokens": prompt + completion}}
@@ -250,11 +262,14 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
 def _start(engine, req: dict, plan):
     """(text pieces, Generation or None): the local engine gives exact token counts and the finish reason."""
     if isinstance(engine, Engine):
-        messages = prepare_messages(req["messages"], system_prompt=plan.system_prompt, fewshot=plan.fewshot)
+        messages = plan.messages(req["messages"])
         generation = engine.submit(messages, adapter_dir=plan.adapter_dir, max_new_tokens=req["max_tokens"],
                                    temperature=req["temperature"])
         return iter(generation), generation
-    return engine.stream(req["messages"], **plan.engine_kwargs(), max_new_tokens=req["max_tokens"],
+    messages = req["messages"]
+    if plan.prompt is not None:
+        messages = [*messages[:-1], {**messages[-1], "content": plan.prompt}]
+    return engine.stream(messages, **plan.engine_kwargs(), max_new_tokens=req["max_tokens"],
                          temperature=req["temperature"]), None
 
 

@@ -22,6 +22,7 @@ class TrainItem:
     group: str
     variation: bool = False
     split: str = "train"
+    example_id: int | None = None  # the stored example (None for items from a file)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def items_from_store(store, assistant_id: int) -> list[TrainItem]:
         return ex_id
 
     return [TrainItem(question=ex.question, answer=ex.answer, group=str(root(ex.id)),
-                      variation=ex.parent_id is not None, split=ex.split) for ex in examples]
+                      variation=ex.parent_id is not None, split=ex.split, example_id=ex.id) for ex in examples]
 
 
 def items_from_pairs(pairs: Iterable[tuple[str, str]], *, split: str = "train") -> list[TrainItem]:

@@ -11,7 +11,10 @@ from typing import Callable, Sequence
 
 from tuning.errors import ModelLoadError
 
-MODES = ("base", "fewshot", "tuned")
+MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
+MODEL_FREE = ("lookup",)  # answered without any model: the nearest example's answer, a baseline
+NEEDS_ADAPTER = ("tuned", "grounded")
+FEWSHOT_K = 4
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -76,16 +79,11 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def select_fewshot(question: str, pool: Sequence[tuple[str, str]], k: int = 8) -> list[tuple[str, str]]:
-    """The k pairs whose question shares the most words with this one (Jaccard), most similar last."""
-    target = set(words(question))
+def select_fewshot(question: str, pool: Sequence[tuple[str, str]], k: int = FEWSHOT_K) -> list[tuple[str, str]]:
+    """The k pairs the retriever finds for this question (the selector chat and the API use), most similar last."""
+    from tuning.retrieval import Retriever, docs_from_pairs
 
-    def score(pair: tuple[str, str]) -> float:
-        other = set(words(pair[0]))
-        return len(target & other) / max(1, len(target | other))
-
-    ranked = sorted(enumerate(pool), key=lambda ip: (score(ip[1]), -ip[0]), reverse=True)[:k]
-    return [pair for _, pair in reversed(ranked)]
+    return [(h.question, h.answer) for h in reversed(Retriever(docs_from_pairs(pool)).search(question, k))]
 
 
 def as_eval_items(items: Sequence) -> list[EvalItem]:
@@ -124,79 +122,159 @@ def _trained_system_prompt(adapter_dir) -> str:
     return ""
 
 
+def _lookup_answer(hits):
+    from tuning.generation import GeneratedAnswer
+
+    return GeneratedAnswer(text=hits[0].answer if hits else "", ttft_ms=0.0, n_tokens=0, tokens_per_s=0.0,
+                           stopped=True)
+
+
+def _eval_index(adapter_dir, fewshot: Sequence[tuple[str, str]]):
+    """An index over the given example pairs, else the one the training run saved beside the adapter."""
+    from tuning.retrieval import Retriever, docs_from_pairs
+
+    if fewshot:
+        return Retriever(docs_from_pairs(fewshot))
+    if adapter_dir and (Path(adapter_dir) / "retrieval" / "meta.json").exists():
+        return Retriever.load(Path(adapter_dir) / "retrieval")
+    return None
+
+
+def _recall(items: Sequence[EvalItem], hits_of: Sequence, ks: Sequence[int]) -> dict:
+    checked = [(it, hits) for it, hits in zip(items, hits_of) if it.must_contain]
+    if not checked:
+        return {}
+    return {f"recall@{k}": round(sum(any(contains_all(h.answer, it.must_contain) for h in hits[:k])
+                                     for it, hits in checked) / len(checked), 4) for k in ks}
+
+
 def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Sequence[str] = MODES,
              fewshot: Sequence[tuple[str, str]] = (), system_prompt: str = "", cache_dir=None,
-             max_new_tokens: int = 128, k: int = 8, include_answers: bool = False,
+             max_new_tokens: int = 128, k: int | None = None, include_answers: bool = False,
+             out_of_scope: Sequence = (), engine=None,
              on_progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """{"n", "modes": {mode: metrics}}; the tuned mode needs adapter_dir, fewshot needs example pairs."""
-    import torch
+    """{"n", "modes": {mode: metrics}, "retrieval": recall@k, "out_of_scope": {mode: abstain_rate}}.
 
-    from tuning.generation import generate_answer
-    from tuning.models import load_base_model
+    Answers go through the same engine, prompts and retriever as chat (tuning.inference.Engine, batched).
+    tuned/grounded need adapter_dir; fewshot/lookup/grounded need an index: the one saved beside the adapter
+    or one built from `fewshot` pairs. A question whose retrieval confidence is below the adapter's calibrated
+    threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
+    """
+    from tuning.grounding import Grounding, confidence, render_question
     from tuning.prompts import build_messages
 
     items = as_eval_items(items)
+    oos = [it if isinstance(it, str) else (it.get("question") if isinstance(it, dict) else it.question)
+           for it in out_of_scope]
     if not items:
         raise ModelLoadError("no questions to evaluate")
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ModelLoadError(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
-    if "tuned" in modes and not adapter_dir:
-        raise ModelLoadError("the tuned mode needs a trained model folder (--model DIR)")
+    needs = [m for m in modes if m in NEEDS_ADAPTER]
+    if needs and not adapter_dir:
+        raise ModelLoadError(f"the {needs[0]} mode needs a trained model folder (--model DIR)")
     if adapter_dir and not system_prompt:
         system_prompt = _trained_system_prompt(adapter_dir)
-    model, tokenizer = load_base_model(base_model, cache_dir=cache_dir)
-    model.eval()
-    results: dict = {"n": len(items), "modes": {}}
-    answers_by_mode: dict = {}
+    grounding = Grounding.load(adapter_dir)
+    k = k or grounding.k
+    index = _eval_index(adapter_dir, fewshot)
+    if index is None and any(m in ("fewshot", "lookup", "grounded") for m in modes):
+        raise ModelLoadError("the fewshot, lookup and grounded modes need example pairs (--fewshot-data FILE) "
+                             "or a model folder with its retrieval index")
+    questions = [it.question for it in items] + oos
+    hits_of = [index.search(q, max(k, FEWSHOT_K)) if index is not None else [] for q in questions]
+    conf = [confidence(h) for h in hits_of]
+    abstain = [c < grounding.threshold for c in conf]
+    n_in = len(items)
 
-    def run(mode: str, model_for_mode) -> None:
-        answers = []
-        for i, it in enumerate(items):
-            shots = select_fewshot(it.question, fewshot, k) if mode == "fewshot" else ()
-            messages = build_messages(it.question, system_prompt=system_prompt, fewshot=shots)
-            with torch.no_grad():
-                answers.append(generate_answer(model_for_mode, tokenizer, messages, max_new_tokens=max_new_tokens))
-            if on_progress:
-                on_progress(mode, i + 1, len(items))
-        results["modes"][mode] = summarize(items, answers)
-        answers_by_mode[mode] = [a.text for a in answers]
-
-    for mode in modes:
-        if mode == "base":
-            run("base", model)
-        elif mode == "fewshot":
-            if not fewshot:
-                raise ModelLoadError("the fewshot mode needs example pairs (--fewshot-data FILE)")
-            run("fewshot", model)
-    if "tuned" in modes:
+    model_dir, adapter = base_model, None
+    if adapter_dir:
         folder = Path(adapter_dir)
         if (folder / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            tuned = PeftModel.from_pretrained(model, str(folder))
-        elif (folder / "config.json").exists():  # full fine-tuning saved a whole model
-            from transformers import AutoModelForCausalLM
-
-            tuned = AutoModelForCausalLM.from_pretrained(str(folder))
-        else:
+            adapter = str(folder)
+        elif needs and (folder / "config.json").exists():  # full fine-tuning saved a whole model
+            model_dir = str(folder)
+        elif needs:
             raise ModelLoadError(f"{folder} holds neither a LoRA adapter nor a model")
-        tuned.eval()
-        run("tuned", tuned)
-    results["modes"] = {m: results["modes"][m] for m in modes if m in results["modes"]}
+    own_engines = []
+
+    def engine_for(mode):
+        nonlocal engine
+        from tuning.inference import Engine
+
+        if mode in NEEDS_ADAPTER and model_dir != base_model:
+            own_engines.append(Engine(model_dir, cache_dir=cache_dir, max_new_tokens=max_new_tokens))
+            return own_engines[-1]
+        if engine is None:
+            engine = Engine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
+            own_engines.append(engine)
+        return engine
+
+    results: dict = {"n": n_in, "modes": {}, "k": k, "abstain_threshold": grounding.threshold,
+                     "recipe": grounding.recipe}
+    if index is not None:
+        results["retrieval"] = _recall(items, hits_of[:n_in], (1, k))
+    if oos:
+        results["n_out_of_scope"] = len(oos)
+        results["out_of_scope"] = {}
+    answers_by_mode: dict = {}
+    try:
+        for mode in modes:
+            if mode == "lookup":
+                answers = [_lookup_answer(h) for h in hits_of]
+            else:
+                eng = engine_for(mode)
+                pending = []
+                for q, hits in zip(questions, hits_of):
+                    shots = [(h.question, h.answer) for h in reversed(hits[:FEWSHOT_K])] if mode == "fewshot" else ()
+                    text = render_question(q, hits[:k]) if mode == "grounded" else q
+                    messages = build_messages(text, system_prompt=system_prompt, fewshot=shots)
+                    pending.append(eng.submit(messages, adapter_dir=adapter if mode in NEEDS_ADAPTER else None,
+                                              max_new_tokens=max_new_tokens))
+                answers = []
+                for i, generation in enumerate(pending):
+                    from tuning.inference import _generated_answer
+
+                    answers.append(_generated_answer(generation.result()))
+                    if on_progress:
+                        on_progress(mode, i + 1, len(pending))
+            metrics = summarize(items, answers[:n_in])
+            metrics["abstain_rate"] = round(sum(abstain[:n_in]) / n_in, 4)
+            results["modes"][mode] = metrics
+            if oos:
+                results["out_of_scope"][mode] = {"abstain_rate": round(sum(abstain[n_in:]) / len(oos), 4)}
+            answers_by_mode[mode] = [a.text for a in answers]
+    finally:
+        for e in own_engines:
+            e.close()
     if include_answers:
-        results["answers"] = [{"question": it.question, "reference": it.answer,
+        results["answers"] = [{"question": it.question, "reference": it.answer, "confidence": conf[i],
                                **{m: answers_by_mode[m][i] for m in results["modes"]}}
                               for i, it in enumerate(items)]
+        if oos:
+            results["out_of_scope_answers"] = [{"question": q, "confidence": conf[n_in + j],
+                                                **{m: answers_by_mode[m][n_in + j] for m in results["modes"]}}
+                                               for j, q in enumerate(oos)]
     return results
 
 
 def markdown_table(result: dict) -> str:
     """The comparison as a markdown table: % correct, quality, stopping, response time."""
-    header = "| mode | correct | token F1 | ROUGE-L | ended by itself | first token | tokens/s |"
-    lines = [header, "|" + "---|" * 7]
+    oos = result.get("out_of_scope") or {}
+    header = ("| mode | correct | token F1 | ROUGE-L | ended by itself | first token | tokens/s | says \"don't know\" |"
+              + (" out of scope: \"don't know\" |" if oos else ""))
+    lines = [header, "|" + "---|" * (9 if oos else 8)]
     for mode, m in result["modes"].items():
         acc = "n/a" if m["accuracy"] is None else f"{m['accuracy'] * 100:.0f}%"
-        lines.append(f"| {mode} | {acc} | {m['f1']:.2f} | {m['rouge_l']:.2f} | {m['stop_rate'] * 100:.0f}% "
-                     f"| {m['ttft_ms']:.0f} ms | {m['tokens_per_s']:.1f} |")
-    return "\n".join(lines) + f"\n\n{result['n']} questions."
+        line = (f"| {mode} | {acc} | {m['f1']:.2f} | {m['rouge_l']:.2f} | {m['stop_rate'] * 100:.0f}% "
+                f"| {m['ttft_ms']:.0f} ms | {m['tokens_per_s']:.1f} | {m.get('abstain_rate', 0) * 100:.0f}% |")
+        if oos:
+            line += f" {oos[mode]['abstain_rate'] * 100:.0f}% |"
+        lines.append(line)
+    tail = f"\n\n{result['n']} questions"
+    if oos:
+        tail += f", {result['n_out_of_scope']} out of scope"
+    if result.get("retrieval"):
+        tail += "; retrieval " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in result["retrieval"].items())
+    return "\n".join(lines) + tail + "."

@@ -19,6 +19,7 @@ class GeneratedAnswer:
     n_tokens: int
     tokens_per_s: float
     stopped: bool
+    mean_logprob: float | None = None
 
 
 def encode_prompt(tokenizer, messages: list[dict]):

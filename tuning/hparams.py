@@ -21,11 +21,18 @@ from dataclasses import dataclass
 #   lr 3e-3: 12 epochs max 0.375 (early stop at 9, best 7)
 #   lr 5e-3: 12 epochs max 0.40 (early stop at 10);  lr 2e-3 x 8 epochs max: 0.325 (early stop at 7).
 # One run each on 40 questions (±0.08): 2e-3..5e-3 all clearly beat 1e-3. Medium and large sets are not swept.
-LORA_LR_SMALL = 2e-3     # < 200 training items
-LORA_LR_MEDIUM = 5e-4    # < 2000
-LORA_LR_LARGE = 2e-4
+# Since issue 12 the values are keyed on FACTS (families: an example and its variations), never on augmented
+# rows: a user adding variations gets the same learning rate and the same number of views of each fact, not
+# fewer epochs (the old row thresholds put 40 facts x 6 variations into the "medium" bucket: 5 epochs at 5e-4,
+# 4% on reworded questions). An epoch shows every row once, so epochs = views per fact / rows per fact.
+LORA_LR_SMALL = 2e-3     # < 100 facts
+LORA_LR_MEDIUM = 1e-3    # < 1000 facts
+LORA_LR_LARGE = 5e-4
 FULL_LR_SMALL = 5e-5
 FULL_LR_LARGE = 2e-5
+VIEWS_CLOSED = 48        # closed book: 12 epochs x 4 rows per fact was the best of the sweep above
+VIEWS_GROUNDED = 16      # grounded rows teach picking and copying: far fewer views (bench/learning_sweep.py)
+MAX_EPOCHS = 12
 
 
 @dataclass(frozen=True)
@@ -41,18 +48,25 @@ class Hyperparameters:
     eval_every_steps: int | None
 
 
-def choose(*, n_items: int, n_tokens: int, method: str = "lora", epochs: int | None = None,
-           learning_rate: float | None = None, lora_rank: int | None = None, batch_tokens: int | None = None,
-           patience: int | None = None) -> Hyperparameters:
-    """Defaults that depend on how much data there is; explicit values win."""
-    if n_items < 200:
-        auto_epochs, lora_lr, full_lr, rank = 12, LORA_LR_SMALL, FULL_LR_SMALL, 16
-    elif n_items < 2000:
-        auto_epochs, lora_lr, full_lr, rank = 5, LORA_LR_MEDIUM, FULL_LR_LARGE, 16
+def choose(*, n_facts: int, n_items: int, n_tokens: int, method: str = "lora", recipe: str = "closed",
+           epochs: int | None = None, learning_rate: float | None = None, lora_rank: int | None = None,
+           batch_tokens: int | None = None, patience: int | None = None) -> Hyperparameters:
+    """Defaults from the number of facts and tokens (rows only set how many epochs give the views); explicit
+    values win."""
+    n_facts = max(1, min(n_facts, n_items))
+    if n_facts < 100:
+        lora_lr, full_lr, rank = LORA_LR_SMALL, FULL_LR_SMALL, 16
+    elif n_facts < 1000:
+        lora_lr, full_lr, rank = LORA_LR_MEDIUM, FULL_LR_LARGE, 16
     else:
-        auto_epochs, lora_lr, full_lr, rank = 2, LORA_LR_LARGE, FULL_LR_LARGE, 32
+        lora_lr, full_lr, rank = LORA_LR_LARGE, FULL_LR_LARGE, 32
+    views = VIEWS_GROUNDED if recipe == "grounded" else VIEWS_CLOSED
+    if n_facts >= 1000:
+        views //= 2  # many facts: each optimizer step already sees many of them; validation stops early anyway
+    rows_per_fact = n_items / n_facts
+    auto_epochs = max(1, min(MAX_EPOCHS, round(views / rows_per_fact)))
     per_item = max(1, n_tokens // max(1, n_items))
-    # Small sets: small rows so an epoch still has ~8+ optimizer steps; big sets: rows of up to 2048 tokens.
+    # Few facts: small rows so an epoch still has ~8+ optimizer steps; many: rows of up to 2048 tokens.
     auto_batch = min(2048, max(256, n_tokens // 8, 2 * per_item))
     rank_value = lora_rank or rank
     lr = learning_rate or (full_lr if method == "full" else lora_lr)
@@ -64,3 +78,12 @@ def choose(*, n_items: int, n_tokens: int, method: str = "lora", epochs: int | N
         batch_tokens=batch_tokens or auto_batch, patience=patience if patience is not None else 2,
         eval_every_steps=eval_every,
     )
+
+
+def plan_size(*, n_facts: int, n_items: int, n_tokens: int, recipe: str = "grounded", k: int = 3) -> tuple[int, int]:
+    """(rows, tokens) of one epoch before tokenizing: grounded rows carry k examples more, plus one closed-book
+    row per fact (tuning.grounding.grounded_items). For estimates shown before a run starts."""
+    if recipe != "grounded" or n_items == 0:
+        return n_items, n_tokens
+    per_item = n_tokens / n_items
+    return n_items + n_facts, round(n_tokens * (1 + k) + per_item * n_facts)

@@ -153,6 +153,7 @@ def dataset_stats(store: Store, assistant_id: int) -> dict:
         "by_status": counts["status"],
         "by_split": counts["split"],
         "variations": sum(e.parent_id is not None for e in examples),
+        "approved_facts": sum(e.parent_id is None for e in approved),
         "with_must_contain": sum(bool(e.must_contain) for e in examples),
         "approved_tokens_estimate": sum(per_example),
         "max_example_tokens_estimate": max(per_example, default=0),

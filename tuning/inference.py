@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import logging
 import queue
-import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -18,7 +17,7 @@ from tuning.errors import ModelLoadError, TuningError
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "tuned", "version", "base", "fewshot")
+MODES = ("auto", "grounded", "tuned", "version", "base", "fewshot")  # lookup is an evaluation baseline only
 _END = object()
 
 
@@ -40,6 +39,7 @@ class AnswerResult:
     tokens_per_s: float
     stopped: bool
     prompt_tokens: int = 0
+    mean_logprob: float | None = None  # of the answer's tokens: how sure the model was (None if not measured)
 
 
 def _generated_answer(result: AnswerResult):
@@ -47,7 +47,8 @@ def _generated_answer(result: AnswerResult):
     from tuning.generation import GeneratedAnswer
 
     return GeneratedAnswer(text=result.text, ttft_ms=result.ttft_ms, n_tokens=result.n_tokens,
-                           tokens_per_s=result.tokens_per_s, stopped=result.stopped)
+                           tokens_per_s=result.tokens_per_s, stopped=result.stopped,
+                           mean_logprob=result.mean_logprob)
 
 
 def _build_messages(question: str, *, system_prompt: str, fewshot: Sequence[tuple[str, str]]) -> list[dict]:
@@ -85,6 +86,8 @@ class Generation:
         self.text = ""
         self.n_tokens = 0
         self.token_ids: list[int] = []  # the answer's tokens (without the end-of-turn token)
+        self.token_logprobs: list[float] = []  # log-probability of each of them when it was chosen
+        self._chosen_logprob = 0.0
         self.prompt_tokens = 0
         self.stopped = False
         self._pieces: queue.Queue = queue.Queue()
@@ -112,7 +115,8 @@ class Generation:
         return AnswerResult(
             text=self.text, ttft_ms=(first - self.submitted) * 1000, n_tokens=self.n_tokens,
             tokens_per_s=(self.n_tokens - 1) / decode_s if self.n_tokens > 1 else 0.0,
-            stopped=self.stopped, prompt_tokens=self.prompt_tokens)
+            stopped=self.stopped, prompt_tokens=self.prompt_tokens,
+            mean_logprob=sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None)
 
     # Called from the inference thread.
     def _emit(self, piece: str) -> None:
@@ -532,6 +536,7 @@ class Engine:
         import torch
 
         tokens = logits.argmax(dim=-1).tolist()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         for i, row in enumerate(rows):
             temperature = row.generation.temperature
             if temperature > 0:
@@ -541,6 +546,7 @@ class Engine:
                     kth = torch.topk(scores, top_k).values[-1]
                     scores = scores.masked_fill(scores < kth, float("-inf"))
                 tokens[i] = int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+            row.generation._chosen_logprob = float(logprobs[i, tokens[i]])
         return tokens
 
     def _accept(self, row: _Row, token: int) -> bool:
@@ -552,6 +558,7 @@ class Engine:
             return True
         generation.n_tokens += 1
         generation.token_ids.append(token)
+        generation.token_logprobs.append(generation._chosen_logprob)
         piece = row.detok.push(token)
         if piece:
             generation._emit(piece)
@@ -716,142 +723,14 @@ class RemoteEngine:
             stopped=n < (kw.get("max_new_tokens") or self.max_new_tokens)))
 
 
-# ------------------------------------------------------------------ service
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def _words(text: str) -> set[str]:
-    return set(_WORD.findall(text.lower()))
+# The answer service (plans, modes, recording) lives in tuning.answer_service; its names stay importable here.
+_SERVICE_NAMES = {"ABSTAIN_TEXT", "Answer", "AnswerPlan", "answer_question", "compare_answers", "plan_answer",
+                  "record_answer", "select_fewshot"}
 
 
-def select_fewshot(question: str, examples: Sequence[tuple[str, str]], *, k: int = 4) -> list[tuple[str, str]]:
-    """Up to k (question, answer) pairs most similar to the question by word overlap (Jaccard), best last."""
-    asked = _words(question)
-    scored = []
-    for index, (q, a) in enumerate(examples):
-        words = _words(q)
-        union = asked | words
-        scored.append((len(asked & words) / len(union) if union else 0.0, -index, (q, a)))
-    scored.sort(reverse=True)
-    chosen, seen = [], set()
-    for _, _, pair in scored:
-        if pair[1] in seen:  # variations share their answer: one of them is enough
-            continue
-        seen.add(pair[1])
-        chosen.append(pair)
-        if len(chosen) == k:
-            break
-    return chosen[::-1]  # the most similar example sits next to the question
+def __getattr__(name: str):
+    if name in _SERVICE_NAMES:
+        from tuning import answer_service
 
-
-@dataclass(frozen=True)
-class AnswerPlan:
-    """How to answer: the resolved mode, the adapter (if any) and the prompt context."""
-
-    assistant_id: int
-    mode: str
-    version_id: int | None = None
-    adapter_dir: str | None = None
-    adapter_name: str | None = None
-    system_prompt: str = ""
-    fewshot: tuple[tuple[str, str], ...] = ()
-
-    def engine_kwargs(self) -> dict:
-        return {"adapter_dir": self.adapter_dir, "adapter_name": self.adapter_name,
-                "system_prompt": self.system_prompt, "fewshot": self.fewshot}
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An answer shown to a user, with the ids of the stored messages (for feedback)."""
-
-    text: str
-    mode: str
-    version_id: int | None
-    ttft_ms: float
-    latency_ms: float
-    n_tokens: int
-    tokens_per_s: float
-    conversation_id: int | None = None
-    message_id: int | None = None
-
-
-def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", version_id: int | None = None,
-                fewshot_k: int = 4) -> AnswerPlan:
-    """Resolve a mode (auto: the active version, else few-shot) into an adapter and prompt context."""
-    if mode not in MODES:
-        raise InferenceError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
-    assistant = store.get_assistant(assistant_id)
-    if mode == "auto":
-        mode = "tuned" if assistant.active_version_id else "fewshot"
-    if mode in ("tuned", "version"):
-        if mode == "tuned":
-            if not assistant.active_version_id:
-                raise NoActiveVersion(f"assistant {assistant.name!r} has no trained version yet: "
-                                      "train it first, or ask in base or few-shot mode")
-            version_id = assistant.active_version_id
-        elif version_id is None:
-            raise InferenceError("mode 'version' needs a version id")
-        version = store.get_model_version(version_id)
-        if version.assistant_id != assistant_id:
-            raise InferenceError(f"model version #{version_id} belongs to another assistant")
-        return AnswerPlan(assistant_id=assistant_id, mode=mode, version_id=version.id,
-                          adapter_dir=version.adapter_path, adapter_name=f"{assistant.name}-v{version.id}",
-                          system_prompt=assistant.system_prompt)
-    fewshot: tuple = ()
-    if mode == "fewshot":
-        pairs = [(e.question, e.answer) for e in store.list_examples(assistant_id, status="approved", split="train")]
-        fewshot = tuple(select_fewshot(question, pairs, k=fewshot_k))
-    return AnswerPlan(assistant_id=assistant_id, mode=mode, system_prompt=assistant.system_prompt, fewshot=fewshot)
-
-
-def record_answer(store, plan: AnswerPlan, question: str, answer: str, *, user_id: int | None = None,
-                  conversation_id: int | None = None, latency_ms: float | None = None) -> tuple[int, int]:
-    """Store the question and the answer; returns (conversation id, answer message id)."""
-    if conversation_id is None:
-        conversation_id = store.start_conversation(plan.assistant_id, user_id, mode=plan.mode)
-    store.add_message(conversation_id, "user", question, mode=plan.mode)
-    message_id = store.add_message(conversation_id, "assistant", answer, model_version_id=plan.version_id,
-                                   mode=plan.mode, latency_ms=latency_ms)
-    return conversation_id, message_id
-
-
-def answer_question(store, engine, assistant_id: int, question: str, *, mode: str = "auto",
-                    version_id: int | None = None, user_id: int | None = None, conversation_id: int | None = None,
-                    on_piece=None, record: bool = True) -> Answer:
-    """Answer one question in a mode, calling on_piece(text) per streamed piece, and record the exchange."""
-    plan = plan_answer(store, assistant_id, question, mode=mode, version_id=version_id)
-    start = time.perf_counter()
-    first, pieces = None, []
-    for piece in engine.stream(question, **plan.engine_kwargs()):
-        first = first or time.perf_counter()
-        pieces.append(piece)
-        if on_piece is not None:
-            on_piece(piece)
-    end = time.perf_counter()
-    text = "".join(pieces).strip()
-    latency_ms = (end - start) * 1000
-    ids: tuple = (None, None)
-    if record:
-        ids = record_answer(store, plan, question, text, user_id=user_id, conversation_id=conversation_id,
-                            latency_ms=latency_ms)
-    n = len(pieces)
-    return Answer(text=text, mode=plan.mode, version_id=plan.version_id,
-                  ttft_ms=((first or end) - start) * 1000, latency_ms=latency_ms, n_tokens=n,
-                  tokens_per_s=(n - 1) / max(end - (first or end), 1e-9) if n > 1 else 0.0,
-                  conversation_id=ids[0], message_id=ids[1])
-
-
-def compare_answers(store, engine, assistant_id: int, question: str, *, modes: Sequence[str] = ("base", "fewshot", "tuned"),
-                    user_id: int | None = None, on_piece=None, record: bool = True) -> list[Answer]:
-    """One question answered in several modes (tuned is skipped while there is no trained version)."""
-    assistant = store.get_assistant(assistant_id)
-    answers = []
-    for mode in modes:
-        if mode == "tuned" and not assistant.active_version_id:
-            continue
-        callback = (lambda piece, _mode=mode: on_piece(_mode, piece)) if on_piece else None
-        answers.append(answer_question(store, engine, assistant_id, question, mode=mode, user_id=user_id,
-                                       on_piece=callback, record=record))
-    return answers
+        return getattr(answer_service, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

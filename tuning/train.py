@@ -23,11 +23,13 @@ from typing import Callable, Sequence
 from tuning import hparams as hp
 from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
+from tuning.grounding import Grounding, calibrate_threshold, confidence, grounded_items, training_index
 from tuning.train_speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "dora", "qlora", "full")
+RECIPES = ("grounded", "closed")
 FULL_MAX_PARAMS = 1_500_000_000
 
 
@@ -58,6 +60,8 @@ class TrainConfig:
     accumulate: int = 1  # packed rows per process per optimizer step
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch this often: a killed long epoch resumes near its end
     processes: int | None = None  # data-parallel processes; None = one per visible CUDA GPU (tuning.distributed)
+    recipe: str = "grounded"  # "grounded": rows carry retrieved examples (tuning.grounding); "closed": closed book
+    grounded_k: int = 3  # retrieved examples per grounded row (and per answer)
 
 
 @dataclass(frozen=True)
@@ -317,13 +321,21 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
 
     from tuning.models import load_tokenizer
 
+    if config.recipe not in RECIPES:
+        raise TrainingError(f"unknown recipe {config.recipe!r}; choose one of {', '.join(RECIPES)}")
     tokenizer = load_tokenizer(config.base_model, cache_dir=cache_dir)
-    train_enc = encode_items(tokenizer, splits.train, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
-    val_enc = encode_items(tokenizer, splits.val, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
+    index = training_index(splits.train)  # what answering retrieves from; saved beside the adapter
+    train_rows, val_rows_items = splits.train, splits.val
+    if config.recipe == "grounded":
+        train_rows, val_rows_items = grounded_items(splits.train, splits.val, index, k=config.grounded_k,
+                                                    seed=config.seed)
+    train_enc = encode_items(tokenizer, train_rows, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
+    val_enc = encode_items(tokenizer, val_rows_items, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
     n_tokens = sum(len(e.input_ids) for e in train_enc)
-    hyper = hp.choose(n_items=len(train_enc), n_tokens=n_tokens, method=config.method, epochs=config.epochs,
-                      learning_rate=config.learning_rate, lora_rank=config.lora_rank,
-                      batch_tokens=config.batch_tokens, patience=config.patience)
+    n_facts = len({i.group for i in splits.train})
+    hyper = hp.choose(n_facts=n_facts, n_items=len(train_enc), n_tokens=n_tokens, method=config.method,
+                      recipe=config.recipe, epochs=config.epochs, learning_rate=config.learning_rate,
+                      lora_rank=config.lora_rank, batch_tokens=config.batch_tokens, patience=config.patience)
     batch_tokens = max(hyper.batch_tokens, max(len(e.input_ids) for e in train_enc))
     digest = data_hash(items, system_prompt=system_prompt)
     # What a checkpoint must match to be resumed (how often checkpoints are taken does not matter).
@@ -499,18 +511,26 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
     _save_result(model, tokenizer, out, config.method)
+    index.save(out / "retrieval")
+    grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
+                          threshold=calibrate_threshold([confidence(index.search(i.question, 1)) for i in splits.val]),
+                          calibrated_on=len(splits.val))
+    grounding.save(out)
     plot_loss_curve(state["epochs"], out / "loss_curve.png", step_losses=state["step_losses"])
     note = {"recall": "validation = held-out variations of trained examples: it measures recall of the facts",
             "style": "no variations yet: validation = held-out examples, so it measures style, not recall",
             "none": "too few examples for a validation split: trained for the fixed number of epochs"}[splits.val_kind]
     report = TrainingReport(
         out_dir=str(out), method=config.method, base_model=config.base_model, data_hash=digest,
-        counts={"items": len(items), "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+        counts={"items": len(items), "facts": n_facts, "train": len(splits.train), "train_rows": len(train_enc),
+                "val": len(splits.val), "test": len(splits.test),
                 "train_variations": sum(i.variation for i in splits.train), "train_tokens": n_tokens,
                 "answer_tokens": sum(e.n_answer_tokens for e in train_enc)},
         hyperparameters={**dataclasses.asdict(hyper), "batch_tokens": batch_tokens, "seed": config.seed,
                          "method": config.method, "total_steps": total_steps, "processes": ranks.world,
-                         "accumulate": config.accumulate},
+                         "accumulate": config.accumulate, "recipe": config.recipe,
+                         "grounded_k": config.grounded_k if config.recipe == "grounded" else 0,
+                         "abstain_threshold": grounding.threshold},
         epochs=state["epochs"], best_epoch=state["best_epoch"] or (state["epoch"] if state["epochs"] else None),
         best_val_loss=None if state["best_val"] is None else round(state["best_val"], 5),
         val_kind=splits.val_kind, stopped_early=state["stopped_early"], resumed_from_step=resumed_from,

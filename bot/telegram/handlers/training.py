@@ -38,11 +38,13 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     if approved < 2:
         await reply(update, tr(update, context, "train_too_few", n=approved))
         return
-    from tuning.hparams import choose
+    from tuning.hparams import choose, plan_size
 
     # The epochs the run will plan for this much data (early stopping may end it sooner).
-    epochs = choose(n_items=approved, n_tokens=stats["approved_tokens_estimate"]).epochs
-    estimate_s = stats["approved_tokens_estimate"] * epochs / TOKENS_PER_S_CPU
+    facts = max(1, stats.get("approved_facts") or approved)
+    rows, epoch_tokens = plan_size(n_facts=facts, n_items=approved, n_tokens=stats["approved_tokens_estimate"])
+    epochs = choose(n_facts=facts, n_items=rows, n_tokens=epoch_tokens, recipe="grounded").epochs
+    estimate_s = epoch_tokens * epochs / TOKENS_PER_S_CPU
     by_source = ", ".join(f"{k}: {v}" for k, v in stats["by_source"].items())
     by_split = ", ".join(f"{k}: {v}" for k, v in stats["by_split"].items())
     await reply(update, tr(update, context, "train_summary", name=assistant.name, approved=approved,

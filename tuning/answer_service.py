@@ -1,0 +1,213 @@
+"""The answer service: resolve a mode into a plan (adapter, retrieved examples, prompt), answer it or say
+"I don't know" when the retrieval confidence is below the version's calibrated threshold, and record both.
+
+Modes: `base`, `fewshot` (retrieved examples as chat turns), `tuned` (the active adapter, closed book),
+`grounded` (the active adapter given the retrieved examples, as it was trained), `version` (a given version,
+answering the way it was trained), and `auto`: grounded or tuned by the active version's recipe, few-shot
+before any training. One retriever (tuning.retrieval) selects the examples for every mode and caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tuning.grounding import DEFAULT_THRESHOLD, Grounding, confidence, render_question
+from tuning.inference import InferenceError, MODES, NoActiveVersion, prepare_messages
+
+ABSTAIN_TEXT = ("I'm not sure about this one, so I've passed your question to our experts: "
+                "they will add the answer.")
+FEWSHOT_K = 4
+
+
+def select_fewshot(question: str, examples: Sequence[tuple[str, str]], *, k: int = FEWSHOT_K) -> list[tuple[str, str]]:
+    """Up to k (question, answer) pairs the retriever finds for the question (one per answer), best last."""
+    from tuning.retrieval import Retriever, docs_from_pairs
+
+    return [(h.question, h.answer) for h in reversed(Retriever(docs_from_pairs(examples)).search(question, k))]
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How to answer: the resolved mode, the adapter (if any), the prompt and the examples retrieved for it."""
+
+    assistant_id: int
+    mode: str
+    version_id: int | None = None
+    adapter_dir: str | None = None
+    adapter_name: str | None = None
+    system_prompt: str = ""
+    fewshot: tuple[tuple[str, str], ...] = ()
+    prompt: str | None = None  # the user turn sent to the model when it differs from the question (grounded)
+    hits: tuple = ()  # tuning.retrieval.Hit, best first: what the answer may draw on
+    confidence: float = 1.0
+    threshold: float = DEFAULT_THRESHOLD
+    may_abstain: bool = False  # auto answers (what users get by default) say "I don't know" when unsure
+    retrieved_from: int = 0  # how many examples the retriever held (none: nothing to judge confidence by)
+
+    @property
+    def unsure(self) -> bool:
+        return self.may_abstain and self.retrieved_from > 0 and self.confidence < self.threshold
+
+    @property
+    def sources(self) -> tuple[tuple[int, str], ...]:
+        """(example id, question) of the examples shown to the model, or of the best match when none were."""
+        shown = self.hits if self.mode in ("grounded", "fewshot") else self.hits[:1]
+        return tuple((h.example_id, h.question) for h in shown if h.example_id is not None)
+
+    def messages(self, question_or_messages) -> list[dict]:
+        """The chat messages to send for a question or a conversation, with this plan's context applied."""
+        if self.prompt is not None:
+            if isinstance(question_or_messages, str):
+                question_or_messages = self.prompt
+            else:
+                question_or_messages = [dict(m) for m in question_or_messages]
+                question_or_messages[-1]["content"] = self.prompt
+        return prepare_messages(question_or_messages, system_prompt=self.system_prompt, fewshot=self.fewshot)
+
+    def engine_kwargs(self) -> dict:
+        return {"adapter_dir": self.adapter_dir, "adapter_name": self.adapter_name,
+                "system_prompt": self.system_prompt, "fewshot": self.fewshot}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer shown to a user, with the ids of the stored messages (for feedback) and what it drew on."""
+
+    text: str
+    mode: str
+    version_id: int | None
+    ttft_ms: float
+    latency_ms: float
+    n_tokens: int
+    tokens_per_s: float
+    conversation_id: int | None = None
+    message_id: int | None = None
+    sources: tuple[tuple[int, str], ...] = ()
+    confidence: float | None = None
+    abstained: bool = False
+    unanswered_id: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _retriever(store, assistant_id: int, indexes):
+    from tuning.retrieval import Retriever, docs_from_store
+
+    if indexes is not None:
+        return indexes.get(store, assistant_id)
+    return Retriever(docs_from_store(store, assistant_id))
+
+
+def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", version_id: int | None = None,
+                fewshot_k: int = FEWSHOT_K, indexes=None) -> AnswerPlan:
+    """Resolve a mode (auto: the active version as it was trained, else few-shot) into an adapter and prompt."""
+    if mode not in MODES:
+        raise InferenceError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+    assistant = store.get_assistant(assistant_id)
+    auto = mode == "auto"
+    version = None
+    if mode in ("auto", "tuned", "grounded") and assistant.active_version_id:
+        version = store.get_model_version(assistant.active_version_id)
+    elif mode in ("tuned", "grounded"):
+        raise NoActiveVersion(f"assistant {assistant.name!r} has no trained version yet: "
+                              "train it first, or ask in base or few-shot mode")
+    elif mode == "version":
+        if version_id is None:
+            raise InferenceError("mode 'version' needs a version id")
+        version = store.get_model_version(version_id)
+        if version.assistant_id != assistant_id:
+            raise InferenceError(f"model version #{version_id} belongs to another assistant")
+    grounding = Grounding.load(version.adapter_path) if version is not None else Grounding()
+    if mode in ("auto", "version"):
+        mode = ("grounded" if grounding.recipe == "grounded" else "tuned") if version is not None else "fewshot"
+    retriever = _retriever(store, assistant_id, indexes)
+    hits = tuple(retriever.search(question, max(grounding.k, fewshot_k)))
+    common = {"assistant_id": assistant_id, "system_prompt": assistant.system_prompt, "confidence": confidence(hits),
+              "threshold": grounding.threshold, "may_abstain": auto, "retrieved_from": len(retriever)}
+    if mode in ("tuned", "grounded"):
+        shown = hits[:grounding.k] if mode == "grounded" else ()
+        return AnswerPlan(mode=mode, version_id=version.id, adapter_dir=version.adapter_path,
+                          adapter_name=f"{assistant.name}-v{version.id}",
+                          prompt=render_question(question, shown) if shown else None,
+                          hits=shown or hits[:1], **common)
+    if mode == "fewshot":
+        shown = hits[:fewshot_k]
+        return AnswerPlan(mode=mode, fewshot=tuple((h.question, h.answer) for h in reversed(shown)), hits=shown,
+                          **common)
+    return AnswerPlan(mode=mode, hits=hits[:1], **common)
+
+
+def record_answer(store, plan: AnswerPlan, question: str, answer: str, *, user_id: int | None = None,
+                  conversation_id: int | None = None, latency_ms: float | None = None,
+                  abstained: bool = False) -> tuple[int, int]:
+    """Store the question and the answer with its sources; returns (conversation id, answer message id)."""
+    if conversation_id is None:
+        conversation_id = store.start_conversation(plan.assistant_id, user_id, mode=plan.mode)
+    store.add_message(conversation_id, "user", question, mode=plan.mode)
+    message_id = store.add_message(conversation_id, "assistant", answer, model_version_id=plan.version_id,
+                                   mode=plan.mode, latency_ms=latency_ms,
+                                   sources=[i for i, _ in plan.sources], confidence=plan.confidence,
+                                   abstained=abstained)
+    return conversation_id, message_id
+
+
+def answer_question(store, engine, assistant_id: int, question: str, *, mode: str = "auto",
+                    version_id: int | None = None, user_id: int | None = None, conversation_id: int | None = None,
+                    on_piece=None, record: bool = True, indexes=None, abstain_text: str | None = None) -> Answer:
+    """Answer one question in a mode, calling on_piece(text) per streamed piece, and record the exchange.
+
+    An auto answer whose confidence is below the threshold is not generated: the assistant says it will pass
+    the question on (abstain_text, in the user's language), and the question is queued for the experts.
+    """
+    plan = plan_answer(store, assistant_id, question, mode=mode, version_id=version_id, indexes=indexes)
+    start = time.perf_counter()
+    if plan.unsure:
+        text = abstain_text or ABSTAIN_TEXT
+        if on_piece is not None:
+            on_piece(text)
+        latency_ms = (time.perf_counter() - start) * 1000
+        ids: tuple = (None, None)
+        unanswered_id = None
+        if record:
+            ids = record_answer(store, plan, question, text, user_id=user_id, conversation_id=conversation_id,
+                                latency_ms=latency_ms, abstained=True)
+            unanswered_id = store.add_unanswered(assistant_id, question, user_id=user_id, conversation_id=ids[0],
+                                                 message_id=ids[1]).id
+        return Answer(text=text, mode=plan.mode, version_id=plan.version_id, ttft_ms=latency_ms,
+                      latency_ms=latency_ms, n_tokens=0, tokens_per_s=0.0, conversation_id=ids[0],
+                      message_id=ids[1], sources=plan.sources, confidence=plan.confidence, abstained=True,
+                      unanswered_id=unanswered_id)
+    first, pieces = None, []
+    for piece in engine.stream(plan.prompt or question, **plan.engine_kwargs()):
+        first = first or time.perf_counter()
+        pieces.append(piece)
+        if on_piece is not None:
+            on_piece(piece)
+    end = time.perf_counter()
+    text = "".join(pieces).strip()
+    latency_ms = (end - start) * 1000
+    ids = (None, None)
+    if record:
+        ids = record_answer(store, plan, question, text, user_id=user_id, conversation_id=conversation_id,
+                            latency_ms=latency_ms)
+    n = len(pieces)
+    return Answer(text=text, mode=plan.mode, version_id=plan.version_id,
+                  ttft_ms=((first or end) - start) * 1000, latency_ms=latency_ms, n_tokens=n,
+                  tokens_per_s=(n - 1) / max(end - (first or end), 1e-9) if n > 1 else 0.0,
+                  conversation_id=ids[0], message_id=ids[1], sources=plan.sources, confidence=plan.confidence)
+
+
+def compare_answers(store, engine, assistant_id: int, question: str,
+                    *, modes: Sequence[str] = ("base", "fewshot", "tuned", "grounded"), user_id: int | None = None,
+                    on_piece=None, record: bool = True, indexes=None) -> list[Answer]:
+    """One question answered in several modes (tuned and grounded are skipped while nothing is trained)."""
+    assistant = store.get_assistant(assistant_id)
+    answers = []
+    for mode in modes:
+        if mode in ("tuned", "grounded") and not assistant.active_version_id:
+            continue
+        callback = (lambda piece, _mode=mode: on_piece(_mode, piece)) if on_piece else None
+        answers.append(answer_question(store, engine, assistant_id, question, mode=mode, user_id=user_id,
+                                       on_piece=callback, record=record, indexes=indexes))
+    return answers

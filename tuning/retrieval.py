@@ -1,0 +1,361 @@
+"""Finding the examples a question is about: character n-gram TF-IDF (typos, layout, translit) plus word terms,
+optionally blended with an embedding model; one index per assistant, updated incrementally and kept on disk.
+
+Hashed features (scikit-learn's HashingVectorizer) instead of a fitted vocabulary: adding or removing an example
+only changes its own row and the document frequencies, so an update never refits the whole index, and the
+index is stored as plain arrays (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+N_FEATURES = 2 ** 20
+CHAR_WEIGHT = 0.75  # of the TF-IDF score; the rest is word terms (measured on ACME: see bench/retrieval_speed.py)
+INDEX_VERSION = 1
+
+# Russian keyboard layout: what a Russian word typed with the English layout on looks like, and back.
+_EN = "`qwertyuiop[]asdfghjkl;'zxcvbnm,."
+_RU = "ёйцукенгшщзхъфывапролджэячсмитьбю"
+_TO_RU = str.maketrans(_EN + _EN.upper(), _RU + _RU.upper())
+_TO_EN = str.maketrans(_RU + _RU.upper(), _EN + _EN.upper())
+_TRANSLIT = {"а": "a", "б": "b", "в": "v", "г": "g", "д": "d", "е": "e", "ё": "e", "ж": "zh", "з": "z", "и": "i",
+             "й": "i", "к": "k", "л": "l", "м": "m", "н": "n", "о": "o", "п": "p", "р": "r", "с": "s", "т": "t",
+             "у": "u", "ф": "f", "х": "h", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "sch", "ъ": "", "ы": "y", "ь": "",
+             "э": "e", "ю": "yu", "я": "ya"}
+
+
+def translit(text: str) -> str:
+    """Cyrillic spelled in Latin letters the way people type it without a Russian keyboard."""
+    return "".join(_TRANSLIT.get(ch, ch) for ch in text.lower())
+
+
+def _has_cyrillic(text: str) -> bool:
+    return any("\u0400" <= ch <= "\u04ff" for ch in text)
+
+
+def query_forms(question: str) -> list[str]:
+    """The question as typed, plus what it would be with the other keyboard layout (only when that makes sense)."""
+    forms = [question]
+    letters = [ch for ch in question if ch.isalpha()]
+    if letters and not _has_cyrillic(question):
+        forms.append(question.lower().translate(_TO_RU))  # "ntktajy" -> "телефон"
+    return forms
+
+
+def document_text(question: str, answer: str) -> str:
+    """What an example is indexed by: its question and answer, and for Cyrillic text its transliteration too."""
+    text = f"{question}\n{answer}"
+    return f"{text}\n{translit(text)}" if _has_cyrillic(text) else text
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One indexed example: key (the example id as text, or a file's line), question, answer, family group."""
+
+    key: str
+    question: str
+    answer: str
+    group: str = ""
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(f"{self.question}\x00{self.answer}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A retrieved example and how similar it is to the question (cosine, 0..1)."""
+
+    key: str
+    question: str
+    answer: str
+    group: str
+    score: float
+
+    @property
+    def example_id(self) -> int | None:
+        return int(self.key) if self.key.isdigit() else None
+
+
+def _vectorizers():
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    common = {"n_features": N_FEATURES, "alternate_sign": False, "norm": None, "lowercase": True, "dtype": "float32"}
+    return (HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common),
+            HashingVectorizer(analyzer="word", token_pattern=r"(?u)\b\w+\b", **common))
+
+
+def _normalize_answer(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+class Retriever:
+    """TF-IDF over hashed character 3-5-grams and words of question + answer; cosine similarity, best first."""
+
+    def __init__(self, docs: Iterable[Doc] = (), *, embed: Callable[[list[str]], "object"] | None = None,
+                 embed_weight: float = 0.5):
+        self.embed = embed
+        self.embed_weight = embed_weight if embed is not None else 0.0
+        self._chars, self._words = _vectorizers()
+        self.docs: list[Doc] = []
+        self._tf = None  # (docs, 2 * N_FEATURES) sublinear term frequencies: chars | words
+        self._emb = None  # (docs, dim) unit vectors when an embedding model is configured
+        self._weighted = None
+        self._lock = threading.Lock()
+        self.update(list(docs))
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    # ------------------------------------------------------------ building
+    def _term_rows(self, texts: list[str]):
+        import numpy as np
+        import scipy.sparse as sp
+
+        chars = self._chars.transform(texts)
+        words = self._words.transform(texts)
+        rows = sp.hstack([chars, words], format="csr", dtype=np.float32)
+        rows.data = 1.0 + np.log(rows.data)  # sublinear tf: a repeated n-gram counts, but not linearly
+        return rows
+
+    def _embed_rows(self, texts: list[str]):
+        import numpy as np
+
+        vectors = np.asarray(self.embed(texts), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-9)
+
+    def update(self, docs: Sequence[Doc]) -> bool:
+        """Make the index hold exactly these docs, transforming only the new or changed ones; True if it changed."""
+        import numpy as np
+        import scipy.sparse as sp
+
+        with self._lock:
+            old = {d.key: (i, d.digest) for i, d in enumerate(self.docs)}
+            keep_rows, new_docs, order = [], [], []
+            for d in docs:
+                found = old.get(d.key)
+                if found is not None and found[1] == d.digest:
+                    keep_rows.append(found[0])
+                    order.append(("old", found[0], d))
+                else:
+                    new_docs.append(d)
+                    order.append(("new", len(new_docs) - 1, d))
+            if not new_docs and len(keep_rows) == len(self.docs) and keep_rows == sorted(keep_rows):
+                return False
+            width = 2 * N_FEATURES
+            fresh = self._term_rows([document_text(d.question, d.answer) for d in new_docs]) if new_docs else None
+            fresh_emb = self._embed_rows([document_text(d.question, d.answer) for d in new_docs]) \
+                if new_docs and self.embed is not None else None
+            parts, emb_parts = [], []
+            for kind, index, _ in order:
+                source = self._tf if kind == "old" else fresh
+                parts.append(source[index])
+                if self.embed is not None:
+                    emb_parts.append((self._emb if kind == "old" else fresh_emb)[index:index + 1])
+            self.docs = [d for _, _, d in order]
+            self._tf = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, width), dtype=np.float32)
+            if self.embed is not None:
+                self._emb = np.vstack(emb_parts) if emb_parts else None
+            self._reweight()
+            return True
+
+    def _reweight(self) -> None:
+        """IDF from the current document frequencies, then unit-length rows for each half (chars, words)."""
+        import numpy as np
+        import scipy.sparse as sp
+        from sklearn.preprocessing import normalize
+
+        n = self._tf.shape[0]
+        if n == 0:
+            self._idf = None
+            self._weighted = None
+            return
+        df = np.bincount(self._tf.indices, minlength=self._tf.shape[1]).astype(np.float32)
+        self._idf = (np.log((1 + n) / (1 + df)) + 1.0).astype(np.float32)  # scikit-learn's smooth idf
+        weighted = self._tf.multiply(self._idf).tocsr()
+        chars = normalize(weighted[:, :N_FEATURES]) * CHAR_WEIGHT
+        words = normalize(weighted[:, N_FEATURES:]) * (1 - CHAR_WEIGHT)
+        self._weighted = sp.hstack([chars, words], format="csr")
+
+    def _query_vector(self, text: str):
+        import scipy.sparse as sp
+        from sklearn.preprocessing import normalize
+
+        row = self._term_rows([text]).multiply(self._idf).tocsr()
+        return sp.hstack([normalize(row[:, :N_FEATURES]) * CHAR_WEIGHT,
+                          normalize(row[:, N_FEATURES:]) * (1 - CHAR_WEIGHT)], format="csr")
+
+    # ------------------------------------------------------------ searching
+    def scores(self, question: str):
+        """Similarity of the question to every doc (the best of its keyboard-layout forms)."""
+        import numpy as np
+
+        if self._weighted is None:
+            return np.zeros(0, dtype=np.float32)
+        best = None
+        for form in query_forms(question):
+            s = (self._weighted @ self._query_vector(form).T).toarray().ravel()
+            best = s if best is None else np.maximum(best, s)
+        if self.embed is not None and self._emb is not None:
+            q = self._embed_rows([question])[0]
+            best = (1 - self.embed_weight) * best + self.embed_weight * np.clip(self._emb @ q, 0.0, 1.0)
+        return best
+
+    def search(self, question: str, k: int = 4, *, distinct_answers: bool = True,
+               exclude: Callable[[Doc], bool] | None = None) -> list[Hit]:
+        """The k most similar docs, best first; variations sharing an answer count once (their best question)."""
+        import numpy as np
+
+        scores = self.scores(question)
+        if scores.size == 0 or k <= 0:
+            return []
+        hits, seen = [], set()
+        for index in np.argsort(-scores, kind="stable"):
+            doc = self.docs[index]
+            if exclude is not None and exclude(doc):
+                continue
+            answer = _normalize_answer(doc.answer)
+            if distinct_answers and answer in seen:
+                continue
+            seen.add(answer)
+            hits.append(Hit(key=doc.key, question=doc.question, answer=doc.answer, group=doc.group,
+                            score=float(scores[index])))
+            if len(hits) == k:
+                break
+        return hits
+
+    # ------------------------------------------------------------ persistence
+    def save(self, folder: str | Path) -> None:
+        """docs.jsonl and the term-frequency matrix (npz), written to a temporary folder and then swapped in."""
+        import shutil
+
+        import numpy as np
+        import scipy.sparse as sp
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with open(tmp / "docs.jsonl", "w", encoding="utf-8") as fp:
+            for d in self.docs:
+                fp.write(json.dumps({"key": d.key, "question": d.question, "answer": d.answer, "group": d.group},
+                                    ensure_ascii=False) + "\n")
+        if self._tf is not None:
+            sp.save_npz(tmp / "terms.npz", self._tf)
+        if self._emb is not None:
+            np.save(tmp / "embeddings.npy", self._emb)
+        (tmp / "meta.json").write_text(json.dumps({"version": INDEX_VERSION, "n": len(self.docs),
+                                                   "n_features": N_FEATURES, "char_weight": CHAR_WEIGHT}))
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, folder: str | Path, *, embed=None, embed_weight: float = 0.5) -> "Retriever":
+        """An index saved by save(); a missing, older or damaged one raises FileNotFoundError or ValueError."""
+        import numpy as np
+        import scipy.sparse as sp
+
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != INDEX_VERSION or meta.get("n_features") != N_FEATURES \
+                or meta.get("char_weight") != CHAR_WEIGHT:
+            raise ValueError("index written by another version")
+        docs = []
+        with open(folder / "docs.jsonl", encoding="utf-8") as fp:
+            for line in fp:
+                row = json.loads(line)
+                docs.append(Doc(key=row["key"], question=row["question"], answer=row["answer"],
+                                group=row.get("group", "")))
+        retriever = cls(embed=embed, embed_weight=embed_weight)
+        if docs:
+            tf = sp.load_npz(folder / "terms.npz").tocsr().astype(np.float32)
+            if tf.shape != (len(docs), 2 * N_FEATURES):
+                raise ValueError("index arrays do not match its documents")
+            emb = None
+            if embed is not None:
+                path = folder / "embeddings.npy"
+                if not path.exists():
+                    raise ValueError("index has no embeddings for the configured model")
+                emb = np.load(path, allow_pickle=False)
+                if emb.shape[0] != len(docs):
+                    raise ValueError("index embeddings do not match its documents")
+            retriever.docs, retriever._tf, retriever._emb = docs, tf, emb
+            retriever._reweight()
+        return retriever
+
+
+def sentence_embedder(model_id: str, *, cache_dir=None) -> Callable[[list[str]], object]:
+    """An embed function from a sentence-transformers model (a hub id or a local folder)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        from tuning.errors import ModelLoadError
+
+        raise ModelLoadError("an embedding model is configured but sentence-transformers is not installed: "
+                             "pip install sentence-transformers") from exc
+    model = SentenceTransformer(model_id, cache_folder=str(cache_dir) if cache_dir else None)
+    return lambda texts: model.encode(list(texts), normalize_embeddings=True, show_progress_bar=False)
+
+
+def docs_from_pairs(pairs: Iterable[tuple[str, str]]) -> list[Doc]:
+    """Docs for plain pairs (a training file): keyed by line, each its own family."""
+    return [Doc(key=f"p{i}", question=q, answer=a, group=f"p{i}") for i, (q, a) in enumerate(pairs)]
+
+
+def docs_from_store(store, assistant_id: int) -> list[Doc]:
+    """The assistant's approved examples that may be shown (train split; val and test stay unseen)."""
+    from tuning.dataset import items_from_store
+
+    items = items_from_store(store, assistant_id)
+    return [Doc(key=str(i.example_id), question=i.question, answer=i.answer, group=i.group)
+            for i in items if i.split == "train" and i.example_id is not None]
+
+
+class AssistantIndexes:
+    """One retriever per assistant, kept in sync with its approved examples and saved under the data dir."""
+
+    def __init__(self, root: str | Path | None, *, embed=None, embed_weight: float = 0.5):
+        self.root = Path(root) if root else None
+        self.embed = embed
+        self.embed_weight = embed_weight
+        self._cache: dict[int, tuple[str, Retriever]] = {}
+        self._lock = threading.Lock()
+
+    def folder(self, assistant_id: int) -> Path | None:
+        return self.root / f"assistant_{assistant_id}" if self.root else None
+
+    def get(self, store, assistant_id: int) -> Retriever:
+        """The assistant's retriever, updated first if its examples changed since it was last used."""
+        signature = store.examples_signature(assistant_id)
+        with self._lock:
+            cached = self._cache.get(assistant_id)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+            retriever = cached[1] if cached is not None else self._load(assistant_id)
+            if retriever.update(docs_from_store(store, assistant_id)) and self.folder(assistant_id):
+                retriever.save(self.folder(assistant_id))
+            self._cache[assistant_id] = (signature, retriever)
+            return retriever
+
+    def _load(self, assistant_id: int) -> Retriever:
+        folder = self.folder(assistant_id)
+        if folder is not None and (folder / "meta.json").exists():
+            try:
+                return Retriever.load(folder, embed=self.embed, embed_weight=self.embed_weight)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("rebuilding the retrieval index of assistant %s: %s", assistant_id, exc)
+        return Retriever(embed=self.embed, embed_weight=self.embed_weight)
