@@ -45,7 +45,10 @@ class Settings:
     quiet_hours: str = ""  # e.g. "09:00-18:00": training does not start then
     timezone: str = "UTC"
     auto_promote: bool = False
+    unanswered_notify_minutes: float = 10.0  # batch notices of questions the assistant could not answer; 0: off
     adapter_cache_size: int = 8
+    embedding_model: str = ""  # a sentence-transformers hub id or folder, blended into retrieval; "": n-grams only
+    embedding_weight: float = 0.5  # share of the embedding similarity in the retrieval score
     max_new_tokens: int = 256
     temperature: float = 0.0
     api_host: str = "127.0.0.1"

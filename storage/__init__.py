@@ -1,7 +1,7 @@
 """Tunebot storage: the SQLite schema, migrations and typed access (`Store`)."""
 
 from storage.db import open_db, migrate, MIGRATIONS
-from storage.errors import StorageError, NotFound, DuplicateExample, InvalidValue
+from storage.errors import StorageError, NotFound, DuplicateExample, InvalidValue, NotOpen
 from storage.records import (
     Assistant,
     Member,
@@ -16,6 +16,7 @@ from storage.records import (
     RetrainPolicy,
     ApiKey,
     AuditEntry,
+    Unanswered,
     User,
     ROLES,
     SOURCES,
@@ -23,15 +24,16 @@ from storage.records import (
     SPLITS,
     JOB_KINDS,
     JOB_STATES,
+    UNANSWERED_STATES,
 )
 from storage.store import Store
 from storage.text import normalize_question, question_hash
 
 __all__ = [
     "open_db", "migrate", "MIGRATIONS", "Store",
-    "StorageError", "NotFound", "DuplicateExample", "InvalidValue",
+    "StorageError", "NotFound", "DuplicateExample", "InvalidValue", "NotOpen",
     "Assistant", "Member", "Invite", "Example", "ExampleRevision", "NewExample", "Document", "GenerationRun",
-    "Job", "ModelVersion", "RetrainPolicy", "ApiKey", "AuditEntry", "User",
-    "ROLES", "SOURCES", "STATUSES", "SPLITS", "JOB_KINDS", "JOB_STATES",
+    "Job", "ModelVersion", "RetrainPolicy", "ApiKey", "AuditEntry", "Unanswered", "User",
+    "ROLES", "SOURCES", "STATUSES", "SPLITS", "JOB_KINDS", "JOB_STATES", "UNANSWERED_STATES",
     "normalize_question", "question_hash",
 ]

@@ -133,11 +133,34 @@ def m0004_workers(db: sqlite_utils.Database) -> None:
                           "heartbeat_at": str}, pk="id", if_not_exists=True)
 
 
+def m0005_grounding_and_unanswered(db: sqlite_utils.Database) -> None:
+    """Which examples an answer drew on and how sure it was; the questions it could not answer, for the experts."""
+    messages = db["messages"]
+    have = messages.columns_dict
+    if "sources" not in have:
+        messages.add_column("sources", str)  # JSON list of example ids
+    if "confidence" not in have:
+        messages.add_column("confidence", float)
+    if "abstained" not in have:
+        messages.add_column("abstained", int, not_null_default=0)
+    db["unanswered"].create(
+        {"id": int, "assistant_id": int, "question": str, "user_id": int, "conversation_id": int,
+         "message_id": int, "status": str, "example_id": int, "answered_by": int, "created_at": str,
+         "answered_at": str, "notified_at": str},
+        pk="id", not_null={"assistant_id", "question", "status"}, defaults={"status": "open"},
+        foreign_keys=[("assistant_id", "assistants", "id"), ("conversation_id", "conversations", "id"),
+                      ("message_id", "messages", "id"), ("example_id", "examples", "id")],
+        if_not_exists=True,
+    )
+    db["unanswered"].create_index(["assistant_id", "status"], if_not_exists=True)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", m0001_initial),
     ("0002_dedup_index_and_policies", m0002_dedup_index_and_policies),
     ("0003_bot_state", m0003_bot_state),
     ("0004_workers", m0004_workers),
+    ("0005_grounding_and_unanswered", m0005_grounding_and_unanswered),
 ]
 
 

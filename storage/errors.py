@@ -20,3 +20,7 @@ class DuplicateExample(StorageError):
         self.existing_id = existing_id
         self.question = question
         super().__init__(f"duplicate of example #{existing_id}: {question[:80]!r}")
+
+
+class NotOpen(StorageError):
+    """An unanswered question that was already answered or dismissed."""

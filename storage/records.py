@@ -14,6 +14,7 @@ SPLITS = ("train", "val", "test")
 JOB_KINDS = ("train", "eval", "generate")
 JOB_STATES = ("scheduled", "queued", "running", "succeeded", "failed", "cancelled")
 VERSION_STATES = ("candidate", "active", "archived", "discarded")
+UNANSWERED_STATES = ("open", "answered", "dismissed")
 
 _JSON_FIELDS = {"hyperparameters", "metrics", "params", "progress", "result", "details", "must_contain", "counts"}
 
@@ -210,6 +211,24 @@ class ApiKey:
     created_at: str | None = None
     revoked_at: str | None = None
     last_used_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A question the assistant did not answer confidently, for an expert (answered_* also record a dismissal)."""
+
+    id: int
+    assistant_id: int
+    question: str
+    user_id: int | None = None
+    conversation_id: int | None = None
+    message_id: int | None = None
+    status: str = "open"
+    example_id: int | None = None
+    answered_by: int | None = None
+    created_at: str | None = None
+    answered_at: str | None = None
+    notified_at: str | None = None
 
 
 @dataclass(frozen=True)

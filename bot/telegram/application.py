@@ -16,6 +16,7 @@ from telegram.ext import AIORateLimiter, Application, ContextTypes
 
 from bot.telegram.common import reply, tr, tr_error
 from bot.telegram.handlers import all_handlers
+from bot.telegram.handlers.review import notify_unanswered
 from bot.telegram.persistence import StorePersistence
 from bot.telegram.progress import POLL_S, poll_jobs
 from bot.telegram.texts import t
@@ -72,7 +73,7 @@ async def post_init(application: Application) -> None:
 
 
 def build_application(app) -> Application:
-    """The bot for this App: token and Bot API URL from settings, DB persistence, rate limiter, job polling."""
+    """The bot for this App: token and Bot API URL from settings, DB persistence, rate limiter, repeating jobs."""
     settings = app.settings
     if not settings.telegram_token:
         raise BotConfigError("no Telegram bot token")
@@ -92,4 +93,8 @@ def build_application(app) -> Application:
         application.add_handler(handler)
     application.add_error_handler(error_handler)
     application.job_queue.run_repeating(poll_jobs, interval=POLL_S, first=POLL_S, name="job-progress")
+    if settings.unanswered_notify_minutes > 0:
+        every_s = settings.unanswered_notify_minutes * 60
+        application.job_queue.run_repeating(notify_unanswered, interval=every_s, first=every_s,
+                                            name="unanswered-notify")
     return application

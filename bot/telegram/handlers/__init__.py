@@ -19,6 +19,7 @@ AWAITING = {
     "edit_example": examples.edit_example_text,
     "forward_answer": examples.forward_answer,
     "edit_variation": review.edit_variation_text,
+    "answer_unanswered": review.answer_unanswered_text,
     "train_time": training.train_time_text,
     "correction": chat.correction_text,
 }

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (MAX_MESSAGE, app_of, awaiting, callback_args, keyboard, reply, requires, short,
+from bot.telegram.common import (MAX_MESSAGE, app_of, awaiting, keyboard, reply, requires, role_at_least, short,
                                  store_of, tr, with_thread_store)
-from storage import DuplicateExample, StorageError
+from storage import DuplicateExample, NotFound, StorageError
 
 log = logging.getLogger("tunebot.telegram")
 EDIT_EVERY_S = 1.5  # streamed answers are edited at most this often (Telegram allows ~1 edit/s per chat)
+MAX_SOURCES = 20  # listed under 📚; retrieval gives far fewer
+# Callback data is untrusted: only these shapes are accepted (fullmatch).
+FEEDBACK_BUTTON = re.compile(r"fb:([ude]):([0-9]{1,18})")
+SOURCES_BUTTON = re.compile(r"src:([0-9]{1,18})")
 
 
 def engine_for(context: ContextTypes.DEFAULT_TYPE, base_model: str):
@@ -43,7 +48,8 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
 
     store = store_of(context)
     assistant = store.get_assistant(session["assistant_id"])
-    if store.role_of(assistant.id, update.effective_user.id) is None:
+    role = store.role_of(assistant.id, update.effective_user.id)
+    if role is None:
         context.user_data.pop("chat", None)
         await reply(update, tr(update, context, "not_member"))
         return
@@ -54,11 +60,13 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
     mode = session.get("mode", "tuned")
     mode = "auto" if mode == "tuned" else mode
     user_id, conv_id = update.effective_user.id, session.get("conversation_id")
+    abstain_text = tr(update, context, "chat_abstain")
 
     def produce(thread_store):
         try:
             return answer_question(thread_store, engine, assistant.id, question, mode=mode,
                                    version_id=session.get("version_id"), user_id=user_id, conversation_id=conv_id,
+                                   abstain_text=abstain_text,
                                    on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         finally:
             loop.call_soon_threadsafe(pieces.put_nowait, None)
@@ -74,23 +82,38 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
             last_edit = time.monotonic()
     answer = await producer  # raises what the generation raised; the error handler reports it
     session["conversation_id"] = answer.conversation_id
-    buttons = keyboard([[("👍", f"fb:u:{answer.message_id}"), ("👎", f"fb:d:{answer.message_id}"),
-                         ("✏️", f"fb:e:{answer.message_id}")]])
-    final = answer.text or tr(update, context, "chat_empty_answer")
+    rows = answer_buttons(answer, expert=role_at_least(role, "expert"))
+    buttons = keyboard(rows) if rows else None
+    abstained = getattr(answer, "abstained", False)
+    final = answer.text or tr(update, context, "chat_abstain" if abstained else "chat_empty_answer")
     if len(final) > MAX_MESSAGE:
         await message.edit_text(final[:MAX_MESSAGE])
         await reply(update, final[MAX_MESSAGE:])
-        await update.effective_chat.send_message("⬆️", reply_markup=buttons)
+        if buttons:
+            await update.effective_chat.send_message("⬆️", reply_markup=buttons)
     else:
         await message.edit_text(final, reply_markup=buttons)
+
+
+def answer_buttons(answer, *, expert: bool) -> list[list[tuple[str, str]]]:
+    """👍 👎 ✏️ under an answer (not when it abstained), and 📚 for owners and experts when it drew on examples."""
+    mid = answer.message_id
+    row = [] if getattr(answer, "abstained", False) else [("👍", f"fb:u:{mid}"), ("👎", f"fb:d:{mid}"),
+                                                          ("✏️", f"fb:e:{mid}")]
+    if expert and getattr(answer, "sources", ()) and mid is not None:
+        row.append(("📚", f"src:{mid}"))
+    return [row] if row else []
 
 
 @requires("tester")
 async def feedback_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """👍, 👎 (then ask for the right answer), or ✏️."""
-    action, ref = callback_args(update)
+    match = FEEDBACK_BUTTON.fullmatch(update.callback_query.data or "")
     store = store_of(context)
-    msg = store.get_message(int(ref))
+    if match is None or store.message_assistant(int(match.group(2))) != assistant.id:
+        await reply(update, tr(update, context, "button_invalid"))
+        return
+    action, msg = match.group(1), store.get_message(int(match.group(2)))
     if action == "u":
         store.set_feedback(msg["id"], "up")
         await reply(update, tr(update, context, "feedback_thanks"))
@@ -105,6 +128,9 @@ async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
     store = store_of(context)
     if store.role_of(pending["assistant_id"], update.effective_user.id) is None:
         await reply(update, tr(update, context, "not_member"))
+        return
+    if store.message_assistant(pending["message_id"]) != pending["assistant_id"]:
+        await reply(update, tr(update, context, "button_invalid"))
         return
     answer_msg = store.get_message(pending["message_id"])
     question = store.question_before(answer_msg["id"]) or ""
@@ -123,6 +149,33 @@ async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
         return
     store.set_feedback(answer_msg["id"], "down", correction=correction, correction_example_id=ex_id)
     await reply(update, tr(update, context, "feedback_correction_saved", id=ex_id))
+
+
+@requires("expert")
+async def sources_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """📚: the examples an answer drew on, each with its ✏️ edit button."""
+    match = SOURCES_BUTTON.fullmatch(update.callback_query.data or "")
+    store = store_of(context)
+    if match is None or store.message_assistant(int(match.group(1))) != assistant.id:
+        await reply(update, tr(update, context, "button_invalid"))
+        return
+    ids = store.message_sources(int(match.group(1)))[:MAX_SOURCES]
+    if not ids:
+        await reply(update, tr(update, context, "chat_sources_none"))
+        return
+    lines, rows = [tr(update, context, "chat_sources_header")], []
+    gone = tr(update, context, "chat_source_deleted")
+    for example_id in ids:
+        try:
+            ex = store.get_example(example_id)
+        except NotFound:
+            ex = None
+        if ex is None or ex.assistant_id != assistant.id:
+            lines.append(f"#{example_id} — {gone}")
+            continue
+        lines.append(f"#{ex.id} — {short(ex.question, 150)}")
+        rows.append([(f"✏️ #{ex.id}", f"ex:e:{ex.id}:0")])  # the /examples edit flow
+    await reply(update, "\n".join(lines), buttons=rows or None)
 
 
 @requires("tester")
@@ -152,4 +205,5 @@ def handlers() -> list:
         CommandHandler("stop", stop),
         CommandHandler("compare", compare),
         CallbackQueryHandler(feedback_button, pattern=r"^fb:"),
+        CallbackQueryHandler(sources_button, pattern=r"^src:"),
     ]

@@ -1,18 +1,35 @@
-"""Reviewing pending examples in chat: /review cards with approve, edit, reject, skip and approve-the-run."""
+"""Reviewing in chat: the questions the assistant could not answer first, then the pending example cards
+(approve, edit, reject, skip, approve-the-run); batched notices of new unanswered questions."""
 
 from __future__ import annotations
 
+import logging
+import re
+from itertools import groupby
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
 from telegram import Update
+from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import awaiting, callback_args, reply, requires, short, store_of, tr, with_thread_store
-from storage import StorageError
+from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, short, store_of, tr,
+                                 tr_error, with_thread_store)
+from bot.telegram.import_report import plural_form
+from bot.telegram.texts import t
+from storage import NotFound, NotOpen, StorageError, Store
+from storage.records import Unanswered
+from storage.store import parse_time
 from tuning.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
                            reject_variation, review_progress)
 
+log = logging.getLogger("tunebot.telegram")
+UNANSWERED_BUTTON = re.compile(r"un:([ads]):([0-9]{1,18})")  # callback data is untrusted: fullmatch only
+NOTICE_ITEMS = 10  # questions listed in one notice; the rest are counted
+
 
 def _scope(context: ContextTypes.DEFAULT_TYPE) -> dict:
-    """Where this user's review stands: {"run_id": run or None, "after": the last skipped id or None}."""
+    """Where this user's review stands: {"run_id": run or None, "after": the last skipped id or None,
+    "un_after": the last skipped unanswered question, if any}."""
     return context.user_data.setdefault("review", {"run_id": None, "after": None})
 
 
@@ -44,9 +61,41 @@ def _source_line(update: Update, context: ContextTypes.DEFAULT_TYPE, store, ex) 
     return "—"
 
 
+def next_unanswered(store: Store, assistant_id: int, after_id: int | None) -> Unanswered | None:
+    """The oldest open unanswered question after the last skipped one."""
+    return next((u for u in store.list_unanswered(assistant_id) if after_id is None or u.id > after_id), None)
+
+
+def asked_at(created_at: str | None, timezone: str) -> str:
+    """'2026-01-01 15:00 Europe/Berlin': when a question was asked, in the configured timezone."""
+    if not created_at:
+        return "—"
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        tz, timezone = ZoneInfo("UTC"), "UTC"
+    return parse_time(created_at).astimezone(tz).strftime("%Y-%m-%d %H:%M ") + timezone
+
+
+async def _show_unanswered(update: Update, context: ContextTypes.DEFAULT_TYPE, store: Store, assistant,
+                           item: Unanswered, *, edit: bool) -> None:
+    text = tr(update, context, "review_unanswered_card", question=short(item.question, 1500),
+              when=asked_at(item.created_at, app_of(context).settings.timezone),
+              left=store.count_unanswered(assistant.id))
+    rows = [[(tr(update, context, "btn_un_answer"), f"un:a:{item.id}"),
+             (tr(update, context, "btn_un_dismiss"), f"un:d:{item.id}"),
+             (tr(update, context, "btn_un_skip"), f"un:s:{item.id}")]]
+    await reply(update, text, buttons=rows, edit=edit)
+
+
 async def _show_card(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, *, edit: bool) -> None:
     store = store_of(context)
     scope = _scope(context)
+    if scope.get("run_id") is None:  # a run's own cards ("Review now") are not interrupted
+        item = next_unanswered(store, assistant.id, scope.get("un_after"))
+        if item is not None:
+            await _show_unanswered(update, context, store, assistant, item, edit=edit)
+            return
     ex = next_card_example(store, assistant.id, scope)
     if ex is None:
         context.user_data.pop("review", None)
@@ -66,8 +115,9 @@ async def _show_card(update: Update, context: ContextTypes.DEFAULT_TYPE, assista
 
 @requires("expert")
 async def review(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
-    """Show the next pending card (of every run)."""
+    """Show the unanswered questions, then the next pending card (of every run)."""
     context.user_data["review"] = {"run_id": None, "after": None}
+    store_of(context).upsert_user(update.effective_user.id, language=lang_of(update, context))  # for notices
     await _show_card(update, context, assistant, edit=False)
 
 
@@ -132,9 +182,105 @@ async def edit_variation_text(update: Update, context: ContextTypes.DEFAULT_TYPE
     await _show_card(update, context, store.get_assistant(ex.assistant_id), edit=False)
 
 
+@requires("expert")
+async def unanswered_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """✍️ answer (the next text is the answer), 🗑 dismiss, or ⏭ skip an unanswered question."""
+    match = UNANSWERED_BUTTON.fullmatch(update.callback_query.data or "")
+    store = store_of(context)
+    try:
+        item = store.get_unanswered(int(match.group(2))) if match else None
+    except NotFound:
+        item = None
+    if item is None or item.assistant_id != assistant.id:
+        await reply(update, tr(update, context, "button_invalid"))
+        return
+    action = match.group(1)
+    if action == "s":
+        _scope(context)["un_after"] = item.id
+    elif item.status != "open":
+        await reply(update, tr(update, context, "un_closed"))
+    elif action == "a":
+        awaiting(context, "answer_unanswered", item_id=item.id)
+        await reply(update, tr(update, context, "un_answer_ask", question=short(item.question, 800)))
+        return
+    else:
+        uid = update.effective_user.id
+        try:
+            await with_thread_store(context, lambda s: s.dismiss_unanswered(item.id, by=uid))
+        except NotOpen:
+            await reply(update, tr(update, context, "un_closed"))
+    await _show_card(update, context, assistant, edit=True)
+
+
+async def answer_unanswered_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
+    """The expert's answer to an unanswered question: saved as an approved example, then the next card."""
+    store = store_of(context)
+    uid = update.effective_user.id
+    item = store.get_unanswered(pending["item_id"])
+    if store.role_of(item.assistant_id, uid) not in ("owner", "expert"):
+        await reply(update, tr(update, context, "not_member"))
+        return
+    answer = update.message.text
+    try:
+        ex = await with_thread_store(context, lambda s: s.answer_unanswered(item.id, answer, by=uid))
+    except NotOpen:
+        await reply(update, tr(update, context, "un_closed"))
+        return
+    except StorageError as exc:
+        await reply(update, tr_error(update, context, exc))
+        return
+    await reply(update, tr(update, context, "un_answered", id=ex.id, question=short(ex.question, 800),
+                           answer=short(ex.answer, 1500)))
+    await _show_card(update, context, store.get_assistant(item.assistant_id), edit=False)
+
+
+def unanswered_notices(store: Store, default_language: str) -> tuple[list[tuple[int, str]], list[int]]:
+    """One (chat id, text) per owner and expert of each assistant with new unanswered questions, and their ids."""
+    items = store.unnotified_unanswered()
+    notices: list[tuple[int, str]] = []
+    by_assistant = groupby(sorted(items, key=lambda u: (u.assistant_id, u.id)), key=lambda u: u.assistant_id)
+    for assistant_id, group in by_assistant:
+        questions = [u.question for u in group]
+        try:
+            name = store.get_assistant(assistant_id).name
+        except NotFound:  # deleted meanwhile: nobody to tell
+            continue
+        for member in store.list_members(assistant_id):
+            if member.role not in ("owner", "expert"):
+                continue
+            user = store.get_user(member.user_id)
+            lang = user.language if user and user.language else default_language
+            lines = [f"• {short(q, 200)}" for q in questions[:NOTICE_ITEMS]]
+            if len(questions) > NOTICE_ITEMS:
+                lines.append(t(lang, "un_notify_more", n=len(questions) - NOTICE_ITEMS))
+            n = len(questions)
+            notices.append((member.user_id, t(lang, f"un_notify_{plural_form(lang, n)}", n=n, name=name,
+                                              items="\n".join(lines))))
+    return notices, [u.id for u in items]
+
+
+async def notify_unanswered(context: ContextTypes.DEFAULT_TYPE) -> None:
+    """PTB repeating job: each owner and expert gets one message listing the new unanswered questions."""
+    language = app_of(context).settings.default_language
+    notices, ids = await with_thread_store(context, lambda s: unanswered_notices(s, language))
+    delivered, unreachable = 0, False
+    for chat_id, text in notices:
+        try:
+            await context.bot.send_message(chat_id, text)
+            delivered += 1
+        except (Forbidden, BadRequest) as exc:  # blocked the bot or never started it: the others are still told
+            log.info("could not notify %s about unanswered questions: %s", chat_id, exc)
+        except TelegramError as exc:
+            unreachable = True
+            log.warning("could not notify %s about unanswered questions: %s", chat_id, exc)
+    if ids and (delivered or not unreachable):  # Telegram unreachable for everyone: the next run tries again
+        await with_thread_store(context, lambda s: s.mark_unanswered_notified(ids))
+
+
 def handlers() -> list:
     return [
         CommandHandler("review", review),
+        CallbackQueryHandler(unanswered_button, pattern=r"^un:"),
         CallbackQueryHandler(review_button, pattern=r"^rv:"),
         CallbackQueryHandler(review_go, pattern=r"^rvgo:"),
     ]
