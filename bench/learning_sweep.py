@@ -51,8 +51,11 @@ def load_data(name: str):
         parts = name.split(":")
         n, language = int(parts[1]), parts[2] if len(parts) > 2 else "en"
         seed = int(parts[3]) if len(parts) > 3 else 0
-        pairs, test = generate_faq(n, language=language, seed=seed)
-        return [(p["question"], p["answer"]) for p in pairs], test, [], ""
+        pairs, test = generate_faq(n + 20, language=language, seed=seed)
+        known = {p["answer"] for p in pairs[:n]}
+        # out of scope: the same kinds of question about 20 invented entities the FAQ does not have
+        oos = [t["question"] for t in test if t["answer"] not in known][::2]
+        return [(p["question"], p["answer"]) for p in pairs[:n]], [t for t in test if t["answer"] in known], oos, ""
     faq = read_examples(ROOT / "examples" / f"{name}_faq.jsonl").records
     held_out = jsonl(ROOT / "examples" / f"{name}_eval.jsonl")
     oos_path = ROOT / "examples" / f"{name}_out_of_scope.jsonl"
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "test-models"))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--answers", action="store_true", help="keep every answer, confidence and log-probability")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -91,7 +95,8 @@ def main() -> None:
             trained_s = time.perf_counter() - started
             started = time.perf_counter()
             ev = evaluate(held_out, base_model=args.base, adapter_dir=tmp, modes=modes, system_prompt=system,
-                          cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, out_of_scope=oos)
+                          cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, out_of_scope=oos,
+                          include_answers=args.answers)
             eval_s = time.perf_counter() - started
         row = {"setting": given, "modes": {m: {"accuracy": v["accuracy"], "f1": v["f1"],
                                                "abstain_rate": v["abstain_rate"]} for m, v in ev["modes"].items()},
@@ -101,8 +106,10 @@ def main() -> None:
                "best_val_loss": report.best_val_loss, "train_s": round(trained_s, 1), "eval_s": round(eval_s, 1),
                "tokens_per_s": report.tokens_per_s, "train_rows": report.counts.get("train_rows"),
                "learning_rate": report.hyperparameters["learning_rate"]}
+        if args.answers:
+            row["answers"], row["out_of_scope_answers"] = ev["answers"], ev.get("out_of_scope_answers")
         result["settings"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        print(json.dumps({k: v for k, v in row.items() if "answers" not in k}), file=sys.stderr, flush=True)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.out:

@@ -55,13 +55,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo", help="the whole loop offline in a few minutes",
-        description="Create an assistant from examples/acme_faq.jsonl, add local mutations, train a LoRA adapter "
-                    "on this machine, print the before/after table on examples/acme_eval.jsonl, then chat (or "
-                    "answer three sample questions when standard input is not a terminal).")
-    demo.add_argument("--name", default="acme-demo", help="name of the demo assistant (default: acme-demo)")
+        description="Create an assistant from an example FAQ (English: examples/acme_faq.jsonl; Russian: "
+                    "examples/ru_faq.jsonl), add local mutations, train a LoRA adapter on this machine, print the "
+                    "table of every answer mode (base, few-shot, lookup, tuned, grounded) on held-out customer "
+                    "questions and out-of-scope ones, then show grounded answers with their sources and an "
+                    "out-of-scope question answered \"I don't know\" and queued for the experts; then chat "
+                    "(when standard input is a terminal).")
+    demo.add_argument("--name", default=None, help="name of the demo assistant (default: acme-demo or clinic-demo)")
+    demo.add_argument("--language", choices=("en", "ru"), default="en",
+                      help="en: ACME Parcel's FAQ (default); ru: a clinic's FAQ in Russian")
     demo.add_argument("--epochs", type=int, default=None,
-                      help="most training epochs, early stopping may end sooner (default: automatic, 12 for "
-                           "the demo's data: about 8 minutes on 2 cores)")
+                      help="most training epochs, early stopping may end sooner (default: automatic)")
     demo.add_argument("--per-example", type=int, default=3, help="mutations per example (default: 3)")
     demo.add_argument("--max-examples", type=int, default=None, help="use only the first N FAQ pairs (a quick try)")
     demo.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many held-out questions")
@@ -226,6 +230,11 @@ def cmd_chat(args, app) -> int:
 
 # ------------------------------------------------------------------- demo
 DEMO_SYSTEM_PROMPT = "You answer customer questions for ACME Parcel, a parcel delivery company."
+DEMOS = {  # language: (default name, files prefix, system prompt, description)
+    "en": ("acme-demo", "acme", DEMO_SYSTEM_PROMPT, "ACME Parcel FAQ (tunebot demo)"),
+    "ru": ("clinic-demo", "ru", "Ты отвечаешь на вопросы пациентов клиники «Здоровье+».",
+           "FAQ клиники «Здоровье+» (tunebot demo)"),
+}
 
 
 def _examples_dir():
@@ -246,7 +255,7 @@ def _progress(total: int, desc: str):
 
 
 def cmd_demo(args, app) -> int:
-    """The whole loop offline: import, mutate and approve, train, compare, chat."""
+    """The whole loop offline: import, mutate and approve, train, compare every mode, grounded answers, abstain."""
     import time
 
     from tuning.dataset import items_from_store
@@ -260,24 +269,29 @@ def cmd_demo(args, app) -> int:
     started = time.perf_counter()
     store, settings = app.store, app.settings
     folder = _examples_dir()
-    name, n = args.name, 1
+    default_name, prefix, system_prompt, description = DEMOS[args.language]
+    base_name = args.name or default_name
+    name, n = base_name, 1
     while store.find_assistant(name) is not None:
         n += 1
-        name = f"{args.name}-{n}"
-    assistant = store.create_assistant(name, system_prompt=DEMO_SYSTEM_PROMPT, base_model=settings.base_model,
-                                       description="ACME Parcel FAQ (tunebot demo)")
-    faq = (folder / "acme_faq.jsonl").read_bytes()
+        name = f"{base_name}-{n}"
+    assistant = store.create_assistant(name, system_prompt=system_prompt, base_model=settings.base_model,
+                                       description=description)
+    faq_path = folder / f"{prefix}_faq.jsonl"
+    faq = faq_path.read_bytes()
     if args.max_examples:
         faq = b"\n".join(faq.splitlines()[: args.max_examples]) + b"\n"
-    report = import_file(store, assistant.id, faq, filename="acme_faq.jsonl", approve=True)
-    print(f"1/5 assistant {name!r}: imported {report.added} approved examples from {folder / 'acme_faq.jsonl'}")
+    report = import_file(store, assistant.id, faq, filename=faq_path.name, approve=True)
+    print(f"1/5 assistant {name!r}: imported {report.added} approved examples from {faq_path}")
     run = mutate_assistant(store, assistant.id, per_example=args.per_example, seed=0)
     approved = approve_all_in_run(store, run.id)
     print(f"2/5 generated {run.kept} local mutations (typos, layout, abbreviations …) and approved {approved}")
 
     items = items_from_store(store, assistant.id)
     out_dir = f"{settings.artifacts}/{name}/v1"
-    print(f"3/5 training a LoRA adapter on {len(items)} examples ({settings.base_model}) into {out_dir}")
+    config = TrainConfig(base_model=settings.base_model, epochs=args.epochs, seed=0)
+    print(f"3/5 training a LoRA adapter ({config.recipe} recipe) on {len(items)} examples ({settings.base_model}) "
+          f"into {out_dir}")
     bar, shown_epochs = None, set()
 
     def on_progress(p: dict) -> None:
@@ -293,7 +307,6 @@ def cmd_demo(args, app) -> int:
             shown_epochs.add(p.get("epoch"))
             print(f"    epoch {p.get('epoch')}: val loss {p['val_loss']:.3f}", file=sys.stderr)
 
-    config = TrainConfig(base_model=settings.base_model, epochs=args.epochs, seed=0)
     trained = train(items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt,
                     cache_dir=settings.models_cache, on_progress=on_progress)
     if bar is not None:
@@ -303,30 +316,43 @@ def cmd_demo(args, app) -> int:
     store.activate_version(version.id)
     print(f"    trained in {trained.duration_s:.0f} s ({trained.tokens_per_s:.0f} tokens/s); version #{version.id} active")
 
-    held_out = read_examples(folder / "acme_eval.jsonl").records[: args.max_eval]
-    pairs = [(e.question, e.answer) for e in store.list_examples(assistant.id, status="approved", roots_only=True)]
-    print(f"4/5 answering {len(held_out)} held-out paraphrased questions in base, few-shot and tuned mode")
-    eval_bar = _progress(3 * len(held_out), "evaluating")
-    result = evaluate(held_out, base_model=settings.base_model, adapter_dir=out_dir, fewshot=pairs,
+    held_out = read_examples(folder / f"{prefix}_eval.jsonl").records[: args.max_eval]
+    oos_path = folder / f"{prefix}_out_of_scope.jsonl"
+    out_of_scope = [json.loads(line)["question"] for line in oos_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()][: args.max_eval] if oos_path.exists() else []
+    modes = ("base", "fewshot", "lookup", "tuned", "grounded")
+    print(f"4/5 answering {len(held_out)} held-out customer questions and {len(out_of_scope)} out-of-scope ones "
+          f"in every mode: {', '.join(modes)}")
+    eval_bar = _progress((len(modes) - 1) * (len(held_out) + len(out_of_scope)), "evaluating")
+    engine = _engine_for(app, assistant)
+    result = evaluate(held_out, base_model=settings.base_model, adapter_dir=out_dir, modes=modes,
                       system_prompt=assistant.system_prompt, cache_dir=settings.models_cache, max_new_tokens=64,
+                      out_of_scope=out_of_scope, engine=engine,
                       on_progress=lambda mode, done, total: eval_bar.update(1))
     eval_bar.close()
     print()
     print(markdown_table(result))
     print()
-    store.update_assistant(assistant.id, description=f"ACME Parcel FAQ (tunebot demo): "
+    store.update_assistant(assistant.id, description=f"{description}: "
                                                      f"{json.dumps({m: v['accuracy'] for m, v in result['modes'].items()})}")
-    print(f"5/5 done in {time.perf_counter() - started:.0f} s. Chat with it: tunebot chat --assistant {name} [--compare]")
-    if sys.stdin.isatty():
-        return chat_loop(app, store.get_assistant(assistant.id),
-                         argparse.Namespace(mode="auto", version=None, compare=False, max_tokens=None, json=False))
+    print("5/5 what a customer gets (auto mode: grounded answers with their sources, \"I don't know\" when unsure)")
     from tuning.inference import answer_question
 
-    engine = _engine_for(app, assistant)
+    samples = [r.question for r in held_out[:2]] + out_of_scope[:1]
     try:
-        for record in held_out[:3]:
-            answer = answer_question(store, engine, assistant.id, record.question, mode="tuned")
-            print(f"Q: {record.question}\nA: {answer.text}\n")
+        for question in samples:
+            answer = answer_question(store, engine, assistant.id, question, indexes=app.indexes)
+            print(f"Q: {question}\nA: {answer.text}")
+            if answer.abstained:
+                print(f"   (confidence {answer.confidence:.2f} below {result['abstain_threshold']:.2f}: queued for "
+                      f"the experts as unanswered #{answer.unanswered_id}; they answer it in /review)")
+            if answer.sources:
+                print("   sources: " + "; ".join(f"#{i} {q[:70]}" for i, q in answer.sources))
+            print()
+        print(f"done in {time.perf_counter() - started:.0f} s. Chat with it: tunebot chat --assistant {name} [--compare]")
+        if sys.stdin.isatty():
+            return chat_loop(app, store.get_assistant(assistant.id),
+                             argparse.Namespace(mode="auto", version=None, compare=False, max_tokens=None, json=False))
     finally:
         engine.close()
     return 0

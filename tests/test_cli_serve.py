@@ -60,7 +60,7 @@ def test_chat_json_modes_and_compare(env, capsys, monkeypatch, tmp_path, tiny_mo
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who are you?\n"))
     assert main(["chat", "--assistant", "acme", "--compare", "--json"]) == 0
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [a["mode"] for a in answers] == ["base", "fewshot", "tuned"]
+    assert [a["mode"] for a in answers] == ["base", "fewshot", "tuned", "grounded"]
     assert answers[2]["answer"] != answers[0]["answer"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     assert main(["chat", "--assistant", "acme", "--mode", "tuned"]) == 0
@@ -88,8 +88,10 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(env, capsys, monkeypatch):
     assert main(["demo", "--epochs", "1", "--per-example", "1", "--max-examples", "6", "--max-eval", "3"]) == 0
     out = capsys.readouterr().out
     assert "imported 6 approved examples" in out and "approved 6" in out
-    assert "| base |" in out and "| fewshot |" in out and "| tuned |" in out
-    assert out.count("\nQ: ") == 3
+    for mode in ("base", "fewshot", "lookup", "tuned", "grounded"):
+        assert f"| {mode} |" in out
+    assert "3 out of scope" in out and "recall@1" in out
+    assert out.count("\nQ: ") == 3 and "sources: #" in out
     store = env["store"]
     demo = store.assistant_by_name("acme-demo")
     version = store.get_model_version(demo.active_version_id)

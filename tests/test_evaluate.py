@@ -111,9 +111,16 @@ def test_cli_train_and_eval_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
     report = json.loads(captured.out)
     assert "line 5" in captured.err
     assert report["counts"]["items"] == 12 and report["val_kind"] == "recall"
-    assert main(["eval", "--model", str(out), "--data", str(test), "--max-new-tokens", "4", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 1 and set(result["modes"]) == {"base", "fewshot", "tuned"}
+    oos = tmp_path / "oos.jsonl"
+    oos.write_text(json.dumps({"question": "Do you sell pianos?"}) + "\nwhat's the weather\n{broken\n")
+    assert main(["eval", "--model", str(out), "--data", str(test), "--max-new-tokens", "4", "--json",
+                 "--out-of-scope", str(oos)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    # the index saved beside the adapter gives lookup, few-shot and grounded without --fewshot-data
+    assert result["n"] == 1 and set(result["modes"]) == {"base", "fewshot", "lookup", "tuned", "grounded"}
+    assert result["n_out_of_scope"] == 2 and "line 3" in captured.err
+    assert set(result["out_of_scope"]) == set(result["modes"]) and {"recall@1", "recall@3"} == set(result["retrieval"])
     assert main(["train", "--data", str(data), "--out", str(out), "--augment", "bogus"]) == 2
     assert "--augment" in capsys.readouterr().err
     assert main(["eval", "--data", str(test), "--compare", "tuned"]) == 2

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from tuning.grounding import DEFAULT_THRESHOLD, Grounding, confidence, render_question
+from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, confidence, read_grounded,
+                              render_question)
 from tuning.inference import InferenceError, MODES, NoActiveVersion, prepare_messages
 
 ABSTAIN_TEXT = ("I'm not sure about this one, so I've passed your question to our experts: "
@@ -43,6 +44,7 @@ class AnswerPlan:
     hits: tuple = ()  # tuning.retrieval.Hit, best first: what the answer may draw on
     confidence: float = 1.0
     threshold: float = DEFAULT_THRESHOLD
+    min_choice_probability: float = 0.0
     may_abstain: bool = False  # auto answers (what users get by default) say "I don't know" when unsure
     retrieved_from: int = 0  # how many examples the retriever held (none: nothing to judge confidence by)
 
@@ -124,7 +126,8 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
     retriever = _retriever(store, assistant_id, indexes)
     hits = tuple(retriever.search(question, max(grounding.k, fewshot_k)))
     common = {"assistant_id": assistant_id, "system_prompt": assistant.system_prompt, "confidence": confidence(hits),
-              "threshold": grounding.threshold, "may_abstain": auto, "retrieved_from": len(retriever)}
+              "threshold": grounding.threshold, "min_choice_probability": grounding.min_choice_probability,
+              "may_abstain": auto, "retrieved_from": len(retriever)}
     if mode in ("tuned", "grounded"):
         shown = hits[:grounding.k] if mode == "grounded" else ()
         return AnswerPlan(mode=mode, version_id=version.id, adapter_dir=version.adapter_path,
@@ -140,14 +143,15 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
 
 def record_answer(store, plan: AnswerPlan, question: str, answer: str, *, user_id: int | None = None,
                   conversation_id: int | None = None, latency_ms: float | None = None,
-                  abstained: bool = False) -> tuple[int, int]:
+                  abstained: bool = False, sources: Sequence[tuple[int, str]] | None = None) -> tuple[int, int]:
     """Store the question and the answer with its sources; returns (conversation id, answer message id)."""
     if conversation_id is None:
         conversation_id = store.start_conversation(plan.assistant_id, user_id, mode=plan.mode)
     store.add_message(conversation_id, "user", question, mode=plan.mode)
     message_id = store.add_message(conversation_id, "assistant", answer, model_version_id=plan.version_id,
                                    mode=plan.mode, latency_ms=latency_ms,
-                                   sources=[i for i, _ in plan.sources], confidence=plan.confidence,
+                                   sources=[i for i, _ in (plan.sources if sources is None else sources)],
+                                   confidence=plan.confidence,
                                    abstained=abstained)
     return conversation_id, message_id
 
@@ -162,40 +166,65 @@ def answer_question(store, engine, assistant_id: int, question: str, *, mode: st
     """
     plan = plan_answer(store, assistant_id, question, mode=mode, version_id=version_id, indexes=indexes)
     start = time.perf_counter()
-    if plan.unsure:
+    first, pieces, logprobs = None, [], ()
+    if not plan.unsure:
+        grounded = plan.mode == "grounded"
+        visible = CitationFilter() if grounded else None
+        for piece in _generate(engine, plan, question):
+            if isinstance(piece, tuple):  # the end: the answer's token log-probabilities
+                logprobs = piece[1]
+                break
+            first = first or time.perf_counter()
+            pieces.append(piece)
+            shown = visible.feed(piece) if visible is not None else piece
+            if on_piece is not None and shown:
+                on_piece(shown)
+    raw = "".join(pieces)
+    text, sources, unsure = raw.strip(), plan.sources, plan.unsure
+    probability = None
+    if not unsure and plan.mode == "grounded":
+        read = read_grounded(raw, plan.hits, logprobs)
+        probability = read.choice_probability
+        unsure = read.abstained or (probability is not None and probability < plan.min_choice_probability)
+        text = read.text
+        if read.cited is not None:  # the example the model says it drew on comes first
+            hit = plan.hits[read.cited]
+            sources = ((hit.example_id, hit.question),) + tuple(s for s in sources if s[0] != hit.example_id) \
+                if hit.example_id is not None else sources
+    end = time.perf_counter()
+    if unsure:
         text = abstain_text or ABSTAIN_TEXT
         if on_piece is not None:
             on_piece(text)
-        latency_ms = (time.perf_counter() - start) * 1000
-        ids: tuple = (None, None)
-        unanswered_id = None
-        if record:
-            ids = record_answer(store, plan, question, text, user_id=user_id, conversation_id=conversation_id,
-                                latency_ms=latency_ms, abstained=True)
-            unanswered_id = store.add_unanswered(assistant_id, question, user_id=user_id, conversation_id=ids[0],
-                                                 message_id=ids[1]).id
-        return Answer(text=text, mode=plan.mode, version_id=plan.version_id, ttft_ms=latency_ms,
-                      latency_ms=latency_ms, n_tokens=0, tokens_per_s=0.0, conversation_id=ids[0],
-                      message_id=ids[1], sources=plan.sources, confidence=plan.confidence, abstained=True,
-                      unanswered_id=unanswered_id)
-    first, pieces = None, []
-    for piece in engine.stream(plan.prompt or question, **plan.engine_kwargs()):
-        first = first or time.perf_counter()
-        pieces.append(piece)
-        if on_piece is not None:
-            on_piece(piece)
-    end = time.perf_counter()
-    text = "".join(pieces).strip()
     latency_ms = (end - start) * 1000
-    ids = (None, None)
+    ids: tuple = (None, None)
+    unanswered_id = None
     if record:
         ids = record_answer(store, plan, question, text, user_id=user_id, conversation_id=conversation_id,
-                            latency_ms=latency_ms)
+                            latency_ms=latency_ms, abstained=unsure, sources=sources)
+        if unsure and plan.may_abstain:
+            unanswered_id = store.add_unanswered(assistant_id, question, user_id=user_id, conversation_id=ids[0],
+                                                 message_id=ids[1]).id
     n = len(pieces)
     return Answer(text=text, mode=plan.mode, version_id=plan.version_id,
                   ttft_ms=((first or end) - start) * 1000, latency_ms=latency_ms, n_tokens=n,
                   tokens_per_s=(n - 1) / max(end - (first or end), 1e-9) if n > 1 else 0.0,
-                  conversation_id=ids[0], message_id=ids[1], sources=plan.sources, confidence=plan.confidence)
+                  conversation_id=ids[0], message_id=ids[1], sources=sources, confidence=plan.confidence,
+                  abstained=unsure, unanswered_id=unanswered_id,
+                  extra={"choice_probability": probability} if probability is not None else {})
+
+
+def _generate(engine, plan: AnswerPlan, question: str):
+    """Text pieces of the answer, then ("end", token log-probabilities) when the engine measures them."""
+    if hasattr(engine, "submit"):  # the local engine: exact tokens and their log-probabilities
+        generation = engine.submit(plan.messages(question), adapter_dir=plan.adapter_dir)
+        try:
+            yield from generation
+            yield ("end", generation.result().token_logprobs)
+        finally:
+            generation.cancel()
+        return
+    yield from engine.stream(plan.prompt or question, **plan.engine_kwargs())
 
 
 def compare_answers(store, engine, assistant_id: int, question: str,

@@ -160,7 +160,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     or one built from `fewshot` pairs. A question whose retrieval confidence is below the adapter's calibrated
     threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
     """
-    from tuning.grounding import Grounding, confidence, render_question
+    from tuning.grounding import Grounding, confidence, read_grounded, render_question
     from tuning.prompts import build_messages
 
     items = as_eval_items(items)
@@ -198,6 +198,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
         elif needs:
             raise ModelLoadError(f"{folder} holds neither a LoRA adapter nor a model")
     own_engines = []
+    if engine is not None and not hasattr(engine, "submit"):  # a remote backend: evaluate with a local engine
+        engine = None
 
     def engine_for(mode):
         nonlocal engine
@@ -219,6 +221,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
         results["n_out_of_scope"] = len(oos)
         results["out_of_scope"] = {}
     answers_by_mode: dict = {}
+    logprobs_by_mode: dict = {}
+    choice_of: dict = {}
     try:
         for mode in modes:
             if mode == "lookup":
@@ -239,22 +243,40 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                     answers.append(_generated_answer(generation.result()))
                     if on_progress:
                         on_progress(mode, i + 1, len(pending))
+            abstained = list(abstain)
+            if mode == "grounded":  # the citation: the text without it, and the model's own "I don't know"
+                from dataclasses import replace
+
+                read = [read_grounded(a.text, h[:k], a.token_logprobs) for a, h in zip(answers, hits_of)]
+                answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
+                abstained = [x or r.abstained or (r.choice_probability is not None
+                                                  and r.choice_probability < grounding.min_choice_probability)
+                             for x, r in zip(abstained, read)]
+                choice_of[mode] = [r.choice_probability for r in read]
             metrics = summarize(items, answers[:n_in])
-            metrics["abstain_rate"] = round(sum(abstain[:n_in]) / n_in, 4)
+            metrics["abstain_rate"] = round(sum(abstained[:n_in]) / n_in, 4)
+            # correct and not withheld: what a customer actually receives
+            metrics["answered_correctly"] = round(sum(
+                1 for it, a, x in zip(items, answers, abstained) if it.must_contain and not x
+                and contains_all(a.text, it.must_contain)) / max(1, sum(1 for it in items if it.must_contain)), 4)
             results["modes"][mode] = metrics
             if oos:
-                results["out_of_scope"][mode] = {"abstain_rate": round(sum(abstain[n_in:]) / len(oos), 4)}
+                results["out_of_scope"][mode] = {"abstain_rate": round(sum(abstained[n_in:]) / len(oos), 4)}
             answers_by_mode[mode] = [a.text for a in answers]
+            logprobs_by_mode[mode] = choice_of.get(mode) or [None] * len(answers)
     finally:
         for e in own_engines:
             e.close()
     if include_answers:
         results["answers"] = [{"question": it.question, "reference": it.answer, "confidence": conf[i],
-                               **{m: answers_by_mode[m][i] for m in results["modes"]}}
+                               **{m: answers_by_mode[m][i] for m in results["modes"]},
+                               "choice_probability": {m: logprobs_by_mode[m][i] for m in results["modes"]}}
                               for i, it in enumerate(items)]
         if oos:
             results["out_of_scope_answers"] = [{"question": q, "confidence": conf[n_in + j],
-                                                **{m: answers_by_mode[m][n_in + j] for m in results["modes"]}}
+                                                **{m: answers_by_mode[m][n_in + j] for m in results["modes"]},
+                                                "choice_probability": {m: logprobs_by_mode[m][n_in + j]
+                                                                       for m in results["modes"]}}
                                                for j, q in enumerate(oos)]
     return results
 

@@ -19,7 +19,7 @@ class GeneratedAnswer:
     n_tokens: int
     tokens_per_s: float
     stopped: bool
-    mean_logprob: float | None = None
+    token_logprobs: tuple[float, ...] = ()  # per answer token, when the backend measures them
 
 
 def encode_prompt(tokenizer, messages: list[dict]):

@@ -39,7 +39,7 @@ class AnswerResult:
     tokens_per_s: float
     stopped: bool
     prompt_tokens: int = 0
-    mean_logprob: float | None = None  # of the answer's tokens: how sure the model was (None if not measured)
+    token_logprobs: tuple[float, ...] = ()  # of each answer token when it was chosen: how sure the model was
 
 
 def _generated_answer(result: AnswerResult):
@@ -48,7 +48,7 @@ def _generated_answer(result: AnswerResult):
 
     return GeneratedAnswer(text=result.text, ttft_ms=result.ttft_ms, n_tokens=result.n_tokens,
                            tokens_per_s=result.tokens_per_s, stopped=result.stopped,
-                           mean_logprob=result.mean_logprob)
+                           token_logprobs=result.token_logprobs)
 
 
 def _build_messages(question: str, *, system_prompt: str, fewshot: Sequence[tuple[str, str]]) -> list[dict]:
@@ -91,17 +91,20 @@ class Generation:
         self.prompt_tokens = 0
         self.stopped = False
         self._pieces: queue.Queue = queue.Queue()
+        self._ended = False  # the end (or an error) was taken from the queue: iterating again returns at once
 
     def cancel(self) -> None:
         """Stop generating at the next token (e.g. the client went away)."""
         self.cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
-        while True:
+        while not self._ended:
             item = self._pieces.get()
             if item is _END:
+                self._ended = True
                 return
             if isinstance(item, BaseException):
+                self._ended = True
                 raise item
             yield item
 
@@ -116,7 +119,7 @@ class Generation:
             text=self.text, ttft_ms=(first - self.submitted) * 1000, n_tokens=self.n_tokens,
             tokens_per_s=(self.n_tokens - 1) / decode_s if self.n_tokens > 1 else 0.0,
             stopped=self.stopped, prompt_tokens=self.prompt_tokens,
-            mean_logprob=sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None)
+            token_logprobs=tuple(self.token_logprobs))
 
     # Called from the inference thread.
     def _emit(self, piece: str) -> None:
