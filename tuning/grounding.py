@@ -178,6 +178,11 @@ class Grounding:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+def answer_mode(adapter_dir) -> str:
+    """How a trained folder answers users: grounded when it was trained that way, else closed book (tuned)."""
+    return "grounded" if Grounding.load(adapter_dir).recipe == "grounded" else "tuned"
+
+
 def confidence(hits: Sequence[Hit]) -> float:
     """0..1: how similar the question is to the best example (the retrieval half of "am I sure")."""
     return round(float(hits[0].score), 4) if hits else 0.0

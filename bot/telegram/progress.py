@@ -98,7 +98,8 @@ async def send_finish_report(context: ContextTypes.DEFAULT_TYPE, job: Job, lang:
     if curve and Path(curve).exists():
         with open(curve, "rb") as fp:
             await context.bot.send_photo(job.tg_chat_id, fp, caption=t(lang, "train_curve_caption", id=job.id))
-    table = result.get("markdown") or result.get("eval_table") or _metrics_table(result.get("metrics") or {})
+    table = (result.get("markdown") or result.get("eval_table") or (result.get("metrics") or {}).get("eval_table")
+             or _metrics_table(result.get("metrics") or {}))
     version_id = result.get("version_id")
     text = t(lang, "train_finished", id=job.id) + ("\n\n" + table if table else "")
     buttons = None

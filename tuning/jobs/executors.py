@@ -238,23 +238,31 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
     evaluation, incumbent = None, None
     test_items = spec.get("test_items") or []
     if test_items:
-        from tuning.evaluate import evaluate
+        from tuning.evaluate import evaluate, markdown_table
+        from tuning.grounding import answer_mode
 
         progress.phase("evaluating")
+        mode = answer_mode(out_dir)  # what users will get from this version
         evaluation = evaluate(test_items, base_model=config.base_model, adapter_dir=str(out_dir),
-                              modes=("base", "tuned"), system_prompt=spec.get("system_prompt", ""),
-                              cache_dir=cache_dir, max_new_tokens=max_new_tokens, on_progress=progress.evaluating)
-        metrics.update(_eval_summary(evaluation["modes"], "tuned"))
+                              modes=("base", "fewshot", "lookup", "tuned", "grounded"),
+                              system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
+                              max_new_tokens=max_new_tokens, on_progress=progress.evaluating)
+        evaluation["modes"]["answer"] = evaluation["modes"][mode]  # the summary promotion compares
+        metrics.update(_eval_summary(evaluation["modes"], "answer"))
+        metrics["answer_mode"] = mode
+        metrics["eval_table"] = markdown_table({**evaluation, "modes": {m: v for m, v in evaluation["modes"].items()
+                                                                        if m != "answer"}})
         metrics["base_accuracy"] = evaluation["modes"].get("base", {}).get("accuracy")
         metrics["n_test"] = evaluation.get("n")
         (out_dir / "evaluation.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=2, default=str))
         if spec.get("incumbent"):
             theirs = spec["incumbent"]
-            result = evaluate(test_items, base_model=theirs["base_model"],
-                              adapter_dir=str(local_dir(theirs["adapter_path"], cache_dir=cache_dir)),
-                              modes=("tuned",), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
+            their_dir = str(local_dir(theirs["adapter_path"], cache_dir=cache_dir))
+            their_mode = answer_mode(their_dir)
+            result = evaluate(test_items, base_model=theirs["base_model"], adapter_dir=their_dir,
+                              modes=(their_mode,), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
                               max_new_tokens=max_new_tokens)
-            incumbent = {"id": theirs["id"], "summary": _eval_summary(result["modes"], "tuned")}
+            incumbent = {"id": theirs["id"], "summary": _eval_summary(result["modes"], their_mode)}
     if should_stop():
         raise Stopped()
     adapter_dir = store.upload_dir(out_dir, key) if store.remote else str(out_dir)
@@ -307,9 +315,11 @@ def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, 
 
     `incumbent` ({"id", "summary"}) is the active version's evaluation when the job computed it.
     """
+    from tuning.grounding import answer_mode
+
     if evaluation is None:
         return False, "no test examples to compare on; promote it by hand"
-    tuned = _eval_summary(evaluation["modes"], "tuned")
+    tuned = _eval_summary(evaluation["modes"], "answer" if "answer" in evaluation["modes"] else "tuned")
     if assistant.active_version_id:
         active = store.get_model_version(assistant.active_version_id)
         if incumbent and incumbent["id"] == active.id:
@@ -320,11 +330,12 @@ def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, 
 
             if not test_items:
                 return False, f"the active version #{active.id} changed during training; promote it by hand"
-            result = evaluate(test_items, base_model=active.base_model,
-                              adapter_dir=str(local_dir(active.adapter_path, cache_dir=cache_dir)),
-                              modes=("tuned",), system_prompt=assistant.system_prompt or "", cache_dir=cache_dir,
+            their_dir = str(local_dir(active.adapter_path, cache_dir=cache_dir))
+            their_mode = answer_mode(their_dir)
+            result = evaluate(test_items, base_model=active.base_model, adapter_dir=their_dir,
+                              modes=(their_mode,), system_prompt=assistant.system_prompt or "", cache_dir=cache_dir,
                               max_new_tokens=max_new_tokens)
-            theirs = _eval_summary(result["modes"], "tuned")
+            theirs = _eval_summary(result["modes"], their_mode)
         name = f"active version #{active.id}"
     else:
         theirs, name = _eval_summary(evaluation["modes"], "base"), "the base model"
