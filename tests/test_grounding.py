@@ -89,3 +89,32 @@ def test_calibrated_threshold_sits_below_the_in_scope_questions():
     assert calibrate_threshold(scores) == pytest.approx(0.07)
     assert all(s > calibrate_threshold(scores) for s in scores)
     assert calibrate_threshold([]) > 0
+
+
+def test_training_calibrates_both_thresholds_and_saves_the_index(tiny_model_dir, tmp_path):
+    from tuning.retrieval import Retriever
+    from tuning.train import TrainConfig, train
+
+    report = train(facts(6, 3), out_dir=tmp_path, config=TrainConfig(base_model=tiny_model_dir, epochs=1))
+    grounding = Grounding.load(tmp_path)
+    assert grounding.recipe == "grounded" and grounding.calibrated_on == report.counts["val"] > 0
+    assert 0 < grounding.threshold < 1 and 0 <= grounding.min_choice_probability <= 0.7
+    assert report.hyperparameters["recipe"] == "grounded" and report.counts["train_rows"] > report.counts["train"]
+    assert len(Retriever.load(tmp_path / "retrieval")) == report.counts["train"]
+    closed = train(facts(6, 3), out_dir=tmp_path / "closed",
+                   config=TrainConfig(base_model=tiny_model_dir, epochs=1, recipe="closed"))
+    assert Grounding.load(tmp_path / "closed").recipe == "closed"
+    assert closed.counts["train_rows"] == closed.counts["train"]
+
+
+def test_citation_probability_is_the_models_choice(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning.grounding import citation_probabilities
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train = facts(4, 1)
+    _, val = grounded_items(train, train[:3], training_index(train), k=3)
+    probs = citation_probabilities(model, tok, val, system_prompt="", device="cpu")
+    assert len(probs) == 3 and all(0 < p < 1 for p in probs)

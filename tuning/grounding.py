@@ -28,6 +28,8 @@ GROUNDING_FILE = "grounding.json"  # written beside a trained adapter: recipe, k
 DEFAULT_K = 3
 NO_ANSWER = "I don't know."  # what the model says after [0]; the service shows the user's own text instead
 GOLD_SHARE = 0.8  # rows whose context holds the gold example; the rest see distractors only
+MAX_MIN_CHOICE = 0.7  # a cited example chosen with less probability is "I don't know" (on invented facts:
+#   in-scope answers cite with p >= 0.9 but for 5%, wrong and out-of-scope answers with 0.4-0.7)
 SNAP_F1 = 0.6  # a generated answer this close to the cited example is that example's answer
 ABSTAIN_QUANTILE = 0.0  # the threshold sits below this share of validation (in-scope) questions ...
 MARGIN = 0.7  # ... times this
@@ -198,3 +200,37 @@ def calibrate_threshold(scores: Sequence[float], *, quantile: float = ABSTAIN_QU
     ordered = sorted(scores)
     index = max(0, min(len(ordered) - 1, int(math.floor(quantile * len(ordered)))))
     return round(ordered[index] * margin, 4)
+
+
+def citation_probabilities(model, tokenizer, items, *, system_prompt: str, device) -> list[float]:
+    """For grounded items (question with its context, answer "[i] …"): the probability the model gives the
+    right number i, teacher-forced (one forward pass each; no generation)."""
+    import torch
+
+    from tuning.dataset import encode_item
+
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for item in items:
+            enc = encode_item(tokenizer, item.question, item.answer, system_prompt=system_prompt)
+            start = next((n for n, label in enumerate(enc.labels) if label != -100), None)
+            digit = next((n for n in range(start or 0, len(enc.input_ids))
+                          if tokenizer.decode([enc.input_ids[n]]).strip().isdigit()), None) if start is not None \
+                else None
+            if digit is None:
+                continue
+            ids = torch.tensor([enc.input_ids[:digit]], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            out.append(float(torch.softmax(logits, dim=-1)[enc.input_ids[digit]]))
+    model.train(was_training)
+    return out
+
+
+def calibrate_min_choice(probabilities: Sequence[float], *, quantile: float = 0.05) -> float:
+    """The least citation probability an answer needs: what 95% of validation answers reach, capped."""
+    if not probabilities:
+        return 0.0
+    ordered = sorted(probabilities)
+    return round(min(MAX_MIN_CHOICE, ordered[int(quantile * len(ordered))] * 0.9), 4)

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 from tuning import hparams as hp
 from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
-from tuning.grounding import Grounding, calibrate_threshold, confidence, grounded_items, training_index
+from tuning.grounding import (Grounding, calibrate_min_choice, calibrate_threshold, citation_probabilities, confidence,
+                              grounded_items, training_index)
 from tuning.train_speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
@@ -510,11 +511,15 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         return None
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
+    min_choice = 0.0
+    if config.recipe == "grounded" and val_rows_items:
+        min_choice = calibrate_min_choice(citation_probabilities(model, tokenizer, val_rows_items,
+                                                                 system_prompt=system_prompt, device=device))
     _save_result(model, tokenizer, out, config.method)
     index.save(out / "retrieval")
     grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
                           threshold=calibrate_threshold([confidence(index.search(i.question, 1)) for i in splits.val]),
-                          calibrated_on=len(splits.val))
+                          min_choice_probability=min_choice, calibrated_on=len(splits.val))
     grounding.save(out)
     plot_loss_curve(state["epochs"], out / "loss_curve.png", step_losses=state["step_losses"])
     note = {"recall": "validation = held-out variations of trained examples: it measures recall of the facts",
@@ -530,7 +535,8 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
                          "method": config.method, "total_steps": total_steps, "processes": ranks.world,
                          "accumulate": config.accumulate, "recipe": config.recipe,
                          "grounded_k": config.grounded_k if config.recipe == "grounded" else 0,
-                         "abstain_threshold": grounding.threshold},
+                         "abstain_threshold": grounding.threshold,
+                         "min_choice_probability": grounding.min_choice_probability},
         epochs=state["epochs"], best_epoch=state["best_epoch"] or (state["epoch"] if state["epochs"] else None),
         best_val_loss=None if state["best_val"] is None else round(state["best_val"], 5),
         val_kind=splits.val_kind, stopped_early=state["stopped_early"], resumed_from_step=resumed_from,
