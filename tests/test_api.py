@@ -54,7 +54,7 @@ def test_completion_uses_the_active_adapter_and_is_recorded(setup, engine, store
     text = reply.choices[0].message.content
     expected = engine.answer("Hello?", adapter_dir=setup["adapter"], system_prompt="You answer for ACME.",
                              max_new_tokens=5).text
-    assert text == expected and text
+    assert text == expected.strip() and text  # answers are stripped, as in the chat
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= 5 and reply.usage.prompt_tokens > 5
     base = client(setup, setup["acme"]).chat.completions.create(
@@ -71,7 +71,7 @@ def test_stream_gives_the_same_text_in_chunks(setup):
     whole = c.chat.completions.create(model="acme", messages=messages, max_tokens=6).choices[0].message.content
     chunks = list(c.chat.completions.create(model="acme", messages=messages, max_tokens=6, stream=True))
     pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
-    assert len(pieces) >= 2 and "".join(pieces) == whole
+    assert len(pieces) >= 2 and "".join(pieces).strip() == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
@@ -144,6 +144,38 @@ def test_each_assistant_is_answered_by_the_engine_of_its_base_model(store, engin
             return c.chat.completions.create(model=model, messages=messages, max_tokens=5).choices[0].message.content
 
         initech_text, acme_text = ask(initech_key, "initech:base"), ask(acme_key, "acme:base")
-    assert initech_text == other_engine.answer("Hello?", max_new_tokens=5).text
-    assert acme_text == engine.answer("Hello?", max_new_tokens=5).text
+    assert initech_text == other_engine.answer("Hello?", max_new_tokens=5).text.strip()
+    assert acme_text == engine.answer("Hello?", max_new_tokens=5).text.strip()
     assert initech_text != acme_text
+
+
+def test_unsure_answers_say_so_and_reach_the_experts(store, engine, tiny_model_dir, tmp_path):
+    """A grounded version: a question unlike every example is "I don't know" (never an invented fact), recorded
+    as abstained and queued as an unanswered item; a close question is answered and cites its source."""
+    from tuning.answer_service import ABSTAIN_TEXT
+    from tuning.grounding import Grounding
+    from tuning.retrieval import AssistantIndexes
+
+    acme = store.create_assistant("acme", system_prompt="You answer for ACME.", owner_id=1)
+    example = store.add_example(acme.id, "How much does a small parcel cost?", "A small parcel costs €4.90.")
+    store.add_example(acme.id, "Where is the depot?", "The depot is in Utrecht.")
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "acme-v1", seed=3)
+    Grounding(recipe="grounded", k=2, threshold=0.2, min_choice_probability=0.0).save(adapter)
+    store.activate_version(store.add_model_version(acme.id, adapter_path=adapter, base_model=tiny_model_dir).id)
+    _, key = store.create_api_key(acme.id)
+    with ServerThread(create_api_app(store, engine, indexes=AssistantIndexes(tmp_path / "idx"))) as server:
+        c = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        unsure = c.chat.completions.create(model="acme", messages=[{"role": "user", "content": "zzqx vvkj?"}],
+                                           max_tokens=5).choices[0].message.content
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="acme", messages=[{"role": "user", "content": "qqqz wwkx?"}], max_tokens=5, stream=True)
+            if ch.choices)
+        close = c.chat.completions.create(model="acme", messages=[{"role": "user", "content": "small parcel cost?"}],
+                                          max_tokens=5).choices[0].message.content
+    assert unsure == ABSTAIN_TEXT and streamed == ABSTAIN_TEXT
+    assert [u.question for u in store.list_unanswered(acme.id)] == ["zzqx vvkj?", "qqqz wwkx?"]
+    assert close != ABSTAIN_TEXT and not close.startswith("[")  # never the citation marker
+    answered = store.list_unanswered(acme.id)[0].message_id
+    assert store.get_message(answered)["abstained"] == 1
+    rows = [m for m in store.db["messages"].rows if m["role"] == "assistant" and not m["abstained"]]
+    assert example.id in store.message_sources(rows[-1]["id"])

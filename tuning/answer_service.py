@@ -179,23 +179,12 @@ def answer_question(store, engine, assistant_id: int, question: str, *, mode: st
             shown = visible.feed(piece) if visible is not None else piece
             if on_piece is not None and shown:
                 on_piece(shown)
-    raw = "".join(pieces)
-    text, sources, unsure = raw.strip(), plan.sources, plan.unsure
-    probability = None
-    if not unsure and plan.mode == "grounded":
-        read = read_grounded(raw, plan.hits, logprobs)
-        probability = read.choice_probability
-        unsure = read.abstained or (probability is not None and probability < plan.min_choice_probability)
-        text = read.text
-        if read.cited is not None:  # the example the model says it drew on comes first
-            hit = plan.hits[read.cited]
-            sources = ((hit.example_id, hit.question),) + tuple(s for s in sources if s[0] != hit.example_id) \
-                if hit.example_id is not None else sources
+    outcome = finish_answer(plan, "".join(pieces), logprobs, abstain_text=abstain_text)
+    text, sources, unsure = outcome.text, outcome.sources, outcome.abstained
+    probability = outcome.choice_probability
     end = time.perf_counter()
-    if unsure:
-        text = abstain_text or ABSTAIN_TEXT
-        if on_piece is not None:
-            on_piece(text)
+    if unsure and on_piece is not None:
+        on_piece(text)
     latency_ms = (end - start) * 1000
     ids: tuple = (None, None)
     unanswered_id = None
@@ -212,6 +201,34 @@ def answer_question(store, engine, assistant_id: int, question: str, *, mode: st
                   conversation_id=ids[0], message_id=ids[1], sources=sources, confidence=plan.confidence,
                   abstained=unsure, unanswered_id=unanswered_id,
                   extra={"choice_probability": probability} if probability is not None else {})
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a generated answer becomes for the user: its text, whether it is "I don't know", its sources."""
+
+    text: str
+    abstained: bool
+    sources: tuple[tuple[int, str], ...]
+    choice_probability: float | None = None
+
+
+def finish_answer(plan: AnswerPlan, raw: str, token_logprobs: Sequence[float] = (), *,
+                  abstain_text: str | None = None) -> Finished:
+    """Read a generated answer back: a grounded one loses its citation (the cited example becomes the first
+    source) and is "I don't know" when the model said so or cited with too little probability."""
+    text, sources, unsure, probability = raw.strip(), plan.sources, plan.unsure, None
+    if not unsure and plan.mode == "grounded":
+        read = read_grounded(raw, plan.hits, token_logprobs)
+        probability = read.choice_probability
+        unsure = read.abstained or (probability is not None and probability < plan.min_choice_probability)
+        text = read.text
+        if read.cited is not None and plan.hits[read.cited].example_id is not None:
+            hit = plan.hits[read.cited]
+            sources = ((hit.example_id, hit.question),) + tuple(s for s in sources if s[0] != hit.example_id)
+    if unsure:
+        text = abstain_text or ABSTAIN_TEXT
+    return Finished(text=text, abstained=unsure, sources=sources, choice_probability=probability)
 
 
 def _generate(engine, plan: AnswerPlan, question: str):

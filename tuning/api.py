@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import Store, open_db
 from tuning.errors import TuningError
-from tuning.answer_service import ABSTAIN_TEXT, plan_answer, record_answer
+from tuning.answer_service import ABSTAIN_TEXT, finish_answer, plan_answer, record_answer
+from tuning.grounding import CitationFilter
 from tuning.inference import Engine, InferenceError
 
 log = logging.getLogger(__name__)
@@ -206,25 +207,30 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
         created = int(time.time())
         started = time.perf_counter()
 
-        def finish(text: str) -> dict:
+        def finish(raw: str) -> dict:
+            """Record the exchange (and queue an "I don't know" for the experts); usage and the shown text."""
             stopped = generation.stopped if generation else True
             prompt = generation.prompt_tokens if generation else 0
-            completion = generation.n_tokens if generation else len(text.split())
+            completion = generation.n_tokens if generation else len(raw.split())
+            outcome = finish_answer(plan, raw, generation.token_logprobs if generation else ())
             store_ = get_store()
-            conversation_id, message_id = record_answer(store_, plan, question, text, abstained=plan.unsure,
+            conversation_id, message_id = record_answer(store_, plan, question, outcome.text,
+                                                        abstained=outcome.abstained, sources=outcome.sources,
                                                         latency_ms=(time.perf_counter() - started) * 1000)
-            if plan.unsure:
+            if outcome.abstained and plan.may_abstain:
                 store_.add_unanswered(assistant.id, question, conversation_id=conversation_id, message_id=message_id)
-            return {"finish_reason": "stop" if stopped else "length",
+            return {"finish_reason": "stop" if stopped else "length", "text": outcome.text,
+                    "abstained": outcome.abstained,
                     "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                               "total_tokens": prompt + completion}}
 
         if not req["stream"]:
             try:
-                text = await run_in_threadpool(lambda: "".join(pieces))
+                raw = await run_in_threadpool(lambda: "".join(pieces))
             except TuningError as exc:
                 raise _engine_error(exc) from None
-            done = finish(text)
+            done = await run_in_threadpool(finish, raw)
+            text = done["text"]
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": req["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": done["finish_reason"], "logprobs": None}],
@@ -238,12 +244,17 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
 
         async def events():
             parts: list[str] = []
+            visible = CitationFilter() if plan.mode == "grounded" and not plan.unsure else None
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for piece in iterate_in_threadpool(pieces):
                     parts.append(piece)
-                    yield chunk({"content": piece})
-                done = finish("".join(parts))
+                    shown = visible.feed(piece) if visible is not None else piece
+                    if shown:
+                        yield chunk({"content": shown})
+                done = await run_in_threadpool(finish, "".join(parts))
+                if done["abstained"] and not plan.unsure:  # the model said it does not know: say so
+                    yield chunk({"content": done["text"]})
                 yield chunk({}, done["finish_reason"], usage=done["usage"])
             except TuningError as exc:
                 error = _engine_error(exc)
