@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     rev = subparsers.add_parser(
         "review", help="review pending examples in the terminal",
-        description="Show pending examples one by one: a approve, r reject, e edit (then approve), s skip, "
-                    "q quit. Reads answers from standard input, so it can be scripted.")
+        description="First the questions the assistant answered \"I don't know\" (type the answer: it becomes an "
+                    "approved example; d dismiss), then pending examples one by one: a approve, r reject, e edit "
+                    "(then approve), s skip, q quit. Reads answers from standard input, so it can be scripted.")
     rev.add_argument("--assistant", required=True, metavar="NAME")
     rev.add_argument("--run", type=int, default=None, metavar="RUN", help="only examples of this generation run")
     rev.add_argument("--by", type=int, default=None, metavar="TELEGRAM_ID", help="reviewer id recorded with decisions")
@@ -234,7 +235,9 @@ def cmd_review(args, app) -> int:
 
     store = app.store
     assistant = store.assistant_by_name(args.assistant)
-    counts = {"approved": 0, "rejected": 0, "edited": 0, "skipped": 0}
+    counts = {"approved": 0, "rejected": 0, "edited": 0, "skipped": 0, "answered": 0, "dismissed": 0}
+    if args.run is None and not _review_unanswered(store, assistant, args, counts):
+        return 0
     after = None
     while True:
         example = next_pending(store, assistant.id, run_id=args.run, after_id=after)
@@ -270,6 +273,35 @@ def cmd_review(args, app) -> int:
         else:
             print("type a, r, e, s or q")
     reviewed, total = review_progress(store, assistant.id, args.run)
-    print(f"\napproved {counts['approved']}, rejected {counts['rejected']}, edited {counts['edited']}, "
+    print(f"\nanswered {counts['answered']}, dismissed {counts['dismissed']} unanswered questions; "
+          f"approved {counts['approved']}, rejected {counts['rejected']}, edited {counts['edited']}, "
           f"skipped {counts['skipped']}; {reviewed} of {total} generated examples reviewed")
     return 0
+
+
+def _review_unanswered(store, assistant, args, counts: dict) -> bool:
+    """Questions the assistant could not answer, first: typing the answer makes it an approved example.
+    False when the reviewer quit."""
+    from storage.errors import StorageError
+
+    items = store.list_unanswered(assistant.id)
+    for n, item in enumerate(items, 1):
+        print(f"\n[unanswered {n}/{len(items)}] asked {item.created_at} and answered \"I don't know\":\n"
+              f"Q: {item.question}")
+        answer = _ask("type the answer, or d dismiss, s skip, q quit > ")
+        if answer is None or answer.strip().lower() in ("q", "quit"):
+            return False
+        choice = answer.strip()
+        if choice.lower() == "s" or not choice:
+            continue
+        try:
+            if choice.lower() == "d":
+                store.dismiss_unanswered(item.id, by=args.by)
+                counts["dismissed"] += 1
+            else:
+                example = store.answer_unanswered(item.id, choice, by=args.by)
+                counts["answered"] += 1
+                print(f"saved as approved example #{example.id}")
+        except StorageError as exc:
+            print(f"not saved: {exc}")
+    return True

@@ -106,6 +106,22 @@ def test_review_loop_reads_stdin(faq_store, env, monkeypatch, capsys):
     assert "type a, r, e, s or q" in out
 
 
+def test_review_answers_the_unanswered_questions_first(faq_store, env, monkeypatch, capsys):
+    store, assistant = faq_store
+    first = store.add_unanswered(assistant.id, "Do you deliver to Japan?")
+    second = store.add_unanswered(assistant.id, "What's the weather?")
+    third = store.add_unanswered(assistant.id, "Can I send a bike?")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("No, only within the EU.\nd\ns\nq\n"))
+    assert main(["review", "--assistant", "acme", "--by", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: Do you deliver to Japan?" in out and "saved as approved example #" in out
+    example = store.get_example(store.get_unanswered(first.id).example_id)
+    assert (example.question, example.answer, example.status) == ("Do you deliver to Japan?",
+                                                                   "No, only within the EU.", "approved")
+    assert store.get_unanswered(second.id).status == "dismissed"
+    assert [u.id for u in store.list_unanswered(assistant.id)] == [third.id]  # skipped: still open
+
+
 def test_import_document(env, tmp_path, capsys):
     store = Store(open_db(env / "data" / "tunebot.db"))
     store.create_assistant("acme")

@@ -207,28 +207,28 @@ def test_qlora_on_cpu_and_unknown_method_give_clear_errors(tiny_model_dir, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # generous: on a shared, loaded CPU training runs many times slower
-def test_tuned_smollm2_answers_held_out_paraphrases_better_than_base_and_fewshot(bundled_model_dir, tmp_path):
+def test_grounded_smollm2_answers_invented_facts_and_says_when_it_does_not_know(bundled_model_dir, tmp_path):
+    """The default recipe on 20 invented facts (no model knows them): customer-style rewordings are answered
+    from the cited example, questions about entities the FAQ lacks get "I don't know", not an invented fact."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from faqgen import generate_faq
+
     from tuning.dataset import add_mutations, items_from_pairs
     from tuning.evaluate import evaluate, markdown_table
-    from tuning.formats import read_examples
 
-    # The first 20 facts and their held-out paraphrases (acme_eval.jsonl follows acme_faq.jsonl line by line).
-    faq = read_examples(ROOT / "examples" / "acme_faq.jsonl").records[:20]
-    held_out = read_examples(ROOT / "examples" / "acme_eval.jsonl").records[:20]
-    assert {r.answer for r in held_out} <= {r.answer for r in faq}
-    assert all(r.must_contain for r in held_out)
-    items = add_mutations(items_from_pairs([(r.question, r.answer) for r in faq]), n=1, seed=0)
-    system = "You answer customer questions for ACME Parcel."
-    report = train(items, out_dir=tmp_path, system_prompt=system,
-                   config=TrainConfig(base_model=bundled_model_dir, epochs=10))  # automatic lr, rank, batch
-    assert report.val_kind == "recall" and report.best_val_loss < report.extra["val_loss_before"]
-    result = evaluate(held_out, base_model=bundled_model_dir, adapter_dir=str(tmp_path), max_new_tokens=40,
-                      fewshot=[(r.question, r.answer) for r in faq])
+    pairs, tests = generate_faq(30, language="en", seed=3)
+    known = {p["answer"] for p in pairs[:20]}
+    held_out = [t for t in tests if t["answer"] in known]
+    out_of_scope = [t["question"] for t in tests if t["answer"] not in known][::2]
+    items = add_mutations(items_from_pairs([(p["question"], p["answer"]) for p in pairs[:20]]), n=2, seed=0)
+    report = train(items, out_dir=tmp_path, config=TrainConfig(base_model=bundled_model_dir))  # all automatic
+    assert report.hyperparameters["recipe"] == "grounded" and report.best_val_loss < report.extra["val_loss_before"]
+    result = evaluate(held_out, base_model=bundled_model_dir, adapter_dir=str(tmp_path), max_new_tokens=48,
+                      modes=("base", "lookup", "grounded"), out_of_scope=out_of_scope)
     acc = {mode: m["accuracy"] for mode, m in result["modes"].items()}
-    print(f"\nmust_contain accuracy on {result['n']} held-out paraphrases: base {acc['base']:.2f}, "
-          f"fewshot {acc['fewshot']:.2f}, tuned {acc['tuned']:.2f} "
-          f"(trained {report.duration_s:.0f} s, {report.tokens_per_s:.0f} tokens/s, best epoch {report.best_epoch})")
-    print(markdown_table(result))
-    assert acc["tuned"] >= acc["base"] + 0.25
-    assert acc["tuned"] >= acc["fewshot"] + 0.1
-    assert result["modes"]["tuned"]["stop_rate"] >= 0.8  # it learned to end its answers
+    print(f"\n{markdown_table(result)}\n(trained {report.duration_s:.0f} s, {report.tokens_per_s:.0f} tokens/s)")
+    assert acc["grounded"] >= acc["base"] + 0.5
+    assert acc["grounded"] >= acc["lookup"] - 0.15
+    assert result["modes"]["grounded"]["abstain_rate"] <= 0.15
+    assert result["out_of_scope"]["grounded"]["abstain_rate"] >= 0.6
+    assert result["modes"]["grounded"]["stop_rate"] >= 0.8  # it learned to end its answers
