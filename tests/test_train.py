@@ -96,7 +96,8 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     from tuning.train import evaluate_loss
 
     items = conflicting_items()
-    report = train(items, out_dir=tmp_path, config=config(tiny_model_dir, epochs=30, learning_rate=2e-2, patience=2))
+    report = train(items, out_dir=tmp_path, config=config(tiny_model_dir, epochs=30, learning_rate=2e-2, patience=2,
+                                                                recipe="closed"))
     vals = [e["val_loss"] for e in report.epochs]
     assert report.stopped_early and len(vals) < 30
     best = min(range(len(vals)), key=vals.__getitem__) + 1
@@ -180,7 +181,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path)
     resumed = train(fact_items(), out_dir=out, config=config(tiny_model_dir, epochs=4))
     full = train(fact_items(), out_dir=tmp_path / "full", config=config(tiny_model_dir, epochs=4))
     assert 0 < resumed.resumed_from_step == checkpointed < full.steps
-    assert resumed.steps == full.steps and len(resumed.epochs) == len(full.epochs) == 4
+    assert resumed.steps == full.steps and len(resumed.epochs) == len(full.epochs) >= 3  # early stopping alike
     assert resumed.best_val_loss == pytest.approx(full.best_val_loss, abs=1e-4)
 
 

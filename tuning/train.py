@@ -407,12 +407,23 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
             _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
         last_checkpoint = time.monotonic()
 
+    def selection_score(val_loss: float) -> float:
+        """What picks the best epoch: the validation loss, or for grounded runs how likely the model cites the
+        right example (measured: the loss bottoms out an epoch or more before the citations are learned)."""
+        if config.recipe != "grounded":
+            return val_loss
+        probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt, device=device)
+        return 1.0 - sum(probs) / len(probs) if probs else val_loss
+
     def run_validation() -> float | None:
         val_loss = evaluate_loss(model, val_rows, device, ranks=ranks)
         if val_loss is None:
             return None
-        if state["best_val"] is None or val_loss < state["best_val"] - config.min_delta:
+        score = selection_score(val_loss)
+        best = state.get("best_score", state["best_val"])
+        if best is None or score < best - config.min_delta:
             state["best_val"], state["best_epoch"], state["bad_evals"] = val_loss, state["epoch"] + 1, 0
+            state["best_score"] = score
             if main:
                 best_dir.mkdir(parents=True, exist_ok=True)
                 torch.save(_trainable_state(model), best_dir / "trainable.pt.tmp")

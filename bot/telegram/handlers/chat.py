@@ -61,12 +61,13 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
     mode = "auto" if mode == "tuned" else mode
     user_id, conv_id = update.effective_user.id, session.get("conversation_id")
     abstain_text = tr(update, context, "chat_abstain")
+    indexes = app_of(context).indexes  # the assistant's retriever, kept between questions
 
     def produce(thread_store):
         try:
             return answer_question(thread_store, engine, assistant.id, question, mode=mode,
                                    version_id=session.get("version_id"), user_id=user_id, conversation_id=conv_id,
-                                   abstain_text=abstain_text,
+                                   abstain_text=abstain_text, indexes=indexes,
                                    on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         finally:
             loop.call_soon_threadsafe(pieces.put_nowait, None)
@@ -191,7 +192,8 @@ async def compare(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant,
     await update.effective_chat.send_action("typing")
     uid = update.effective_user.id
     answers = await with_thread_store(context, lambda s: compare_answers(s, engine, assistant.id, question,
-                                                                         user_id=uid, record=False))
+                                                                         user_id=uid, record=False,
+                                                                         indexes=app_of(context).indexes))
     parts = [f"— {tr(update, context, 'mode_' + a.mode)} ({a.latency_ms:.0f} ms):\n{short(a.text, 1200)}"
              for a in answers]
     if not assistant.active_version_id:
