@@ -26,8 +26,10 @@ def corpus(n_docs: int):
     from faqgen import generate_faq
 
     pairs, queries = [], []
-    for language, seed in (("en", 1), ("ru", 2)):
-        facts, tests = generate_faq(n_docs // 2, language=language, seed=seed)
+    per_faq = 1000  # faqgen keeps entities unique up to about this many facts; several seeds make the rest
+    for n in range(max(1, n_docs // per_faq)):
+        language = ("en", "ru")[n % 2]
+        facts, tests = generate_faq(min(per_faq, n_docs), language=language, seed=100 + n)
         pairs += [(f["question"], f["answer"]) for f in facts]
         queries += [(t["question"], t["answer"]) for t in tests]
     return pairs, queries

@@ -109,7 +109,7 @@ class Retriever:
         self.docs: list[Doc] = []
         self._tf = None  # (docs, 2 * N_FEATURES) sublinear term frequencies: chars | words
         self._emb = None  # (docs, dim) unit vectors when an embedding model is configured
-        self._weighted = None
+        self._weighted = self._by_feature = None
         self._lock = threading.Lock()
         self.update(list(docs))
 
@@ -178,7 +178,7 @@ class Retriever:
         n = self._tf.shape[0]
         if n == 0:
             self._idf = None
-            self._weighted = None
+            self._weighted = self._by_feature = None
             return
         df = np.bincount(self._tf.indices, minlength=self._tf.shape[1]).astype(np.float32)
         self._idf = (np.log((1 + n) / (1 + df)) + 1.0).astype(np.float32)  # scikit-learn's smooth idf
@@ -186,14 +186,16 @@ class Retriever:
         chars = normalize(weighted[:, :N_FEATURES]) * CHAR_WEIGHT
         words = normalize(weighted[:, N_FEATURES:]) * (1 - CHAR_WEIGHT)
         self._weighted = sp.hstack([chars, words], format="csr")
+        # features x docs: a query touches only the rows of its own n-grams (an inverted index)
+        self._by_feature = self._weighted.T.tocsr()
 
-    def _query_vector(self, text: str):
+    def _query_vectors(self, texts: list[str]):
         import scipy.sparse as sp
         from sklearn.preprocessing import normalize
 
-        row = self._term_rows([text]).multiply(self._idf).tocsr()
-        return sp.hstack([normalize(row[:, :N_FEATURES]) * CHAR_WEIGHT,
-                          normalize(row[:, N_FEATURES:]) * (1 - CHAR_WEIGHT)], format="csr")
+        rows = self._term_rows(texts).multiply(self._idf).tocsr()
+        return sp.hstack([normalize(rows[:, :N_FEATURES]) * CHAR_WEIGHT,
+                          normalize(rows[:, N_FEATURES:]) * (1 - CHAR_WEIGHT)], format="csr")
 
     # ------------------------------------------------------------ searching
     def scores(self, question: str):
@@ -202,10 +204,7 @@ class Retriever:
 
         if self._weighted is None:
             return np.zeros(0, dtype=np.float32)
-        best = None
-        for form in query_forms(question):
-            s = (self._weighted @ self._query_vector(form).T).toarray().ravel()
-            best = s if best is None else np.maximum(best, s)
+        best = (self._query_vectors(query_forms(question)) @ self._by_feature).toarray().max(axis=0)
         if self.embed is not None and self._emb is not None:
             q = self._embed_rows([question])[0]
             best = (1 - self.embed_weight) * best + self.embed_weight * np.clip(self._emb @ q, 0.0, 1.0)
