@@ -162,11 +162,13 @@ def test_a_ray_task_killed_mid_run_is_retried_and_resumes(ray_head, db_path, sto
     spec = training_spec(store, store.get_job(job.id), default_base_model=tiny_model_dir)
     splits = split_items([TrainItem(**i) for i in spec["items"]], val_share=0.2, seed=0)
     rows, _ = grounded_items(splits.train, splits.val, training_index(splits.train), seed=0)
-    enc = encode_items(load_tokenizer(tiny_model_dir), rows, max_tokens=1024)
+    enc = encode_items(load_tokenizer(tiny_model_dir), rows, system_prompt=spec.get("system_prompt", ""),
+                       max_tokens=1024)
     batch = max(hp.choose(n_facts=len({i.group for i in splits.train}), n_items=len(enc),
                           n_tokens=sum(len(e.input_ids) for e in enc), method="lora", recipe="grounded",
                           epochs=2, batch_tokens=64).batch_tokens, max(len(e.input_ids) for e in enc))
     steps_per_epoch = len(epoch_rows(enc, batch_tokens=batch, seed=0, epoch=0))
+    total_steps = steps_per_epoch + len(epoch_rows(enc, batch_tokens=batch, seed=0, epoch=1))  # packing varies
     params["fault"]["kill_at_step"] = steps_per_epoch + 1
     store.update_job(job.id, params=params)
     try:
@@ -178,7 +180,7 @@ def test_a_ray_task_killed_mid_run_is_retried_and_resumes(ray_head, db_path, sto
     assert [s for k, i, s in seen if k == "state"] == ["running", "queued", "running", "succeeded"]
     metrics = done.result["metrics"]
     assert metrics["resumed_from_step"] == steps_per_epoch  # resumed at the epoch-1 checkpoint, not from scratch
-    assert metrics["steps"] == metrics["total_steps"] == 2 * steps_per_epoch
+    assert metrics["steps"] == metrics["total_steps"] == total_steps
     log_text = (Path(done.result["adapter_dir"]) / "job.log").read_text()
     assert log_text.count("--- attempt") == 2
     assert "the Ray task died" in log_text
