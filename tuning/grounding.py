@@ -32,7 +32,7 @@ MAX_MIN_CHOICE = 0.7  # a cited example chosen with less probability is "I don't
 #   in-scope answers cite with p >= 0.9 but for 5%, wrong and out-of-scope answers with 0.4-0.7)
 SNAP_F1 = 0.6  # a generated answer this close to the cited example is that example's answer
 ABSTAIN_QUANTILE = 0.0  # the threshold sits below this share of validation (in-scope) questions ...
-MARGIN = 0.7  # ... times this
+MARGIN = 0.5  # ... times this (0.7 withheld 32% of rewordings of 20 invented facts: 8 validation variations)
 DEFAULT_THRESHOLD = 0.03  # with no calibration (no validation split): only questions sharing almost nothing
 
 
