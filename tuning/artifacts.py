@@ -7,6 +7,7 @@ downloads them into a local cache first.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,6 +18,23 @@ from pathlib import Path
 from tuning.errors import TuningError
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: str | os.PathLike):
+    """Write a folder's files into a temporary sibling, then swap it in: a killed process leaves the old folder
+    or the new one whole, never half of each."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class ArtifactError(TuningError):

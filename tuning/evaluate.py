@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tuning.answer_service import FEWSHOT_K, select_fewshot  # noqa: F401  (one selector for chat, API, eval)
 from tuning.errors import ModelLoadError
 
 MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
 MODEL_FREE = ("lookup",)  # answered without any model: the nearest example's answer, a baseline
 NEEDS_ADAPTER = ("tuned", "grounded")
-FEWSHOT_K = 4
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -77,13 +77,6 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-def select_fewshot(question: str, pool: Sequence[tuple[str, str]], k: int = FEWSHOT_K) -> list[tuple[str, str]]:
-    """The k pairs the retriever finds for this question (the selector chat and the API use), most similar last."""
-    from tuning.retrieval import Retriever, docs_from_pairs
-
-    return [(h.question, h.answer) for h in reversed(Retriever(docs_from_pairs(pool)).search(question, k))]
 
 
 def as_eval_items(items: Sequence) -> list[EvalItem]:
@@ -161,6 +154,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
     """
     from tuning.grounding import Grounding, confidence, read_grounded, render_question
+    from tuning.inference import _generated_answer
     from tuning.prompts import build_messages
 
     items = as_eval_items(items)
@@ -238,8 +232,6 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                                               max_new_tokens=max_new_tokens))
                 answers = []
                 for i, generation in enumerate(pending):
-                    from tuning.inference import _generated_answer
-
                     answers.append(_generated_answer(generation.result()))
                     if on_progress:
                         on_progress(mode, i + 1, len(pending))

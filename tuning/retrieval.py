@@ -236,31 +236,22 @@ class Retriever:
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> None:
         """docs.jsonl and the term-frequency matrix (npz), written to a temporary folder and then swapped in."""
-        import shutil
-
         import numpy as np
         import scipy.sparse as sp
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with open(tmp / "docs.jsonl", "w", encoding="utf-8") as fp:
-            for d in self.docs:
-                fp.write(json.dumps({"key": d.key, "question": d.question, "answer": d.answer, "group": d.group},
-                                    ensure_ascii=False) + "\n")
-        if self._tf is not None:
-            sp.save_npz(tmp / "terms.npz", self._tf)
-        if self._emb is not None:
-            np.save(tmp / "embeddings.npy", self._emb)
-        (tmp / "meta.json").write_text(json.dumps({"version": INDEX_VERSION, "n": len(self.docs),
-                                                   "n_features": N_FEATURES, "char_weight": CHAR_WEIGHT}))
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        from tuning.artifacts import atomic_dir
+
+        with atomic_dir(folder) as tmp:
+            with open(tmp / "docs.jsonl", "w", encoding="utf-8") as fp:
+                for d in self.docs:
+                    fp.write(json.dumps({"key": d.key, "question": d.question, "answer": d.answer,
+                                         "group": d.group}, ensure_ascii=False) + "\n")
+            if self._tf is not None:
+                sp.save_npz(tmp / "terms.npz", self._tf)
+            if self._emb is not None:
+                np.save(tmp / "embeddings.npy", self._emb)
+            (tmp / "meta.json").write_text(json.dumps({"version": INDEX_VERSION, "n": len(self.docs),
+                                                       "n_features": N_FEATURES, "char_weight": CHAR_WEIGHT}))
 
     @classmethod
     def load(cls, folder: str | Path, *, embed=None, embed_weight: float = 0.5) -> "Retriever":

@@ -227,19 +227,13 @@ def _save_checkpoint(folder: Path, *, model, optimizer, scheduler, state: dict) 
     """Write atomically: a killed process leaves the previous checkpoint intact."""
     import torch
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(_trainable_state(model), tmp / "trainable.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    from tuning.artifacts import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        torch.save(_trainable_state(model), tmp / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _save_result(model, tokenizer, out: Path, method: str) -> None:
@@ -407,12 +401,15 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
             _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
         last_checkpoint = time.monotonic()
 
+    scored: list = [None]  # the citation probabilities of the last validation (grounded runs)
+
     def selection_score(val_loss: float) -> float:
         """What picks the best epoch: the validation loss, or for grounded runs how likely the model cites the
         right example (measured: the loss bottoms out an epoch or more before the citations are learned)."""
         if config.recipe != "grounded":
             return val_loss
         probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt, device=device)
+        scored[0] = probs
         return 1.0 - sum(probs) / len(probs) if probs else val_loss
 
     def run_validation() -> float | None:
@@ -423,7 +420,7 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         best = state.get("best_score", state["best_val"])
         if best is None or score < best - config.min_delta:
             state["best_val"], state["best_epoch"], state["bad_evals"] = val_loss, state["epoch"] + 1, 0
-            state["best_score"] = score
+            state["best_score"], state["best_citation_probs"] = score, scored[0]
             if main:
                 best_dir.mkdir(parents=True, exist_ok=True)
                 torch.save(_trainable_state(model), best_dir / "trainable.pt.tmp")
@@ -524,8 +521,11 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
     min_choice = 0.0
     if config.recipe == "grounded" and val_rows_items:
-        min_choice = calibrate_min_choice(citation_probabilities(model, tokenizer, val_rows_items,
-                                                                 system_prompt=system_prompt, device=device))
+        probs = state.get("best_citation_probs")  # measured at the best epoch, whose weights the model now has
+        if probs is None:
+            probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt,
+                                           device=device)
+        min_choice = calibrate_min_choice(probs)
     _save_result(model, tokenizer, out, config.method)
     index.save(out / "retrieval")
     grounding = Grounding(recipe=config.recipe, k=config.grounded_k,

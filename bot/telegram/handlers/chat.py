@@ -61,13 +61,13 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
     mode = "auto" if mode == "tuned" else mode
     user_id, conv_id = update.effective_user.id, session.get("conversation_id")
     abstain_text = tr(update, context, "chat_abstain")
-    indexes = app_of(context).indexes  # the assistant's retriever, kept between questions
+    app = app_of(context)
 
     def produce(thread_store):
         try:
             return answer_question(thread_store, engine, assistant.id, question, mode=mode,
                                    version_id=session.get("version_id"), user_id=user_id, conversation_id=conv_id,
-                                   abstain_text=abstain_text, indexes=indexes,
+                                   abstain_text=abstain_text, indexes=app.indexes,  # built off the loop
                                    on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         finally:
             loop.call_soon_threadsafe(pieces.put_nowait, None)
