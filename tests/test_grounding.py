@@ -7,8 +7,9 @@ import math
 import pytest
 
 from tuning.dataset import TrainItem
-from tuning.grounding import (NO_ANSWER, CitationFilter, Grounding, calibrate_threshold, cited, grounded_items,
-                              read_grounded, render_question, training_index)
+from tuning.grounding import (DEFAULT_NO_ANSWER, NO_ANSWER, CitationFilter, Grounding, calibrate_no_answer,
+                              calibrate_threshold, citation_choice, cited, grounded_items, read_grounded,
+                              render_question, training_index, unanswerable_items)
 from tuning.retrieval import Hit
 
 
@@ -63,6 +64,58 @@ def test_read_grounded_strips_the_citation_and_snaps_near_copies():
     assert plain.cited is None and not plain.abstained and plain.text == "Depot 2 opens at 9:00."
 
 
+def alternatives(**probs: float):
+    """The engine's record of "[", then the number with these probabilities (d0=…, d1=…), then "]"."""
+    step = sorted(((k[1:], math.log(p)) for k, p in probs.items()), key=lambda a: -a[1])
+    return [(("[", -0.01), (" [", -5.0)), tuple(step) + ((" The", -6.0),), (("]", -0.01),)]
+
+
+def test_citation_choice_reads_the_numbers_probabilities():
+    choice = citation_choice(alternatives(d1=0.6, d0=0.3, d2=0.1), 3)
+    assert choice == pytest.approx({0: 0.3, 1: 0.6, 2: 0.1, 3: 0.0})
+    assert citation_choice(alternatives(d1=0.5, d9=0.5), 3) == pytest.approx({0: 0, 1: 1, 2: 0, 3: 0})  # no [9]
+    assert citation_choice([(("The", -0.1),), (("depot", -0.2),)], 3) is None  # no citation
+    assert citation_choice((), 3) is None  # an engine that reports no alternatives
+
+
+def test_calibrated_no_answer_overrides_the_greedy_citation():
+    hits = [hit(1, "Depot 1 opens at 8:00."), hit(2, "Depot 2 opens at 9:00."), hit(3, "Depot 3 opens at 7:00.")]
+    # the model wrote [0], but with 0.4 against 0.45 for example 2: below a 0.6 threshold it answers example 2,
+    # in the approved words (the model wrote none of its own)
+    read = read_grounded(f"[0] {NO_ANSWER}", hits, alternatives=alternatives(d0=0.4, d2=0.45, d1=0.15),
+                         no_answer_above=0.6)
+    assert (read.abstained, read.cited, read.text) == (False, 1, "Depot 2 opens at 9:00.")
+    assert read.choice_probability == pytest.approx(0.45) and read.no_answer_probability == pytest.approx(0.4)
+    # the model cited [1], but [0] is at the threshold: "I don't know"
+    read = read_grounded("[1] Depot 1 opens at 8:00.", hits, alternatives=alternatives(d1=0.3, d0=0.7),
+                         no_answer_above=0.6)
+    assert read.abstained and read.text == "" and read.cited is None
+    # its own citation wins: its own words stay (unless they are a near-copy of the example)
+    read = read_grounded("[3] At seven, every day.", hits, alternatives=alternatives(d3=0.9, d0=0.1),
+                         no_answer_above=0.6)
+    assert (read.cited, read.text) == (2, "At seven, every day.")
+    # an adapter calibrated before the threshold existed: the greedy citation decides, as before
+    assert read_grounded(f"[0] {NO_ANSWER}", hits, alternatives=alternatives(d0=0.4, d2=0.45)).abstained
+
+
+def test_no_answer_threshold_separates_answerable_from_unanswerable():
+    answerable = [0.01, 0.02, 0.05, 0.1, 0.3]
+    unanswerable = [0.5, 0.7, 0.8, 0.95, 0.25]
+    t = calibrate_no_answer(answerable, unanswerable)
+    assert 0.3 < t <= 0.5  # all answerable answered, 4 of 5 unanswerable withheld
+    assert sum(p >= t for p in answerable) == 0 and sum(p >= t for p in unanswerable) == 4
+    assert calibrate_no_answer([], unanswerable) == DEFAULT_NO_ANSWER == calibrate_no_answer(answerable, [])
+    assert 0.2 <= calibrate_no_answer([0.99], [0.999]) <= 0.9  # never outside its range
+
+
+def test_unanswerable_items_show_only_other_facts():
+    train = facts(8)
+    val = [i for i in train if i.variation][:4]
+    for item, row in zip(val, unanswerable_items(val, training_index(train), k=3)):
+        assert row.answer == f"[0] {NO_ANSWER}" and item.answer not in row.question
+        assert row.question.count("\nA: ") == 3 and row.question.endswith(f"Question: {item.question}")
+
+
 @pytest.mark.parametrize("pieces, shown", [
     (["[", "2", "]", " Depot", " 2 opens."], " Depot 2 opens."),
     (["[2] Depot 2", " opens."], "Depot 2 opens."),
@@ -73,6 +126,21 @@ def test_read_grounded_strips_the_citation_and_snaps_near_copies():
 def test_citation_filter_streams_only_the_answer(pieces, shown):
     f = CitationFilter()
     assert "".join(f.feed(p) for p in pieces).strip() == shown.strip()
+
+
+def test_citation_filter_withholds_the_words_of_a_citation_the_choice_rejects():
+    asked = []
+
+    def decide(number):
+        asked.append(number)
+        return number == 2
+
+    assert CitationFilter(decide).feed("[2] Depot 2 opens.") == "Depot 2 opens."
+    f = CitationFilter(decide)
+    assert "".join(f.feed(p) for p in ["[", "1", "]", " Depot", " 1."]) == ""  # the final text comes instead
+    f = CitationFilter(decide)
+    assert "".join(f.feed(p) for p in ["[0]", " I don't know."]) == ""
+    assert asked == [2, 1, 0]  # asked once per answer, when its number is complete
 
 
 def test_render_question_and_grounding_file(tmp_path):
@@ -99,6 +167,8 @@ def test_training_calibrates_both_thresholds_and_saves_the_index(tiny_model_dir,
     grounding = Grounding.load(tmp_path)
     assert grounding.recipe == "grounded" and grounding.calibrated_on == report.counts["val"] > 0
     assert 0 < grounding.threshold < 1 and 0 <= grounding.min_choice_probability <= 0.7
+    assert 0.2 <= grounding.no_answer_above <= 0.9 and report.hyperparameters["no_answer_above"] == \
+        grounding.no_answer_above
     assert report.hyperparameters["recipe"] == "grounded" and report.counts["train_rows"] > report.counts["train"]
     assert len(Retriever.load(tmp_path / "retrieval")) == report.counts["train"]
     closed = train(facts(6, 3), out_dir=tmp_path / "closed",

@@ -236,3 +236,27 @@ def test_close_while_decoding_returns_and_racing_requests_are_all_answered(tiny_
         assert done.wait(60), f"{sum(g.finished_at is None for g in generations)} request(s) never served"
     finally:
         eng.close()
+
+
+def test_engine_records_the_first_tokens_alternatives_as_the_model_scored_them(engine, tiny_model_dir):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuning.generation import encode_prompt
+    from tuning.inference import ALTERNATIVE_STEPS, ALTERNATIVES
+
+    messages = prepare_messages(QUESTION)
+    result = engine.submit(messages, max_new_tokens=8).result()
+    assert len(result.alternatives) == min(ALTERNATIVE_STEPS, result.n_tokens)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = encode_prompt(engine.tokenizer, messages)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+    top = torch.topk(logprobs, ALTERNATIVES)
+    first = result.alternatives[0]
+    assert [text for text, _ in first] == [engine.tokenizer.decode([int(t)]) for t in top.indices]
+    assert [lp for _, lp in first] == pytest.approx([float(v) for v in top.values], abs=1e-4)
+    assert first[0][1] == pytest.approx(result.token_logprobs[0], abs=1e-6)  # greedy: the likeliest was chosen
+    assert all(lp <= 0 and math.isfinite(lp) for step in result.alternatives for _, lp in step)

@@ -45,6 +45,7 @@ class AnswerPlan:
     confidence: float = 1.0
     threshold: float = DEFAULT_THRESHOLD
     min_choice_probability: float = 0.0
+    no_answer_above: float | None = None
     may_abstain: bool = False  # auto answers (what users get by default) say "I don't know" when unsure
     retrieved_from: int = 0  # how many examples the retriever held (none: nothing to judge confidence by)
 
@@ -127,7 +128,7 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
     hits = tuple(retriever.search(question, max(grounding.k, fewshot_k)))
     common = {"assistant_id": assistant_id, "system_prompt": assistant.system_prompt, "confidence": confidence(hits),
               "threshold": grounding.threshold, "min_choice_probability": grounding.min_choice_probability,
-              "may_abstain": auto, "retrieved_from": len(retriever)}
+              "no_answer_above": grounding.no_answer_above, "may_abstain": auto, "retrieved_from": len(retriever)}
     if mode in ("tuned", "grounded"):
         shown = hits[:grounding.k] if mode == "grounded" else ()
         return AnswerPlan(mode=mode, version_id=version.id, adapter_dir=version.adapter_path,
@@ -166,24 +167,27 @@ def answer_question(store, engine, assistant_id: int, question: str, *, mode: st
     """
     plan = plan_answer(store, assistant_id, question, mode=mode, version_id=version_id, indexes=indexes)
     start = time.perf_counter()
-    first, pieces, logprobs = None, [], ()
+    first, pieces, logprobs, alternatives, streamed = None, [], (), (), False
     if not plan.unsure:
         grounded = plan.mode == "grounded"
-        visible = CitationFilter() if grounded else None
-        for piece in _generate(engine, plan, question):
-            if isinstance(piece, tuple):  # the end: the answer's token log-probabilities
-                logprobs = piece[1]
+        running: dict = {}
+        visible = CitationFilter(streamed_citation(plan, lambda: getattr(running.get("generation"), "alternatives",
+                                                                        ()))) if grounded else None
+        for piece in _generate(engine, plan, question, running):
+            if isinstance(piece, tuple):  # the end: the answer's token log-probabilities and alternatives
+                logprobs, alternatives = piece[1], piece[2]
                 break
             first = first or time.perf_counter()
             pieces.append(piece)
             shown = visible.feed(piece) if visible is not None else piece
             if on_piece is not None and shown:
                 on_piece(shown)
-    outcome = finish_answer(plan, "".join(pieces), logprobs, abstain_text=abstain_text)
+                streamed = True
+    outcome = finish_answer(plan, "".join(pieces), logprobs, alternatives, abstain_text=abstain_text)
     text, sources, unsure = outcome.text, outcome.sources, outcome.abstained
     probability = outcome.choice_probability
     end = time.perf_counter()
-    if unsure and on_piece is not None:
+    if on_piece is not None and (unsure or not streamed):  # e.g. the model wrote [0] but an example won
         on_piece(text)
     latency_ms = (end - start) * 1000
     ids: tuple = (None, None)
@@ -213,15 +217,16 @@ class Finished:
     choice_probability: float | None = None
 
 
-def finish_answer(plan: AnswerPlan, raw: str, token_logprobs: Sequence[float] = (), *,
+def finish_answer(plan: AnswerPlan, raw: str, token_logprobs: Sequence[float] = (), alternatives: Sequence = (), *,
                   abstain_text: str | None = None) -> Finished:
     """Read a generated answer back: a grounded one loses its citation (the cited example becomes the first
-    source) and is "I don't know" when the model said so or cited with too little probability."""
+    source) and is "I don't know" when P([0]) reaches the version's calibrated threshold (older versions: when
+    the model wrote [0] or cited with too little probability)."""
     text, sources, unsure, probability = raw.strip(), plan.sources, plan.unsure, None
     if not unsure and plan.mode == "grounded":
-        read = read_grounded(raw, plan.hits, token_logprobs)
+        read = read_grounded(raw, plan.hits, token_logprobs, alternatives, no_answer_above=plan.no_answer_above)
         probability = read.choice_probability
-        unsure = read.abstained or (probability is not None and probability < plan.min_choice_probability)
+        unsure = read.abstained or grounded_unsure(read, plan.min_choice_probability)
         text = read.text
         if read.cited is not None and plan.hits[read.cited].example_id is not None:
             hit = plan.hits[read.cited]
@@ -231,13 +236,37 @@ def finish_answer(plan: AnswerPlan, raw: str, token_logprobs: Sequence[float] = 
     return Finished(text=text, abstained=unsure, sources=sources, choice_probability=probability)
 
 
-def _generate(engine, plan: AnswerPlan, question: str):
-    """Text pieces of the answer, then ("end", token log-probabilities) when the engine measures them."""
+def grounded_unsure(read, min_choice_probability: float) -> bool:
+    """An older adapter's rule (no calibrated P([0]) threshold): a citation chosen with too little probability."""
+    return (read.no_answer_probability is None and read.choice_probability is not None
+            and read.choice_probability < min_choice_probability)
+
+
+def streamed_citation(plan: AnswerPlan, alternatives_now):
+    """For CitationFilter: whether the model's words after citing [n] are the answer, decided when the number
+    is written (alternatives_now() holds its probabilities by then): the calibrated choice must be n."""
+    from tuning.grounding import citation_choice, decide_citation
+
+    def decide(number: int) -> bool:
+        choice = citation_choice(alternatives_now(), len(plan.hits)) if plan.no_answer_above is not None else None
+        if choice is None:
+            return number != 0
+        return decide_citation(choice, plan.no_answer_above) == number
+
+    return decide
+
+
+def _generate(engine, plan: AnswerPlan, question: str, running: dict | None = None):
+    """Text pieces of the answer, then ("end", token log-probabilities, alternatives) when the engine measures
+    them; running["generation"] is the engine's request while it runs."""
     if hasattr(engine, "submit"):  # the local engine: exact tokens and their log-probabilities
         generation = engine.submit(plan.messages(question), adapter_dir=plan.adapter_dir)
+        if running is not None:
+            running["generation"] = generation
         try:
             yield from generation
-            yield ("end", generation.result().token_logprobs)
+            result = generation.result()
+            yield ("end", result.token_logprobs, result.alternatives)
         finally:
             generation.cancel()
         return

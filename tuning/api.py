@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import Store, open_db
 from tuning.errors import TuningError
-from tuning.answer_service import ABSTAIN_TEXT, finish_answer, plan_answer, record_answer
+from tuning.answer_service import ABSTAIN_TEXT, finish_answer, plan_answer, record_answer, streamed_citation
 from tuning.grounding import CitationFilter
 from tuning.inference import Engine, InferenceError
 
@@ -212,7 +212,8 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
             stopped = generation.stopped if generation else True
             prompt = generation.prompt_tokens if generation else 0
             completion = generation.n_tokens if generation else len(raw.split())
-            outcome = finish_answer(plan, raw, generation.token_logprobs if generation else ())
+            outcome = finish_answer(plan, raw, generation.token_logprobs if generation else (),
+                                    generation.alternatives if generation else ())
             store_ = get_store()
             conversation_id, message_id = record_answer(store_, plan, question, outcome.text,
                                                         abstained=outcome.abstained, sources=outcome.sources,
@@ -244,16 +245,19 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
 
         async def events():
             parts: list[str] = []
-            visible = CitationFilter() if plan.mode == "grounded" and not plan.unsure else None
+            visible = CitationFilter(streamed_citation(plan, lambda: generation.alternatives if generation else ())) \
+                if plan.mode == "grounded" and not plan.unsure else None
+            streamed = False
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for piece in iterate_in_threadpool(pieces):
                     parts.append(piece)
                     shown = visible.feed(piece) if visible is not None else piece
                     if shown:
+                        streamed = True
                         yield chunk({"content": shown})
                 done = await run_in_threadpool(finish, "".join(parts))
-                if done["abstained"] and not plan.unsure:  # the model said it does not know: say so
+                if not streamed and not plan.unsure and done["text"]:  # "I don't know", or the approved answer the choice fell on
                     yield chunk({"content": done["text"]})
                 yield chunk({}, done["finish_reason"], usage=done["usage"])
             except TuningError as exc:

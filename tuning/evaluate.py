@@ -208,6 +208,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
         return engine
 
     results: dict = {"n": n_in, "modes": {}, "k": k, "abstain_threshold": grounding.threshold,
+                     "no_answer_above": grounding.no_answer_above,
                      "recipe": grounding.recipe}
     if index is not None:
         results["retrieval"] = _recall(items, hits_of[:n_in], (1, k))
@@ -217,6 +218,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     answers_by_mode: dict = {}
     logprobs_by_mode: dict = {}
     choice_of: dict = {}
+    no_answer_of: dict = {}
     try:
         for mode in modes:
             if mode == "lookup":
@@ -239,11 +241,14 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
             if mode == "grounded":  # the citation: the text without it, and the model's own "I don't know"
                 from dataclasses import replace
 
-                read = [read_grounded(a.text, h[:k], a.token_logprobs) for a, h in zip(answers, hits_of)]
+                from tuning.answer_service import grounded_unsure
+
+                read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives,
+                                      no_answer_above=grounding.no_answer_above) for a, h in zip(answers, hits_of)]
                 answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
-                abstained = [x or r.abstained or (r.choice_probability is not None
-                                                  and r.choice_probability < grounding.min_choice_probability)
+                abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability)
                              for x, r in zip(abstained, read)]
+                no_answer_of[mode] = [r.no_answer_probability for r in read]
                 choice_of[mode] = [r.choice_probability for r in read]
             metrics = summarize(items, answers[:n_in])
             metrics["abstain_rate"] = round(sum(abstained[:n_in]) / n_in, 4)
@@ -262,13 +267,16 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     if include_answers:
         results["answers"] = [{"question": it.question, "reference": it.answer, "confidence": conf[i],
                                **{m: answers_by_mode[m][i] for m in results["modes"]},
-                               "choice_probability": {m: logprobs_by_mode[m][i] for m in results["modes"]}}
+                               "choice_probability": {m: logprobs_by_mode[m][i] for m in results["modes"]},
+                               "no_answer_probability": {m: v[i] for m, v in no_answer_of.items()}}
                               for i, it in enumerate(items)]
         if oos:
             results["out_of_scope_answers"] = [{"question": q, "confidence": conf[n_in + j],
                                                 **{m: answers_by_mode[m][n_in + j] for m in results["modes"]},
                                                 "choice_probability": {m: logprobs_by_mode[m][n_in + j]
-                                                                       for m in results["modes"]}}
+                                                                       for m in results["modes"]},
+                                                "no_answer_probability": {m: v[n_in + j]
+                                                                          for m, v in no_answer_of.items()}}
                                                for j, q in enumerate(oos)]
     return results
 

@@ -20,6 +20,7 @@ class GeneratedAnswer:
     tokens_per_s: float
     stopped: bool
     token_logprobs: tuple[float, ...] = ()  # per answer token, when the backend measures them
+    alternatives: tuple = ()  # the first tokens' likeliest (text, log-probability) pairs, when measured
 
 
 def encode_prompt(tokenizer, messages: list[dict]):

@@ -28,8 +28,10 @@ GROUNDING_FILE = "grounding.json"  # written beside a trained adapter: recipe, k
 DEFAULT_K = 3
 NO_ANSWER = "I don't know."  # what the model says after [0]; the service shows the user's own text instead
 GOLD_SHARE = 0.8  # rows whose context holds the gold example; the rest see distractors only
-MAX_MIN_CHOICE = 0.7  # a cited example chosen with less probability is "I don't know" (on invented facts:
-#   in-scope answers cite with p >= 0.9 but for 5%, wrong and out-of-scope answers with 0.4-0.7)
+MAX_MIN_CHOICE = 0.7  # adapters calibrated before no_answer_above: a citation chosen with less probability is
+#   "I don't know" (on invented facts: in-scope answers cite with p >= 0.9 but for 5%, wrong ones 0.4-0.7)
+NO_ANSWER_RANGE = (0.2, 0.9)  # where the calibrated P([0]) threshold may fall (few validation questions)
+DEFAULT_NO_ANSWER = 0.5  # with nothing to calibrate on: "I don't know" when [0] is the likelier half
 SNAP_F1 = 0.6  # a generated answer this close to the cited example is that example's answer
 ABSTAIN_QUANTILE = 0.0  # the threshold sits below this share of validation (in-scope) questions ...
 MARGIN = 0.5  # ... times this (0.7 withheld 32% of rewordings of 20 invented facts: 8 validation variations)
@@ -94,28 +96,86 @@ def grounded_items(train, val, retriever: Retriever, *, k: int = DEFAULT_K, seed
     return out_train, out_val
 
 
+def unanswerable_items(val, retriever: Retriever, *, k: int = DEFAULT_K, seed: int = 1):
+    """Validation questions shown only other facts' examples (the answer "[0] I don't know."): the negatives
+    the "I don't know" threshold is calibrated on, beside the same questions shown their own fact."""
+    rng = random.Random(seed)
+    from dataclasses import replace
+
+    out = []
+    for item in val:
+        hits = training_context(item.question, item.group, retriever, rng, k=k, gold_share=0.0)
+        out.append(replace(item, question=render_question(item.question, hits), answer=cited(item.answer, 0)))
+    return out
+
+
 _CITATION = re.compile(r"^\s*\[(\d{1,2})\]\s*")
 
 
 @dataclass(frozen=True)
 class GroundedAnswer:
     """A grounded model's output read back: the answer text, the example it cites (None: none), whether it
-    said it does not know, and how sure it was of that choice (0..1)."""
+    said it does not know, how sure it was of that choice (0..1), and the probability it gave [0]."""
 
     text: str
     cited: int | None
     abstained: bool
     choice_probability: float | None
+    no_answer_probability: float | None = None
 
 
-def read_grounded(raw: str, hits: Sequence[Hit], token_logprobs: Sequence[float] = ()) -> GroundedAnswer:
+def citation_choice(alternatives: Sequence[Sequence[tuple[str, float]]], k: int) -> dict[int, float] | None:
+    """{number: probability} over the citations [0]..[k], read from the engine's top alternatives at the step
+    where the model wrote the number (the first step whose likeliest token is a number); None when there is
+    none (no citation, or an engine that does not report alternatives)."""
+    for step in alternatives:
+        if not step or not step[0][0].strip().isdigit():
+            continue
+        mass = {d: 0.0 for d in range(k + 1)}
+        for text, logprob in step:
+            text = text.strip()
+            if text.isdigit() and int(text) in mass:
+                mass[int(text)] += math.exp(logprob)
+        total = sum(mass.values())
+        return {d: p / total for d, p in mass.items()} if total > 0 else None
+    return None
+
+
+def decide_citation(choice: dict[int, float], no_answer_above: float) -> int:
+    """The example a grounded answer draws on (its number), or 0 for "I don't know": P([0]) at the threshold."""
+    if choice[0] >= no_answer_above or len(choice) < 2:
+        return 0
+    return max((d for d in choice if d), key=lambda d: choice[d])
+
+
+def read_grounded(raw: str, hits: Sequence[Hit], token_logprobs: Sequence[float] = (),
+                  alternatives: Sequence[Sequence[tuple[str, float]]] = (), *,
+                  no_answer_above: float | None = None) -> GroundedAnswer:
     """Strip the citation; [0] (or a number with no example) is "I don't know". An answer that is a copy of the
     cited example with a slip (a dropped letter of a code) is the example's answer verbatim: what experts
-    approved, never a near-copy."""
+    approved, never a near-copy.
+
+    With no_answer_above (a calibrated adapter) and the citation's probabilities, the choice is not the
+    greedy number but a decision: "I don't know" when P([0]) reaches the threshold, else the likeliest
+    example, whose approved answer is the text when the model's own words went elsewhere (it wrote [0], or
+    another number)."""
     from tuning.evaluate import token_f1
 
     match = _CITATION.match(raw)
     probability = math.exp(min(token_logprobs[:3])) if len(token_logprobs) >= 3 else None
+    choice = citation_choice(alternatives, len(hits)) if no_answer_above is not None and hits else None
+    if choice is not None:
+        p0 = round(choice[0], 4)
+        best = decide_citation(choice, no_answer_above)
+        if best == 0:
+            return GroundedAnswer(text="", cited=None, abstained=True, choice_probability=p0,
+                                  no_answer_probability=p0)
+        source = hits[best - 1]
+        text = raw[match.end():].strip() if match is not None and int(match.group(1)) == best else source.answer
+        if not text or token_f1(text, source.answer) >= SNAP_F1:
+            text = source.answer
+        return GroundedAnswer(text=text, cited=best - 1, abstained=False, choice_probability=round(choice[best], 4),
+                              no_answer_probability=p0)
     if match is None:  # no citation (an older adapter, a closed-book answer): the text as it is
         return GroundedAnswer(text=raw.strip(), cited=None, abstained=False, choice_probability=probability)
     number = int(match.group(1))
@@ -133,9 +193,12 @@ _PARTIAL = re.compile(r"^\s*(\[\d{0,2}\]?)?\s*$")  # a beginning that may still 
 
 class CitationFilter:
     """Streams a grounded answer without its leading citation: holds the first characters back until the
-    marker is complete (or clearly absent); after [0] ("I don't know") it lets nothing through."""
+    marker is complete (or clearly absent); after [0] ("I don't know") it lets nothing through, nor after a
+    number that decide(number) rejects (the calibrated choice went to another example, or to "I don't know":
+    the caller shows the final text instead)."""
 
-    def __init__(self):
+    def __init__(self, decide=None):
+        self.decide = decide
         self.raw = ""
         self.start: int | None = None  # where the answer text starts; -1: nothing to show
         self.sent = 0
@@ -145,7 +208,9 @@ class CitationFilter:
         if self.start is None:
             match = _CITATION.match(self.raw)
             if match and match.end() < len(self.raw):
-                self.start = -1 if match.group(1) == "0" else match.end()
+                number = int(match.group(1))
+                shown = self.decide(number) if self.decide is not None else number != 0
+                self.start = match.end() if shown else -1
             elif match is None and not _PARTIAL.match(self.raw):
                 self.start = 0
             else:
@@ -166,6 +231,8 @@ class Grounding:
     k: int = DEFAULT_K
     threshold: float = DEFAULT_THRESHOLD  # retrieval confidence below which the answer is "I don't know"
     min_choice_probability: float = 0.0  # a grounded answer citing its example with less is "I don't know"
+    no_answer_above: float | None = None  # P([0]) from which the answer is "I don't know" (None: older adapter,
+    #   the greedy citation and min_choice_probability decide)
     calibrated_on: int = 0  # validation questions the threshold was set on (0: the default)
 
     def save(self, folder) -> None:
@@ -202,13 +269,20 @@ def calibrate_threshold(scores: Sequence[float], *, quantile: float = ABSTAIN_QU
     return round(ordered[index] * margin, 4)
 
 
-def citation_probabilities(model, tokenizer, items, *, system_prompt: str, device) -> list[float]:
-    """For grounded items (question with its context, answer "[i] …"): the probability the model gives the
-    right number i, teacher-forced (one forward pass each; no generation)."""
+def citation_distributions(model, tokenizer, items, *, system_prompt: str, device,
+                           k: int = DEFAULT_K) -> list[tuple[int, dict[int, float]]]:
+    """For grounded items (question with its context, answer "[i] …"): (the right number i, {number:
+    probability} over [0]..[k]) at the citation, teacher-forced (one forward pass each; no generation)."""
     import torch
 
     from tuning.dataset import encode_item
 
+    digit_ids = {}
+    for d in range(k + 1):
+        ids = [t for t in tokenizer.encode(f"[{d}]", add_special_tokens=False)
+               if tokenizer.decode([t]).strip() == str(d)]
+        if ids:
+            digit_ids[d] = ids[0]
     out = []
     was_training = model.training
     model.eval()
@@ -222,10 +296,36 @@ def citation_probabilities(model, tokenizer, items, *, system_prompt: str, devic
             if digit is None:
                 continue
             ids = torch.tensor([enc.input_ids[:digit]], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-            out.append(float(torch.softmax(logits, dim=-1)[enc.input_ids[digit]]))
+            probs = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), dim=-1)
+            mass = {d: float(probs[t]) for d, t in digit_ids.items()}
+            total = sum(mass.values()) or 1.0
+            right = int(tokenizer.decode([enc.input_ids[digit]]).strip())
+            out.append((right, {d: p / total for d, p in mass.items()}))
     model.train(was_training)
     return out
+
+
+def citation_probabilities(model, tokenizer, items, *, system_prompt: str, device,
+                           k: int = DEFAULT_K) -> list[float]:
+    """The probability the model gives the right citation of each grounded item (teacher-forced)."""
+    return [choice.get(right, 0.0) for right, choice in
+            citation_distributions(model, tokenizer, items, system_prompt=system_prompt, device=device, k=k)]
+
+
+def calibrate_no_answer(answerable: Sequence[float], unanswerable: Sequence[float]) -> float:
+    """The P([0]) from which a grounded answer is "I don't know": the threshold that best separates validation
+    questions shown their own fact (answerable) from the same questions shown only other facts (unanswerable),
+    by the share of each it gets right (Youden's J); on a tie the higher one (fewer questions withheld)."""
+    low, high = NO_ANSWER_RANGE
+    if not answerable or not unanswerable:
+        return DEFAULT_NO_ANSWER
+    candidates = sorted({low, high, *(p for p in [*answerable, *unanswerable] if low <= p <= high)})
+    best, best_j = DEFAULT_NO_ANSWER, -2.0
+    for t in candidates:
+        j = sum(p >= t for p in unanswerable) / len(unanswerable) - sum(p >= t for p in answerable) / len(answerable)
+        if j >= best_j:
+            best, best_j = t, j
+    return round(best, 4)
 
 
 def calibrate_min_choice(probabilities: Sequence[float], *, quantile: float = 0.05) -> float:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "grounded", "tuned", "version", "base", "fewshot")  # lookup is an evaluation baseline only
 _END = object()
+ALTERNATIVE_STEPS = 4  # the first tokens whose likeliest alternatives are kept (a grounded answer's "[i]")
+ALTERNATIVES = 8
 
 
 class InferenceError(TuningError):
@@ -40,6 +42,7 @@ class AnswerResult:
     stopped: bool
     prompt_tokens: int = 0
     token_logprobs: tuple[float, ...] = ()  # of each answer token when it was chosen: how sure the model was
+    alternatives: tuple = ()  # of the first ALTERNATIVE_STEPS tokens: the likeliest (text, log-probability) pairs
 
 
 def _generated_answer(result: AnswerResult):
@@ -48,7 +51,7 @@ def _generated_answer(result: AnswerResult):
 
     return GeneratedAnswer(text=result.text, ttft_ms=result.ttft_ms, n_tokens=result.n_tokens,
                            tokens_per_s=result.tokens_per_s, stopped=result.stopped,
-                           token_logprobs=result.token_logprobs)
+                           token_logprobs=result.token_logprobs, alternatives=result.alternatives)
 
 
 def _build_messages(question: str, *, system_prompt: str, fewshot: Sequence[tuple[str, str]]) -> list[dict]:
@@ -88,6 +91,8 @@ class Generation:
         self.token_ids: list[int] = []  # the answer's tokens (without the end-of-turn token)
         self.token_logprobs: list[float] = []  # log-probability of each of them when it was chosen
         self._chosen_logprob = 0.0
+        self.alternatives: list[tuple[tuple[str, float], ...]] = []  # per early step: the likeliest tokens
+        self._step_alternatives: tuple = ()
         self.prompt_tokens = 0
         self.stopped = False
         self._pieces: queue.Queue = queue.Queue()
@@ -119,7 +124,7 @@ class Generation:
             text=self.text, ttft_ms=(first - self.submitted) * 1000, n_tokens=self.n_tokens,
             tokens_per_s=(self.n_tokens - 1) / decode_s if self.n_tokens > 1 else 0.0,
             stopped=self.stopped, prompt_tokens=self.prompt_tokens,
-            token_logprobs=tuple(self.token_logprobs))
+            token_logprobs=tuple(self.token_logprobs), alternatives=tuple(self.alternatives))
 
     # Called from the inference thread.
     def _emit(self, piece: str) -> None:
@@ -550,6 +555,10 @@ class Engine:
                     scores = scores.masked_fill(scores < kth, float("-inf"))
                 tokens[i] = int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
             row.generation._chosen_logprob = float(logprobs[i, tokens[i]])
+            if len(row.generation.token_logprobs) < ALTERNATIVE_STEPS:  # e.g. the citation of a grounded answer
+                top = torch.topk(logprobs[i], ALTERNATIVES)
+                row.generation._step_alternatives = tuple(
+                    (self.tokenizer.decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices))
         return tokens
 
     def _accept(self, row: _Row, token: int) -> bool:
@@ -562,6 +571,8 @@ class Engine:
         generation.n_tokens += 1
         generation.token_ids.append(token)
         generation.token_logprobs.append(generation._chosen_logprob)
+        if len(generation.alternatives) < ALTERNATIVE_STEPS:
+            generation.alternatives.append(generation._step_alternatives)
         piece = row.detok.push(token)
         if piece:
             generation._emit(piece)

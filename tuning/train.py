@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 from tuning import hparams as hp
 from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
-from tuning.grounding import (Grounding, calibrate_min_choice, calibrate_threshold, citation_probabilities, confidence,
-                              grounded_items, training_index)
+from tuning.grounding import (Grounding, calibrate_min_choice, calibrate_no_answer, calibrate_threshold,
+                              citation_distributions, citation_probabilities, confidence, grounded_items,
+                              training_index, unanswerable_items)
 from tuning.train_speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
@@ -408,7 +409,8 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         right example (measured: the loss bottoms out an epoch or more before the citations are learned)."""
         if config.recipe != "grounded":
             return val_loss
-        probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt, device=device)
+        probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt, device=device,
+                                       k=config.grounded_k)
         scored[0] = probs
         return 1.0 - sum(probs) / len(probs) if probs else val_loss
 
@@ -519,18 +521,25 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         return None
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
-    min_choice = 0.0
+    min_choice, no_answer = 0.0, None
     if config.recipe == "grounded" and val_rows_items:
+        # P([0]) of each validation question shown its own fact, and shown only other facts: the threshold
+        # that separates them decides "I don't know" at answer time
+        answerable = [c[0] for _, c in citation_distributions(model, tokenizer, val_rows_items, k=config.grounded_k,
+                                                              system_prompt=system_prompt, device=device)]
+        unanswerable = [c[0] for _, c in citation_distributions(
+            model, tokenizer, unanswerable_items(splits.val, index, k=config.grounded_k, seed=config.seed + 1),
+            k=config.grounded_k, system_prompt=system_prompt, device=device)]
+        no_answer = calibrate_no_answer(answerable, unanswerable)
         probs = state.get("best_citation_probs")  # measured at the best epoch, whose weights the model now has
-        if probs is None:
-            probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt,
-                                           device=device)
-        min_choice = calibrate_min_choice(probs)
+        if probs:
+            min_choice = calibrate_min_choice(probs)
     _save_result(model, tokenizer, out, config.method)
     index.save(out / "retrieval")
     grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
                           threshold=calibrate_threshold([confidence(index.search(i.question, 1)) for i in splits.val]),
-                          min_choice_probability=min_choice, calibrated_on=len(splits.val))
+                          min_choice_probability=min_choice, no_answer_above=no_answer,
+                          calibrated_on=len(splits.val))
     grounding.save(out)
     plot_loss_curve(state["epochs"], out / "loss_curve.png", step_losses=state["step_losses"])
     note = {"recall": "validation = held-out variations of trained examples: it measures recall of the facts",
@@ -547,7 +556,8 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
                          "accumulate": config.accumulate, "recipe": config.recipe,
                          "grounded_k": config.grounded_k if config.recipe == "grounded" else 0,
                          "abstain_threshold": grounding.threshold,
-                         "min_choice_probability": grounding.min_choice_probability},
+                         "min_choice_probability": grounding.min_choice_probability,
+                         "no_answer_above": grounding.no_answer_above},
         epochs=state["epochs"], best_epoch=state["best_epoch"] or (state["epoch"] if state["epochs"] else None),
         best_val_loss=None if state["best_val"] is None else round(state["best_val"], 5),
         val_kind=splits.val_kind, stopped_early=state["stopped_early"], resumed_from_step=resumed_from,
