@@ -13,6 +13,15 @@ class InvalidValue(StorageError):
     """A value outside its allowed set (role, status, split, …)."""
 
 
+class LastOwner(InvalidValue):
+    """Removing or demoting this member would leave the assistant without an owner."""
+
+    code = "last_owner"  # the bot shows its own text for this (error_last_owner)
+
+    def __init__(self):
+        super().__init__("the last owner cannot be removed or demoted; make someone else owner first")
+
+
 class DuplicateExample(StorageError):
     """An example with the same normalized question already exists in the assistant."""
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import secrets
 import contextlib
 import sqlite3
@@ -12,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import sqlite_utils
 
-from storage.errors import DuplicateExample, InvalidValue, NotFound, NotOpen, StorageError
+from storage.errors import DuplicateExample, InvalidValue, LastOwner, NotFound, NotOpen, StorageError
 from storage.records import (
     JOB_KINDS, JOB_STATES, ROLES, SOURCES, SPLITS, STATUSES, UNANSWERED_STATES, VERSION_STATES,
     ApiKey, Assistant, AuditEntry, Document, Example, ExampleRevision, GenerationRun, Invite,
@@ -21,6 +23,9 @@ from storage.records import (
 from storage.text import question_hash
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+INVITE_TTL_HOURS = (1, 720)  # an invite link is valid for one hour to 30 days
+INVITE_MAX_USES = 1000
+API_KEY_TOUCH_S = 60  # last_used_at is rewritten at most this often (not one write per request)
 
 
 def utcnow() -> dt.datetime:
@@ -162,21 +167,44 @@ class Store:
         return [from_row(Member, r) for r in
                 self.db["members"].rows_where("assistant_id = ?", [assistant_id], order_by="added_at")]
 
+    # The condition that keeps an owner is part of the write itself, so two owners removing or demoting
+    # each other at the same moment cannot leave the assistant with none.
+    _KEEPS_AN_OWNER = ("(role != 'owner' or (select count(*) from members o "
+                       "where o.assistant_id = members.assistant_id and o.role = 'owner') > 1)")
+
+    def set_member_role(self, assistant_id: int, user_id: int, role: str, *, by: int | None = None) -> Member:
+        """Change the role of a current member; the last owner cannot be demoted."""
+        _check(role, ROLES, "role")
+        with self._write_transaction():
+            if self.get_member(assistant_id, user_id) is None:
+                raise NotFound(f"user {user_id} is not a member")
+            changed = self.db.execute(
+                f"update members set role = ? where assistant_id = ? and user_id = ? "
+                f"and (? = 'owner' or {self._KEEPS_AN_OWNER})", [role, assistant_id, user_id, role]).rowcount
+            if not changed:
+                raise LastOwner()
+        self.audit("member.set", user_id=by, assistant_id=assistant_id, details={"user_id": user_id, "role": role})
+        return self.get_member(assistant_id, user_id)
+
     def remove_member(self, assistant_id: int, user_id: int, *, by: int | None = None) -> None:
-        member = self.get_member(assistant_id, user_id)
-        if member is None:
-            raise NotFound(f"user {user_id} is not a member")
-        if member.role == "owner" and sum(m.role == "owner" for m in self.list_members(assistant_id)) == 1:
-            raise InvalidValue("the last owner cannot be removed; make someone else owner first")
-        self.db["members"].delete((assistant_id, user_id))
+        with self._write_transaction():
+            if self.get_member(assistant_id, user_id) is None:
+                raise NotFound(f"user {user_id} is not a member")
+            removed = self.db.execute(f"delete from members where assistant_id = ? and user_id = ? "
+                                      f"and {self._KEEPS_AN_OWNER}", [assistant_id, user_id]).rowcount
+            if not removed:
+                raise LastOwner()
         self.audit("member.remove", user_id=by, assistant_id=assistant_id, details={"user_id": user_id})
 
     # -------------------------------------------------------------- invites
     def create_invite(self, assistant_id: int, role: str, *, uses: int = 1, ttl_hours: float = 72,
                       created_by: int | None = None) -> Invite:
         _check(role, ROLES, "role")
-        if uses < 1:
-            raise InvalidValue("an invite needs at least one use")
+        if not 1 <= uses <= INVITE_MAX_USES:
+            raise InvalidValue(f"an invite has 1 to {INVITE_MAX_USES} uses")
+        least, most = INVITE_TTL_HOURS
+        if not (math.isfinite(ttl_hours) and least <= ttl_hours <= most):
+            raise InvalidValue(f"an invite is valid for {least} to {most} hours (30 days)")
         token = secrets.token_urlsafe(12)
         expires = fmt_time(self.clock() + dt.timedelta(hours=ttl_hours))
         self.db["invites"].insert({"token": token, "assistant_id": assistant_id, "role": role,
@@ -186,20 +214,33 @@ class Store:
         return from_row(Invite, self.db["invites"].get(token))
 
     def redeem_invite(self, token: str, user_id: int) -> Member:
-        """Use one invite: the user becomes a member with its role (an existing higher role is kept)."""
-        with self.db.conn:
+        """Use one invite: the user becomes a member with its role.
+
+        A member who already has that role or a higher one keeps it, and the invite keeps its use. The use
+        is taken by one conditional UPDATE, so two people cannot both take the last one.
+        """
+        now = self.now()
+        with self._write_transaction():
             row = next(iter(self.db["invites"].rows_where("token = ?", [token])), None)
             if row is None:
                 raise NotFound("this invite link is not valid")
-            if row["uses_left"] <= 0:
-                raise InvalidValue("this invite link has been used up; ask for a new one")
-            if row["expires_at"] and row["expires_at"] < self.now():
-                raise InvalidValue("this invite link has expired; ask for a new one")
-            self.db.execute("update invites set uses_left = uses_left - 1 where token = ?", [token])
-        current = self.role_of(row["assistant_id"], user_id)
-        if current is not None and ROLES.index(current) <= ROLES.index(row["role"]):
-            return self.get_member(row["assistant_id"], user_id)
-        return self.add_member(row["assistant_id"], user_id, row["role"])
+            assistant_id, role = row["assistant_id"], row["role"]
+            current = self.get_member(assistant_id, user_id)
+            if current is not None and ROLES.index(current.role) <= ROLES.index(role):
+                return current
+            taken = self.db.execute(
+                "update invites set uses_left = uses_left - 1 where token = ? and uses_left > 0 "
+                "and (expires_at is null or expires_at >= ?) returning uses_left", [token, now]).fetchone()
+            if taken is None:
+                left = self.db.execute("select uses_left from invites where token = ?", [token]).fetchone()[0]
+                raise InvalidValue("this invite link has been used up; ask for a new one" if left <= 0
+                                   else "this invite link has expired; ask for a new one")
+            self.db.execute("insert or ignore into users (id, created_at) values (?, ?)", [user_id, now])
+            self.db.execute("insert into members (assistant_id, user_id, role, added_at) values (?, ?, ?, ?) "
+                            "on conflict (assistant_id, user_id) do update set role = excluded.role",
+                            [assistant_id, user_id, role, now])
+        self.audit("invite.redeem", user_id=user_id, assistant_id=assistant_id, details={"role": role})
+        return self.get_member(assistant_id, user_id)
 
     # ------------------------------------------------------------- examples
     def find_duplicate(self, assistant_id: int, question: str, *, exclude_id: int | None = None) -> Example | None:
@@ -660,15 +701,37 @@ class Store:
         row = next(iter(self.db["api_keys"].rows_where("key_hash = ? and revoked_at is null", [hash_api_key(key)])), None)
         return from_row(ApiKey, row) if row else None
 
+    def use_api_key(self, key: str) -> ApiKey | None:
+        """The live key for a request (None when unknown or revoked), its last_used_at brought up to date.
+
+        The time is written only when the stored one is older than API_KEY_TOUCH_S, so busy clients do not
+        make every request a write.
+        """
+        found = self.lookup_api_key(key)
+        if found is None:
+            return None
+        now = self.clock()
+        if found.last_used_at is None or parse_time(found.last_used_at) <= now - dt.timedelta(seconds=API_KEY_TOUCH_S):
+            self.db.execute("update api_keys set last_used_at = ? where id = ?", [fmt_time(now), found.id])
+            self.db.conn.commit()
+            found = dataclasses.replace(found, last_used_at=fmt_time(now))
+        return found
+
     def list_api_keys(self, assistant_id: int) -> list[ApiKey]:
         return [from_row(ApiKey, r) for r in self.db["api_keys"].rows_where("assistant_id = ?", [assistant_id], order_by="id")]
 
-    def revoke_api_key(self, key_id: int, *, by: int | None = None) -> None:
+    def revoke_api_key(self, key_id: int, *, by: int | None = None) -> bool:
+        """Revoke a key (True), or say it already was (False)."""
         row = next(iter(self.db["api_keys"].rows_where("id = ?", [key_id])), None)
         if row is None:
             raise NotFound(f"API key #{key_id} not found")
-        self.db["api_keys"].update(key_id, {"revoked_at": self.now()})
+        revoked = self.db.execute("update api_keys set revoked_at = ? where id = ? and revoked_at is null",
+                                  [self.now(), key_id]).rowcount
+        self.db.conn.commit()
+        if not revoked:
+            return False
         self.audit("apikey.revoke", user_id=by, assistant_id=row["assistant_id"], details={"key_id": key_id})
+        return True
 
     # ---------------------------------------------------------- conversations
     def start_conversation(self, assistant_id: int, user_id: int | None, *, mode: str = "tuned") -> int:
@@ -699,6 +762,12 @@ class Store:
     def message_assistant(self, message_id: int) -> int | None:
         """The assistant whose conversation holds this message (None when there is no such message)."""
         row = self.db.execute("select c.assistant_id from messages m join conversations c on c.id = m.conversation_id "
+                              "where m.id = ?", [message_id]).fetchone()
+        return row[0] if row else None
+
+    def message_user(self, message_id: int) -> int | None:
+        """The user whose conversation holds this message (None for API traffic, or when there is no such message)."""
+        row = self.db.execute("select c.user_id from messages m join conversations c on c.id = m.conversation_id "
                               "where m.id = ?", [message_id]).fetchone()
         return row[0] if row else None
 

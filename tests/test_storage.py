@@ -163,9 +163,10 @@ def test_invites_expiry_uses_and_roles(cstore, clock):
     invite = cstore.create_invite(a.id, "expert", uses=2, ttl_hours=24, created_by=1)
     assert invite.expires_at == "2026-01-02 12:00:00" and invite.uses_left == 2
     assert cstore.redeem_invite(invite.token, 10).role == "expert"
-    assert cstore.redeem_invite(invite.token, 1).role == "owner"  # a higher role is kept
+    assert cstore.redeem_invite(invite.token, 1).role == "owner"  # a higher role is kept, and so is the use
+    assert cstore.redeem_invite(invite.token, 11).role == "expert"
     with pytest.raises(InvalidValue, match="used up"):
-        cstore.redeem_invite(invite.token, 11)
+        cstore.redeem_invite(invite.token, 14)
     tester = cstore.create_invite(a.id, "tester", ttl_hours=1)
     clock.advance(hours=1, seconds=1)
     with pytest.raises(InvalidValue, match="expired"):

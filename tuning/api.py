@@ -148,7 +148,7 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
             raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create one with "
                                 "`tunebot apikey create --assistant NAME`)", type="authentication_error",
                            code="invalid_api_key")
-        key = get_store().lookup_api_key(token.strip())
+        key = get_store().use_api_key(token.strip())  # also records last_used_at
         if key is None:
             raise ApiError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
         return key

@@ -25,7 +25,8 @@ from tuning.errors import TuningError
 
 log = logging.getLogger("tunebot.telegram")
 COMMANDS = ("start", "help", "add", "examples", "review", "generate", "train", "jobs", "chat", "stop", "compare",
-            "export", "stats", "use", "invite", "members", "schedule", "apikey", "lang", "cancel")
+            "export", "stats", "use", "invite", "members", "schedule", "apikey", "apikeys", "lang",
+            "cancel")
 
 
 class BotConfigError(Exception):

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from typing import Any, Awaitable, Callable
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.constants import ChatType
 from telegram.ext import ContextTypes
 
 from bot.telegram.texts import catalogue, pick_language, t
-from storage import Store
+from storage import NotFound, Store
 from storage.records import ROLES, Assistant
 
 log = logging.getLogger("tunebot.telegram")
 MAX_MESSAGE = 4000  # Telegram's limit is 4096; leave room for entities
 MAX_CALLBACK = 64
+ID = r"[0-9]{1,18}"  # a row id in callback data: digits only, and within SQLite's 64-bit integers
 
 Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Awaitable[Any]]
 
@@ -110,6 +113,22 @@ def requires(role: str) -> Callable[[Handler], Handler]:
     return wrap
 
 
+def private_only(fn: Handler) -> Handler:
+    """Run the handler only in a private chat: API keys and exported data must not land in a group."""
+
+    @functools.wraps(fn)
+    async def checked(update: Update, context: ContextTypes.DEFAULT_TYPE):
+        chat = update.effective_chat
+        if chat is not None and chat.type != ChatType.PRIVATE:
+            if update.callback_query:
+                await update.callback_query.answer()
+            await reply(update, tr(update, context, "private_only"))
+            return None
+        return await fn(update, context)
+
+    return checked
+
+
 def split_text(text: str, limit: int = MAX_MESSAGE) -> list[str]:
     """Pieces under Telegram's limit, cut at paragraph, line or word boundaries where possible."""
     pieces: list[str] = []
@@ -151,9 +170,28 @@ def keyboard(rows: list[list[tuple[str, str]]]) -> InlineKeyboardMarkup:
                                  for row in rows])
 
 
-def callback_args(update: Update) -> list[str]:
-    """The parts of a callback like 'rv:a:12' after its prefix: ['a', '12']."""
-    return (update.callback_query.data or "").split(":")[1:]
+def callback_match(update: Update, pattern: re.Pattern) -> re.Match | None:
+    """The callback data matched in full against the shape its buttons have (None for anything else)."""
+    return pattern.fullmatch(update.callback_query.data or "")
+
+
+def button_object(update: Update, pattern: re.Pattern, getter: Callable[[int], Any], *,
+                  assistant_id: int) -> tuple[re.Match | None, Any]:
+    """The callback data matched against `pattern`, and the object its `(?P<id>…)` group names when that exists
+    and belongs to the assistant (None otherwise)."""
+    match = callback_match(update, pattern)
+    if match is None:
+        return None, None
+    try:
+        found = getter(int(match.group("id")))
+    except NotFound:
+        return match, None
+    return match, found if found.assistant_id == assistant_id else None
+
+
+async def button_invalid(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """The reply to callback data that no button offers now: crafted, stale, or about another assistant's object."""
+    await reply(update, tr(update, context, "button_invalid"))
 
 
 def awaiting(context: ContextTypes.DEFAULT_TYPE, kind: str | None = None, **params: Any) -> None:

@@ -6,9 +6,9 @@ import warnings
 
 from telegram import Update
 from telegram.warnings import PTBUserWarning
-from telegram.ext import ContextTypes, MessageHandler, filters
+from telegram.ext import CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
-from bot.telegram.common import current_assistant, reply, role_at_least, tr
+from bot.telegram.common import button_invalid, current_assistant, reply, role_at_least, tr
 from bot.telegram.handlers import admin, chat, examples, generate, onboarding, review, training
 
 # Our conversations are per user and chat on purpose: a button tapped on an older message still counts.
@@ -60,8 +60,22 @@ async def other_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
     await reply(update, tr(update, context, "unsupported_message"))
 
 
+async def unknown_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Callback data no handler takes: an unknown prefix, or a dialogue's button after the dialogue ended."""
+    await update.callback_query.answer()
+    await button_invalid(update, context)
+
+
+class NoDataCallbackHandler(CallbackQueryHandler):
+    """A callback query without data, which python-telegram-bot would hand to the first handler with a pattern."""
+
+    def check_update(self, update: object) -> bool:
+        return isinstance(update, Update) and update.callback_query is not None and not update.callback_query.data
+
+
 def all_handlers() -> list:
     return [
+        NoDataCallbackHandler(unknown_button),
         *onboarding.handlers(),
         *examples.handlers(),
         *review.handlers(),
@@ -69,6 +83,7 @@ def all_handlers() -> list:
         *training.handlers(),
         *chat.handlers(),
         *admin.handlers(),
+        CallbackQueryHandler(unknown_button),
         MessageHandler(filters.Document.ALL, examples.upload),
         MessageHandler(filters.TEXT & ~filters.COMMAND, text_message),
         MessageHandler(filters.COMMAND, unknown_command),

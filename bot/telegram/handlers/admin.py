@@ -1,18 +1,26 @@
-"""Getting things out: /export (dataset and adapter), /apikey, /stats."""
+"""Getting things out: /export (dataset and adapter), /apikey and /apikeys, /stats."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import re
 import zipfile
 from pathlib import Path
 
 from telegram import InputFile, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import callback_args, reply, requires, store_of, tr, with_thread_store
+from bot.telegram.common import (ID, button_invalid, callback_match, private_only, reply, requires, store_of, tr,
+                                 with_thread_store)
+
+EXPORT_FORMATS = ("jsonl", "openai")
+# Callback data is untrusted: only these shapes are accepted (fullmatch).
+EXPORT_BUTTON = re.compile(rf"xp:({'|'.join(EXPORT_FORMATS)})")
+REVOKE_BUTTON = re.compile(rf"ak:({ID}):({ID})")  # assistant, key
 
 
+@private_only
 @requires("expert")
 async def export(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Choose the dataset format; the active adapter comes along."""
@@ -31,12 +39,17 @@ def adapter_zip(folder: str | Path) -> bytes:
     return buf.getvalue()
 
 
+@private_only
 @requires("expert")
 async def export_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Send the approved examples as a file, then the active adapter as a zip."""
     from tuning.importing import export_examples
 
-    fmt = callback_args(update)[0]
+    match = callback_match(update, EXPORT_BUTTON)
+    if match is None:
+        await button_invalid(update, context)
+        return
+    fmt = match.group(1)
     buf = io.StringIO()
     n = await with_thread_store(context, lambda store: export_examples(store, assistant.id, buf, format=fmt))
     name = f"{assistant.name}-{fmt}.jsonl"
@@ -53,12 +66,50 @@ async def export_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assi
     await reply(update, tr(update, context, "export_no_adapter"))
 
 
+@private_only
 @requires("owner")
 async def apikey(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Create a key for the OpenAI-compatible API (shown once)."""
     name = " ".join(context.args or []) or f"telegram:{update.effective_user.id}"
     record, key = store_of(context).create_api_key(assistant.id, name=name, created_by=update.effective_user.id)
     await reply(update, tr(update, context, "apikey_created", api_key=key, prefix=record.prefix, model=assistant.name))
+
+
+@private_only
+@requires("owner")
+async def apikeys(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """The assistant's API keys (prefix, name, last use) with a revoke button for each live one."""
+    keys = store_of(context).list_api_keys(assistant.id)
+    if not keys:
+        await reply(update, tr(update, context, "apikeys_none", name=assistant.name))
+        return
+    never = tr(update, context, "apikey_never_used")
+    lines = [tr(update, context, "apikeys_header", name=assistant.name)]
+    rows = []
+    for k in keys:
+        state = (tr(update, context, "apikey_state_revoked", when=k.revoked_at) if k.revoked_at
+                 else tr(update, context, "apikey_state_live", when=k.last_used_at or never))
+        lines.append(f"• {k.prefix}… {k.name or ''} — {state}")
+        if not k.revoked_at:
+            rows.append([(tr(update, context, "btn_revoke_key", prefix=k.prefix), f"ak:{assistant.id}:{k.id}")])
+    await reply(update, "\n".join(lines), buttons=rows or None)
+
+
+@private_only
+@requires("owner")
+async def revoke_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """Revoke one of this assistant's API keys: requests with it get 401 from then on."""
+    match = callback_match(update, REVOKE_BUTTON)
+    store = store_of(context)
+    key = None
+    if match is not None and int(match.group(1)) == assistant.id:
+        key = next((k for k in store.list_api_keys(assistant.id) if k.id == int(match.group(2))), None)
+    if key is None:
+        await button_invalid(update, context)
+        return
+    revoked = store.revoke_api_key(key.id, by=update.effective_user.id)
+    await reply(update, tr(update, context, "apikey_revoked" if revoked else "apikey_already_revoked",
+                           prefix=key.prefix))
 
 
 @requires("tester")
@@ -80,6 +131,8 @@ def handlers() -> list:
     return [
         CommandHandler("export", export),
         CommandHandler("apikey", apikey),
+        CommandHandler("apikeys", apikeys),
         CommandHandler("stats", stats),
         CallbackQueryHandler(export_button, pattern=r"^xp:"),
+        CallbackQueryHandler(revoke_button, pattern=r"^ak:"),
     ]

@@ -10,16 +10,16 @@ import time
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (MAX_MESSAGE, app_of, awaiting, keyboard, reply, requires, role_at_least, short,
-                                 store_of, tr, with_thread_store)
+from bot.telegram.common import (ID, MAX_MESSAGE, app_of, awaiting, button_invalid, callback_match, keyboard, reply,
+                                 requires, role_at_least, short, store_of, tr, with_thread_store)
 from storage import DuplicateExample, NotFound, StorageError
 
 log = logging.getLogger("tunebot.telegram")
 EDIT_EVERY_S = 1.5  # streamed answers are edited at most this often (Telegram allows ~1 edit/s per chat)
 MAX_SOURCES = 20  # listed under 📚; retrieval gives far fewer
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
-FEEDBACK_BUTTON = re.compile(r"fb:([ude]):([0-9]{1,18})")
-SOURCES_BUTTON = re.compile(r"src:([0-9]{1,18})")
+FEEDBACK_BUTTON = re.compile(rf"fb:([ude]):({ID})")
+SOURCES_BUTTON = re.compile(rf"src:({ID})")
 
 
 def engine_for(context: ContextTypes.DEFAULT_TYPE, base_model: str):
@@ -108,11 +108,12 @@ def answer_buttons(answer, *, expert: bool) -> list[list[tuple[str, str]]]:
 
 @requires("tester")
 async def feedback_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
-    """👍, 👎 (then ask for the right answer), or ✏️."""
-    match = FEEDBACK_BUTTON.fullmatch(update.callback_query.data or "")
+    """👍, 👎 (then ask for the right answer), or ✏️ on this assistant's answer (testers: on their own only)."""
+    match = callback_match(update, FEEDBACK_BUTTON)
     store = store_of(context)
-    if match is None or store.message_assistant(int(match.group(2))) != assistant.id:
-        await reply(update, tr(update, context, "button_invalid"))
+    if match is None or store.message_assistant(int(match.group(2))) != assistant.id or (
+            role == "tester" and store.message_user(int(match.group(2))) != update.effective_user.id):
+        await button_invalid(update, context)
         return
     action, msg = match.group(1), store.get_message(int(match.group(2)))
     if action == "u":
@@ -131,7 +132,7 @@ async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
         await reply(update, tr(update, context, "not_member"))
         return
     if store.message_assistant(pending["message_id"]) != pending["assistant_id"]:
-        await reply(update, tr(update, context, "button_invalid"))
+        await button_invalid(update, context)
         return
     answer_msg = store.get_message(pending["message_id"])
     question = store.question_before(answer_msg["id"]) or ""
@@ -155,10 +156,10 @@ async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
 @requires("expert")
 async def sources_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """📚: the examples an answer drew on, each with its ✏️ edit button."""
-    match = SOURCES_BUTTON.fullmatch(update.callback_query.data or "")
+    match = callback_match(update, SOURCES_BUTTON)
     store = store_of(context)
     if match is None or store.message_assistant(int(match.group(1))) != assistant.id:
-        await reply(update, tr(update, context, "button_invalid"))
+        await button_invalid(update, context)
         return
     ids = store.message_sources(int(match.group(1)))[:MAX_SOURCES]
     if not ids:

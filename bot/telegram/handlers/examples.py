@@ -7,8 +7,8 @@ import re
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler, filters
 
-from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, short, store_of, tr,
-                                 tr_error, with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, lang_of, reply,
+                                 requires, short, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.handlers.generate import document_uploaded
 from storage import DuplicateExample, StorageError
 
@@ -18,6 +18,10 @@ QUICK_FORM = re.compile(r"^\s*(?:Q|В|Вопрос|Question)\s*[:：]\s*(?P<q>.+
                         re.IGNORECASE | re.DOTALL)
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 DOCUMENT_SUFFIXES = (".txt", ".md", ".pdf", ".docx")
+# Callback data is untrusted: only these shapes are accepted (fullmatch).
+ADD_BUTTON = re.compile(r"add:(save|q|a|cancel)")
+PAGE_BUTTON = re.compile(r"ex:p:([0-9]{1,9})")
+EXAMPLE_BUTTON = re.compile(rf"ex:([ed]):(?P<id>{ID}):([0-9]{{1,9}})")  # edit or delete, example, page to come back to
 
 
 def parse_quick_form(text: str) -> tuple[str, str] | None:
@@ -73,7 +77,11 @@ async def add_answer(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
 async def add_confirm(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Save, go back to edit one part, or cancel."""
     await update.callback_query.answer()
-    choice = callback_args(update)[0]
+    match = callback_match(update, ADD_BUTTON)
+    if match is None:
+        await button_invalid(update, context)
+        return ADD_CONFIRM
+    choice = match.group(1)
     draft = context.user_data.get("draft") or {}
     if choice == "q":
         await reply(update, tr(update, context, "add_ask_question_again"), edit=True)
@@ -208,26 +216,21 @@ async def examples(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant
 @requires("expert")
 async def examples_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Page, edit or delete."""
-    args = callback_args(update)
     store = store_of(context)
-    if args[0] == "p":
-        text, rows = _page_view(update, context, assistant.id, int(args[1]))
+    if page_match := callback_match(update, PAGE_BUTTON):
+        text, rows = _page_view(update, context, assistant.id, int(page_match.group(1)))
         await reply(update, text, buttons=rows, edit=True)
         return
-    example_id, page = int(args[1]), int(args[2])
-    try:
-        ex = store.get_example(example_id)
-    except StorageError as exc:
-        await reply(update, tr_error(update, context, exc))
+    match, ex = button_object(update, EXAMPLE_BUTTON, store.get_example, assistant_id=assistant.id)
+    if ex is None:
+        await button_invalid(update, context)
         return
-    if ex.assistant_id != assistant.id:
-        await reply(update, tr(update, context, "not_member"))
-        return
-    if args[0] == "d":
+    action, example_id, page = match.group(1), ex.id, int(match.group(3))
+    if action == "d":
         store.delete_example(example_id, by=update.effective_user.id)
         text, rows = _page_view(update, context, assistant.id, page)
         await reply(update, tr(update, context, "example_deleted", id=example_id) + "\n\n" + text, buttons=rows, edit=True)
-    elif args[0] == "e":
+    else:
         awaiting(context, "edit_example", example_id=example_id)
         await reply(update, tr(update, context, "example_edit_ask", id=example_id, question=ex.question, answer=ex.answer))
 

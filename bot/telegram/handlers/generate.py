@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 from telegram import Message, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
 from bot.app import client_config, endpoint_configured
-from bot.telegram.common import (app_of, callback_args, error_reason, keyboard, lang_of, reply, requires, short,
-                                 store_of, tr, with_thread_store)
+from bot.telegram.common import (ID, app_of, button_invalid, button_object, callback_match, error_reason, keyboard,
+                                 lang_of, reply, requires, short, store_of, tr, with_thread_store)
 from bot.telegram.texts import t
 from storage import StorageError
 from tuning.errors import TuningError
@@ -27,6 +28,9 @@ PAIRS_PER_CHUNK = 3
 DOCUMENT_BUTTONS = 3
 EDIT_EVERY_S = 3.0
 METHOD_CODES = {"m": "mutate", "p": "paraphrase", "n": "new", "d": "document"}
+# Callback data is untrusted: only the counts the buttons offer (a huge one made mutate() loop for hours).
+COUNT_BUTTON = re.compile(rf"gen:([mp]):({'|'.join(map(str, COUNTS))})|gen:n:({'|'.join(map(str, NEW_COUNTS))})")
+DOCUMENT_BUTTON = re.compile(rf"gen:d:(?P<id>{ID})")
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -106,17 +110,17 @@ async def generate(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant
 @requires("expert")
 async def generate_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Start the chosen generation in the background; its message shows progress, then the result."""
-    code, ref = callback_args(update)
-    method = METHOD_CODES.get(code)
-    if method is None:
+    document_id = None
+    if count := callback_match(update, COUNT_BUTTON):
+        method = METHOD_CODES[count.group(1) or "n"]
+        per_example = int(count.group(2) or count.group(3))
+    elif doc := button_object(update, DOCUMENT_BUTTON, store_of(context).get_document, assistant_id=assistant.id)[1]:
+        method, per_example, document_id = "document", PAIRS_PER_CHUNK, doc.id
+    else:
+        await button_invalid(update, context)
         return
     if method != "mutate" and not endpoint_configured(app_of(context).settings):
         await reply(update, tr(update, context, "generate_needs_llm"))
-        return
-    document_id = int(ref) if method == "document" else None
-    per_example = PAIRS_PER_CHUNK if method == "document" else int(ref)
-    if document_id is not None and store_of(context).get_document(document_id).assistant_id != assistant.id:
-        await reply(update, tr(update, context, "not_member"))
         return
     status = await reply(update, tr(update, context, "generate_started"), edit=True)
     start_generation(update, context, status, assistant_id=assistant.id, method=method, per_example=per_example,

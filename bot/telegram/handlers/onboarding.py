@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from telegram import Update
 from telegram.ext import (CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler,
                           filters)
 
-from bot.telegram.common import (app_of, callback_args, current_assistant, reply, requires, store_of, tr)
+from bot.telegram.common import (ID, app_of, button_invalid, callback_match, current_assistant, reply, requires,
+                                 store_of, tr, tr_error)
 from bot.telegram.texts import LANGUAGES
 from storage import StorageError
 from storage.records import ROLES
+from storage.store import INVITE_MAX_USES, INVITE_TTL_HOURS
 
 CREATE_NAME, CREATE_DESCRIPTION, CREATE_PROMPT, CREATE_MODEL = range(4)
+# Callback data is untrusted: only these shapes are accepted (fullmatch).
+LANG_BUTTON = re.compile(rf"lang:({'|'.join(LANGUAGES)})")
+USE_BUTTON = re.compile(rf"use:({ID})")
+MEMBER_BUTTON = re.compile(rf"mb:({ID}):([{''.join(r[0] for r in ROLES)}x]):({ID})")  # assistant, role or ✖, user
 
 
 def _remember_user(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -24,14 +33,17 @@ async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     _remember_user(update, context)
     if context.args:
         store = store_of(context)
+        uid = update.effective_user.id
+        roles_before = {a.id: store.role_of(a.id, uid) for a in store.list_assistants(user_id=uid)}
         try:
-            member = store.redeem_invite(context.args[0], update.effective_user.id)
+            member = store.redeem_invite(context.args[0], uid)
         except StorageError as exc:
             await reply(update, tr(update, context, "invite_invalid", reason=str(exc)))
             return
         assistant = store.get_assistant(member.assistant_id)
         context.user_data["assistant_id"] = assistant.id
-        await reply(update, tr(update, context, "invite_joined", name=assistant.name,
+        key = "invite_already_member" if roles_before.get(assistant.id) == member.role else "invite_joined"
+        await reply(update, tr(update, context, key, name=assistant.name,
                                role=tr(update, context, f"role_{member.role}")) + "\n\n"
                     + tr(update, context, f"help_{member.role}"))
         return
@@ -70,10 +82,12 @@ async def lang(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 async def lang_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """A language button."""
     await update.callback_query.answer()
-    choice = callback_args(update)[0]
-    if choice in LANGUAGES:
-        context.user_data["lang"] = choice
-        store_of(context).set_user_language(update.effective_user.id, choice)
+    match = callback_match(update, LANG_BUTTON)
+    if match is None:
+        await button_invalid(update, context)
+        return
+    context.user_data["lang"] = match.group(1)
+    store_of(context).set_user_language(update.effective_user.id, match.group(1))
     await reply(update, tr(update, context, "lang_set"), edit=True)
 
 
@@ -99,10 +113,10 @@ async def use(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 async def use_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Pick an assistant from the /use list."""
     await update.callback_query.answer()
-    aid = int(callback_args(update)[0])
+    match = callback_match(update, USE_BUTTON)
     store = store_of(context)
-    if store.role_of(aid, update.effective_user.id) is None:
-        await reply(update, tr(update, context, "not_member"), edit=True)
+    if match is None or store.role_of(aid := int(match.group(1)), update.effective_user.id) is None:
+        await button_invalid(update, context)
         return
     context.user_data["assistant_id"] = aid
     await reply(update, tr(update, context, "use_switched", name=store.get_assistant(aid).name), edit=True)
@@ -212,6 +226,13 @@ async def invite(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, 
     except ValueError:
         await reply(update, tr(update, context, "invite_usage"))
         return
+    if not 1 <= uses <= INVITE_MAX_USES:
+        await reply(update, tr(update, context, "invite_bad_uses", most=INVITE_MAX_USES))
+        return
+    if not (math.isfinite(hours) and INVITE_TTL_HOURS[0] <= hours <= INVITE_TTL_HOURS[1]):
+        await reply(update, tr(update, context, "invite_bad_hours", least=INVITE_TTL_HOURS[0],
+                               most=INVITE_TTL_HOURS[1]))
+        return
     inv = store_of(context).create_invite(assistant.id, wanted, uses=uses, ttl_hours=hours,
                                           created_by=update.effective_user.id)
     link = f"https://t.me/{context.bot.username}?start={inv.token}"
@@ -229,27 +250,33 @@ async def members(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant,
         name = (user.name if user and user.name else str(m.user_id))
         lines.append(f"• {name} ({m.user_id}): {tr(update, context, f'role_{m.role}')}")
         if m.user_id != update.effective_user.id:
-            rows.append([(f"{name[:12]}→{tr(update, context, 'role_' + r)}", f"mb:{r[0]}:{m.user_id}")
-                         for r in ROLES if r != m.role] + [(f"✖ {name[:12]}", f"mb:x:{m.user_id}")])
+            data = f"mb:{assistant.id}:{{}}:{m.user_id}"
+            rows.append([(f"{name[:12]}→{tr(update, context, 'role_' + r)}", data.format(r[0]))
+                         for r in ROLES if r != m.role] + [(f"✖ {name[:12]}", data.format("x"))])
     await reply(update, tr(update, context, "members_header", name=assistant.name) + "\n" + "\n".join(lines),
                 buttons=rows or None)
 
 
 @requires("owner")
 async def member_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
-    """Change a member's role or remove them."""
-    action, uid = callback_args(update)
+    """Change a member's role or remove them (a member of this assistant; never its last owner)."""
+    match = callback_match(update, MEMBER_BUTTON)
     store = store_of(context)
+    if match is None or int(match.group(1)) != assistant.id \
+            or store.get_member(assistant.id, uid := int(match.group(3))) is None:
+        await button_invalid(update, context)
+        return
+    action = match.group(2)
     try:
         if action == "x":
-            store.remove_member(assistant.id, int(uid), by=update.effective_user.id)
+            store.remove_member(assistant.id, uid, by=update.effective_user.id)
             await reply(update, tr(update, context, "member_removed", user=uid))
             return
         new_role = {r[0]: r for r in ROLES}[action]
-        store.add_member(assistant.id, int(uid), new_role)
+        store.set_member_role(assistant.id, uid, new_role, by=update.effective_user.id)
         await reply(update, tr(update, context, "member_role_set", user=uid, role=tr(update, context, f"role_{new_role}")))
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
 
 
 def handlers() -> list:

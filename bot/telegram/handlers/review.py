@@ -12,8 +12,8 @@ from telegram import Update
 from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, short, store_of, tr,
-                                 tr_error, with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, lang_of, reply, requires, short,
+                                 store_of, tr, tr_error, with_thread_store)
 from bot.telegram.import_report import plural_form
 from bot.telegram.texts import t
 from storage import NotFound, NotOpen, StorageError, Store
@@ -23,7 +23,11 @@ from tuning.review import (approve_all_in_run, approve_variation, edit_variation
                            reject_variation, review_progress)
 
 log = logging.getLogger("tunebot.telegram")
-UNANSWERED_BUTTON = re.compile(r"un:([ads]):([0-9]{1,18})")  # callback data is untrusted: fullmatch only
+# Callback data is untrusted: only these shapes are accepted (fullmatch).
+UNANSWERED_BUTTON = re.compile(rf"un:([ads]):(?P<id>{ID})")
+CARD_BUTTON = re.compile(rf"rv:([aers]):(?P<id>{ID})")  # approve, edit, reject, skip one example
+RUN_BUTTON = re.compile(rf"rv:all:(?P<id>{ID})")
+REVIEW_RUN_BUTTON = re.compile(rf"rvgo:(?P<id>{ID})")
 NOTICE_ITEMS = 10  # questions listed in one notice; the rest are counted
 
 
@@ -124,34 +128,36 @@ async def review(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, 
 @requires("expert")
 async def review_go(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """'Review now' under a generation report: the cards of that run."""
-    ref = callback_args(update)[0] if callback_args(update) else ""
-    run_id = int(ref) if ref.isdigit() else None
-    if run_id is not None and store_of(context).get_generation_run(run_id).assistant_id != assistant.id:
-        await reply(update, tr(update, context, "not_member"))
+    store = store_of(context)
+    _, run = button_object(update, REVIEW_RUN_BUTTON, store.get_generation_run, assistant_id=assistant.id)
+    if run is None:
+        await button_invalid(update, context)
         return
-    context.user_data["review"] = {"run_id": run_id, "after": None}
+    context.user_data["review"] = {"run_id": run.id, "after": None}
     await _show_card(update, context, assistant, edit=False)
 
 
 @requires("expert")
 async def review_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Approve, edit, reject, skip, or approve the whole run."""
-    action, ref = callback_args(update)
     store = store_of(context)
     uid = update.effective_user.id
+    all_match, run = button_object(update, RUN_BUTTON, store.get_generation_run, assistant_id=assistant.id)
+    if all_match:
+        if run is None:
+            await button_invalid(update, context)
+            return
+        run_id = run.id
+        n = await with_thread_store(context, lambda s: approve_all_in_run(s, run_id, by=uid))
+        await reply(update, tr(update, context, "review_approved_all", n=n))
+        await _show_card(update, context, assistant, edit=False)
+        return
+    card, ex = button_object(update, CARD_BUTTON, store.get_example, assistant_id=assistant.id)
+    if ex is None:
+        await button_invalid(update, context)
+        return
+    action = card.group(1)
     try:
-        if action == "all":
-            if store.get_generation_run(int(ref)).assistant_id != assistant.id:
-                await reply(update, tr(update, context, "not_member"))
-                return
-            n = await with_thread_store(context, lambda s: approve_all_in_run(s, int(ref), by=uid))
-            await reply(update, tr(update, context, "review_approved_all", n=n))
-            await _show_card(update, context, assistant, edit=False)
-            return
-        ex = store.get_example(int(ref))
-        if ex.assistant_id != assistant.id:
-            await reply(update, tr(update, context, "not_member"))
-            return
         if action == "e":
             awaiting(context, "edit_variation", example_id=ex.id)
             await reply(update, tr(update, context, "review_edit_ask", question=ex.question))
@@ -185,14 +191,10 @@ async def edit_variation_text(update: Update, context: ContextTypes.DEFAULT_TYPE
 @requires("expert")
 async def unanswered_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """✍️ answer (the next text is the answer), 🗑 dismiss, or ⏭ skip an unanswered question."""
-    match = UNANSWERED_BUTTON.fullmatch(update.callback_query.data or "")
     store = store_of(context)
-    try:
-        item = store.get_unanswered(int(match.group(2))) if match else None
-    except NotFound:
-        item = None
-    if item is None or item.assistant_id != assistant.id:
-        await reply(update, tr(update, context, "button_invalid"))
+    match, item = button_object(update, UNANSWERED_BUTTON, store.get_unanswered, assistant_id=assistant.id)
+    if item is None:
+        await button_invalid(update, context)
         return
     action = match.group(1)
     if action == "s":

@@ -8,13 +8,18 @@ import re
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (app_of, awaiting, callback_args, lang_of, reply, requires, store_of, tr,
-                                 with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, lang_of, reply,
+                                 requires, store_of, tr, with_thread_store)
 from bot.telegram.progress import render_progress
 from storage import StorageError
+from storage.store import fmt_time
 
 TOKENS_PER_S_CPU = 200  # measured LoRA throughput of the bundled model on 2 cores (DESIGN.md)
 TONIGHT_HOUR = 2
+# Callback data is untrusted: only these shapes are accepted (fullmatch).
+TRAIN_BUTTON = re.compile(r"tr:(now|night|pick)")
+JOB_BUTTON = re.compile(rf"jb:c:(?P<id>{ID})")
+VERSION_BUTTON = re.compile(rf"tv:([tad]):(?P<id>{ID})")  # try, activate, discard
 
 
 def _jobs():
@@ -57,8 +62,21 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
                           (tr(update, context, "btn_train_pick"), "tr:pick")]])
 
 
+def scheduled_training(store, assistant_id: int, at: dt.datetime):
+    """The training of this assistant already scheduled for `at`, if any (a second tap must not add another)."""
+    when = fmt_time(at.replace(second=0, microsecond=0))
+    return next((j for j in store.list_jobs(assistant_id=assistant_id, status="scheduled")
+                 if j.kind == "train" and j.scheduled_at == when), None)
+
+
 async def _start_job(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, at: dt.datetime | None) -> None:
     store = store_of(context)
+    # No await between the check and the insert: taps are handled on one event loop, so none comes in between.
+    existing = scheduled_training(store, assistant.id, at) if at is not None else None
+    if existing is not None:
+        await reply(update, tr(update, context, "train_already_scheduled", id=existing.id, name=assistant.name,
+                               when=existing.scheduled_at))
+        return
     job = _enqueue(store, assistant.id, at=at, by=update.effective_user.id, chat_id=update.effective_chat.id,
                    settings=app_of(context).settings)
     store.upsert_user(update.effective_user.id, language=lang_of(update, context))
@@ -70,7 +88,11 @@ async def _start_job(update: Update, context: ContextTypes.DEFAULT_TYPE, assista
 @requires("expert")
 async def train_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Start now, tonight, or ask for a time."""
-    choice = callback_args(update)[0]
+    match = callback_match(update, TRAIN_BUTTON)
+    if match is None:
+        await button_invalid(update, context)
+        return
+    choice = match.group(1)
     if choice == "pick":
         awaiting(context, "train_time", assistant_id=assistant.id)
         await reply(update, tr(update, context, "train_pick_ask"))
@@ -123,13 +145,13 @@ async def jobs_list(update: Update, context: ContextTypes.DEFAULT_TYPE, assistan
 @requires("expert")
 async def jobs_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Cancel a job of this assistant."""
-    job_id = int(callback_args(update)[1])
     store = store_of(context)
+    _, job = button_object(update, JOB_BUTTON, store.get_job, assistant_id=assistant.id)
+    if job is None:
+        await button_invalid(update, context)
+        return
+    job_id = job.id
     try:
-        job = store.get_job(job_id)
-        if job.assistant_id != assistant.id:
-            await reply(update, tr(update, context, "not_member"))
-            return
         _jobs().cancel_job(store, job_id, by=update.effective_user.id)
     except StorageError as exc:
         await reply(update, tr(update, context, "error_user", reason=str(exc)))
@@ -168,13 +190,13 @@ async def schedule(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant
 @requires("expert")
 async def version_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Try it, Make active, or Discard a freshly trained version."""
-    action, ref = callback_args(update)
     store = store_of(context)
+    match, version = button_object(update, VERSION_BUTTON, store.get_model_version, assistant_id=assistant.id)
+    if version is None:
+        await button_invalid(update, context)
+        return
+    action = match.group(1)
     try:
-        version = store.get_model_version(int(ref))
-        if version.assistant_id != assistant.id:
-            await reply(update, tr(update, context, "not_member"))
-            return
         if action == "a":
             _jobs().promote_version(store, version.id, by=update.effective_user.id)
             await reply(update, tr(update, context, "version_activated", id=version.id))
