@@ -15,6 +15,17 @@ from bot.cli import CommandError
 DONE = ("succeeded", "failed", "cancelled")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse turns the error into exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the job commands to the `tunebot` parser."""
     w = subparsers.add_parser(
@@ -26,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--gpus", metavar="N|LIST",
                    help="GPUs to use: a count or a comma-separated list of indices (default: all visible; "
                         "none = CPU)")
-    w.add_argument("--slots", type=int, default=None,
+    w.add_argument("--slots", type=positive_int, default=None, metavar="N",
                    help="concurrent jobs (CPU) or GPUs used (default: the worker_slots setting)")
     w.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="how often to look for work")
     w.set_defaults(func=cmd_worker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ _CHOICES = {
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 _SECRETS = {"telegram_token", "openai_api_key"}
+# Numbers where 0 would silently break a feature (every upload too big, no answer tokens, jobs never tried).
+_POSITIVE = {"max_upload_mb", "max_field_chars", "generator_concurrency", "generator_timeout_s", "job_max_attempts",
+             "max_new_tokens", "adapter_cache_size"}
 
 
 def env_name(name: str) -> str:
@@ -100,7 +104,11 @@ def _convert(name: str, typ: Any, raw: Any, source: str) -> Any:
                 raise ValueError
             value = int(raw)
         elif typ == "float":
+            if isinstance(raw, bool):
+                raise ValueError
             value = float(raw)
+            if not math.isfinite(value):  # nan passes every comparison below, inf every limit
+                raise SettingsError(f"{source}: expected a finite number, got {raw!r}")
         elif typ == "bool":
             if isinstance(raw, bool):
                 value = raw
@@ -131,6 +139,8 @@ def _convert(name: str, typ: Any, raw: Any, source: str) -> Any:
             raise SettingsError(f"{source}: expected one of {', '.join(_CHOICES[name])}, got {value!r}")
     if typ in ("int", "float") and value < 0:
         raise SettingsError(f"{source}: must not be negative, got {value!r}")
+    if name in _POSITIVE and value <= 0:
+        raise SettingsError(f"{source}: must be greater than 0, got {value!r}")
     if name == "quiet_hours" and value:
         _parse_quiet_hours(value, source)
     return value

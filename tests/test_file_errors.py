@@ -13,7 +13,8 @@ import pytest
 from bot.telegram.common import error_reason
 from bot.telegram.texts import LANGUAGES, catalogue
 from test_documents import make_pdf
-from tuning.documents import extract_text
+from tuning.documents import DocumentLimits, extract_text
+from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, plain_docx
 from tuning.errors import FormatError, TuningError
 from tuning.formats import read_examples, write_examples
 
@@ -59,6 +60,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, object]:
         "not_utf8": examples('{"question": "Где", "answer": "тут"}\n'.encode("cp1251"), "faq.jsonl"),
         "bad_utf16": examples(codecs.BOM_UTF16_LE + b"q", "faq.csv"),
         "csv_header": examples("вопр,отв\nГде?,Тут.\n".encode(), "faq.csv"),
+        "csv_header_nul": examples(b"question,ans\x00wer\nq,a\n", "faq.csv"),
+        "csv_header_unreadable": examples(b'question,"' + b"x" * 140_000 + b'"\nq,a\n', "faq.csv"),
         "json_array": examples(b'[\n{"question": "q", "answer": "a"}\n]\n', "faq.json"),
         "file_missing": lambda: read_examples(tmp_path / "nowhere.jsonl"),
         "file_is_folder": lambda: read_examples(tmp_path),
@@ -75,6 +78,12 @@ def bad_inputs(tmp_path: Path) -> dict[str, object]:
         "pdf_encryption": document("aes.pdf", _pdf(aes=True)),
         "pdf_unreadable": document("broken.pdf", b"%PDF-1.4 garbage"),
         "docx_unreadable": document("fake.docx", b"PK\x03\x04 not really a zip"),
+        "doc_text_too_long": document("long.md", b"word " * 100, limits=DocumentLimits(max_text_chars=50)),
+        "doc_unpacked_too_big": document("big.docx", plain_docx(), limits=DocumentLimits(max_unpacked_bytes=1000)),
+        "doc_zip_bomb": document("bomb.docx", docx_with_body(paragraphs("A" * 2_000_000))),
+        "doc_too_many_parts": document("parts.docx", plain_docx(), limits=DocumentLimits(max_members=3)),
+        "pdf_too_many_pages": document("book.pdf", make_pdf(["one page"]), limits=DocumentLimits(max_pdf_pages=0)),
+        "pdf_limit": document("deep.pdf", pdf_from_streams([b"BT /F1 12 Tf [" + b"(a) " * 100_001 + b"] TJ ET"])),
     }
     try:
         import cryptography  # noqa: F401  (with it, the AES file opens; no other file makes pypdf fail this way)

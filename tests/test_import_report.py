@@ -33,11 +33,17 @@ BAD_JSONL = jsonl(
     {"messages": [{"role": "user", "content": "only user"}]},     # 12 bad_messages
     {"messages": "not a list"},                                   # 13 messages_not_list
     {"question": "refused", "answer": "boom"},                    # 14 storage (the trigger below)
-) + b'{"question": "caf\xe9", "answer": "latin-1 byte"}\n'        # 15 encoding
+) + (b'{"question": "caf\xe9", "answer": "latin-1 byte"}\n'        # 15 encoding
+     b'{"question": ' + b"[" * 100_000 + b'\n'                    # 16 too_deep
+     b'{"question": "n", "answer": "a", "id": 1' + b"0" * 5000 + b'}\n'  # 17 number_too_long
+     b'{"question": "half \\ud83d", "answer": "a"}\n'            # 18 surrogate
+     b'{"question": "nul \\u0000", "answer": "a"}\n')            # 19 nul
 BAD_CSV = ("question,answer\n"
            "Q1,A1\n"                                              # 2 good
            "Q2,A2,extra\n"                                        # 3 csv_columns
-           "Q3,\"" + "x" * 140_000 + "\"\n").encode()             # 4 csv_error (over the csv field limit)
+           "Q3,\"" + "x" * 140_000 + "\"\n"                        # 4 csv_error (over the csv field limit)
+           "Q5,A\x005\n"                                          # 5 nul
+           "\"Q6,A6\nQ7,A7\n").encode()                            # 6 csv_unterminated (to the end of the file)
 
 
 def refuse_boom(store) -> None:
@@ -54,7 +60,9 @@ def every_kind_of_bad_line(store, assistant):
 
 def test_the_test_files_cover_every_error_code(store, assistant):
     jsonl_report, csv_report = every_kind_of_bad_line(store, assistant)
-    assert [e.line for e in jsonl_report.errors] == list(range(2, 16))
+    assert [e.line for e in jsonl_report.errors] == list(range(2, 20))
+    assert [(e.line, e.code) for e in csv_report.errors] == [
+        (3, "csv_columns"), (4, "csv_error"), (5, "nul"), (6, "csv_unterminated")]
     assert {e.code for e in jsonl_report.errors + csv_report.errors} == set(MESSAGES)
 
 
@@ -69,7 +77,7 @@ def test_a_russian_speaker_gets_every_reason_in_russian(store, assistant):
             english_words = set(re.findall(r"[a-z]{4,}", error.reason)) - set(re.findall(r"[a-z]{4,}", reason))
             assert english_words, (error.code, reason)  # the English wording is gone, not just prefixed
     text = import_summary(jsonl_report, "ru")
-    assert text.splitlines()[:2] == ["Добавлен 1 пример (ждёт проверки).", "Пропущено 14 строк с ошибками:"]
+    assert text.splitlines()[:2] == ["Добавлен 1 пример (ждёт проверки).", "Пропущено 18 строк с ошибками:"]
     assert "строка 4: нет поля \"answer\"" in text
     assert "строка 14: не сохранено: the database refused it (refused by trigger)" in text
     assert "строка 9: тот же вопрос, что в строке 1" in text

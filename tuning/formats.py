@@ -1,4 +1,4 @@
-"""Reading and writing example files: JSONL (three shapes) and CSV in, JSONL and OpenAI chat out."""
+"""Example files: JSONL (three shapes) and CSV in, JSONL and OpenAI chat out; the quick "Q: … A: …" chat form."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import codecs
 import csv
 import io
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, TextIO
@@ -25,6 +27,11 @@ WRITE_FORMATS = ("jsonl", "openai")
 MESSAGES: dict[str, str] = {
     "encoding": "not valid UTF-8 (byte 0x{byte} at column {column}); save the file as UTF-8",
     "invalid_json": "invalid JSON: {detail} at column {column}",
+    "too_deep": "nested too deeply to read; each line is one JSON object with a question and an answer",
+    "number_too_long": "a number has more than {limit} digits; write it as a string",
+    "surrogate": ("\"{field}\" contains {escape}, half of a UTF-16 surrogate pair without the other half, which is "
+                  "not a character; fix or remove that escape"),
+    "nul": "contains a NUL character (byte 0x00), which text cannot hold; remove it (the file may be damaged)",
     "not_object": "expected a JSON object like {{\"question\": …, \"answer\": …}}, got {kind}",
     "unknown_shape": ("no question/answer fields: use {{\"question\",\"answer\"}}, {{\"prompt\",\"completion\"}} "
                       "or {{\"messages\": […]}} (found keys: {keys})"),
@@ -40,6 +47,7 @@ MESSAGES: dict[str, str] = {
     "duplicate_in_file": "same question as line {other}",
     "csv_columns": "{count} fields but the header has {expected}; quote fields that contain \"{delimiter}\"",
     "csv_error": "cannot parse CSV: {detail}",
+    "csv_unterminated": "a quoted field starts on this line and is never closed; add the missing closing quote (\")",
     "storage": "not saved: {detail}",
 }
 
@@ -73,12 +81,22 @@ class ReadResult:
     errors: list[LineError]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_PARAM_CHARS = 200
+
+
+def _shown(value: Any) -> str:
+    """A parameter of a message as printable text: lone surrogates escaped, at most _MAX_PARAM_CHARS long."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text if len(text) <= _MAX_PARAM_CHARS else text[:_MAX_PARAM_CHARS - 1] + "…"
+
+
 class _Skip(Exception):
     """Internal: the current line is bad; carries its LineError."""
 
     def __init__(self, code: str, **params: Any):
         self.code = code
-        self.params = tuple((k, str(v)) for k, v in params.items())
+        self.params = tuple((k, _shown(v)) for k, v in params.items())
         super().__init__(MESSAGES[code].format(**dict(self.params)))
 
 
@@ -93,12 +111,21 @@ def _type_name(value: Any) -> str:
             int: "number", float: "number"}.get(type(value), type(value).__name__)
 
 
+def _check_chars(value: str, field: str) -> str:
+    """Refuse what cannot be stored or shown as text: lone surrogates (from \\uD800-style escapes) and NUL."""
+    if bad := _SURROGATE.search(value):
+        raise _Skip("surrogate", field=field, escape=f"\\u{ord(bad.group()):04x}")
+    if "\x00" in value:
+        raise _Skip("nul")
+    return value
+
+
 def _text(value: Any, field: str, limit: int) -> str:
     if value is None:
         raise _Skip("missing", field=field)
     if not isinstance(value, str):
         raise _Skip("wrong_type", field=field, kind=_type_name(value))
-    value = value.strip()
+    value = _check_chars(value, field).strip()
     if not value:
         raise _Skip("empty", field=field)
     if len(value) > limit:
@@ -111,7 +138,7 @@ def _must_contain(value: Any) -> tuple[str, ...] | None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _Skip("not_string_list", field="must_contain", kind=_type_name(value))
-    tokens = tuple(v.strip() for v in value if v.strip())
+    tokens = tuple(_check_chars(v, "must_contain").strip() for v in value if v.strip())
     return tokens or None
 
 
@@ -119,7 +146,7 @@ def _split(value: Any) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or value.strip().lower() not in SPLIT_NAMES:
-        raise _Skip("bad_split", value=json.dumps(value, ensure_ascii=False))
+        raise _Skip("bad_split", value=json.dumps(value, ensure_ascii=False)[:_MAX_PARAM_CHARS])
     return SPLIT_NAMES[value.strip().lower()]
 
 
@@ -175,15 +202,24 @@ def _read_jsonl(data: bytes, limit: int) -> tuple[list[Record], list[LineError]]
         if not raw.strip():
             continue
         try:
-            text = _decode_line(raw)
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _Skip("invalid_json", detail=exc.msg, column=exc.colno) from None
-            records.append(record_from_object(obj, line=number, max_field_chars=limit))
+            records.append(_record_from_line(raw, number, limit))
         except _Skip as skip:
             errors.append(LineError(number, str(skip), skip.code, skip.params))
     return records, errors
+
+
+def _record_from_line(raw: bytes, number: int, limit: int) -> Record:
+    text = _decode_line(raw)
+    try:
+        return record_from_object(json.loads(text), line=number, max_field_chars=limit)
+    except json.JSONDecodeError as exc:
+        raise _Skip("invalid_json", detail=exc.msg, column=exc.colno) from None
+    except RecursionError:  # [[[[… deeper than the interpreter's stack, or a message repr that deep
+        raise _Skip("too_deep") from None
+    except ValueError as exc:
+        if "digits" in str(exc):  # Python refuses to convert integers longer than its int_max_str_digits
+            raise _Skip("number_too_long", limit=sys.get_int_max_str_digits()) from None
+        raise _Skip("invalid_json", detail=str(exc), column=1) from None
 
 
 def _find_column(header: list[str], names: tuple[str, ...]) -> int | None:
@@ -208,21 +244,47 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+class _Lines:
+    """The text's lines for csv.reader; `ended` turns true once the reader asks past the last one."""
+
+    def __init__(self, text: str):
+        self._text = io.StringIO(text, newline="")
+        self.ended = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self._text.readline()
+        if not line:
+            self.ended = True
+            raise StopIteration
+        return line
+
+
 def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Record], list[LineError]]:
     # surrogateescape keeps undecodable bytes so the bad line can be named instead of failing the file
     text = data.decode("utf-8", errors="surrogateescape")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     delimiter = _sniff_delimiter(first, filename)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = _Lines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
     header_line, header = 0, None
-    for row in reader:
-        if any(cell.strip() for cell in row):
-            header_line, header = reader.line_num, [c.strip().lower() for c in row]
-            break
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                header_line, header = reader.line_num, [c.strip().lower() for c in row]
+                break
+    except csv.Error as exc:
+        raise FormatError(f"CSV line {reader.line_num}: cannot read the header ({exc})", code="csv_header_unreadable",
+                          params={"line": reader.line_num, "detail": exc}) from None
     if header is None:
         return [], []
     if any(_has_surrogates(cell) for cell in header):
         raise FormatError(_NOT_UTF8, code="not_utf8")
+    if any("\x00" in cell for cell in header):
+        raise FormatError(f"CSV line {header_line}: the header contains a NUL character (byte 0x00); remove it "
+                          "(the file may be damaged)", code="csv_header_nul", params={"line": header_line})
     q_col, a_col = _find_column(header, QUESTION_COLUMNS), _find_column(header, ANSWER_COLUMNS)
     if q_col is None or a_col is None:
         found = ", ".join(header)
@@ -247,9 +309,13 @@ def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Recor
         if not any(cell.strip() for cell in row):
             continue
         try:
+            if lines.ended:  # the reader ran out of lines inside this row: a quote opened here is never closed
+                raise _Skip("csv_unterminated")
             for cell in row:
                 if _has_surrogates(cell):
                     _decode_line(cell.encode("utf-8", errors="surrogateescape"))
+            if any("\x00" in cell for cell in row):
+                raise _Skip("nul")
             if len(row) > len(header):
                 raise _Skip("csv_columns", count=len(row), expected=len(header),
                             delimiter="\\t" if delimiter == "\t" else delimiter)
@@ -306,10 +372,19 @@ def _check_text(data: bytes, filename: str | None) -> bytes:
     for magic, (code, what) in _BINARY_MAGIC.items():
         if data.startswith(magic):
             raise FormatError(f"{name}is {what}, not a JSONL or CSV file of examples", code=code, params=params)
-    if b"\x00" in data[:8192]:
+    if _looks_binary(data[:8192]):
         raise FormatError(f"{name}is binary, not a JSONL or CSV text file of examples", code="file_binary",
                           params=params)
     return data
+
+
+_CONTROL_BYTES = re.compile(rb"[\x01-\x08\x0e-\x1a]")
+
+
+def _looks_binary(head: bytes) -> bool:
+    """NUL bytes with other control bytes, or many NULs (UTF-16 without a BOM); a stray NUL is a line error instead."""
+    nuls = head.count(b"\x00")
+    return bool(nuls) and (bool(_CONTROL_BYTES.search(head)) or (nuls > 3 and nuls * 10 > len(head)))
 
 
 def detect_format(data: bytes, filename: str | None = None) -> str:
@@ -387,3 +462,22 @@ def write_examples(examples: Iterable[Any], fp: TextIO, *, format: str = "jsonl"
         fp.write(json.dumps(obj, ensure_ascii=False) + "\n")
         count += 1
     return count
+
+
+# The quick form of one pair in a chat message. Two small patterns searched once each, not one pattern with a
+# lazy group between whitespace runs: that one backtracked for hours on "Q:" and 4,000 spaces.
+_QUESTION_LABEL = re.compile(r"\s*(?:question|вопрос|q|в)\s*[:：]", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"(?<!\w)(?:answer|ответ|a|о)\s*[:：]", re.IGNORECASE)
+
+
+def parse_quick_form(text: str | None) -> tuple[str, str] | None:
+    """'Q: … A: …' (also В/О, Question/Answer, Вопрос/Ответ) as (question, answer), in linear time."""
+    head = _QUESTION_LABEL.match(text or "")
+    if not head:
+        return None
+    for label in _ANSWER_LABEL.finditer(text, head.end()):
+        question = text[head.end():label.start()].strip()
+        if question:
+            answer = text[label.end():].strip()
+            return (question, answer) if answer else None
+    return None
