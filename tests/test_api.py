@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import openai
 import pytest
@@ -179,3 +182,109 @@ def test_unsure_answers_say_so_and_reach_the_experts(store, engine, tiny_model_d
     assert store.get_message(answered)["abstained"] == 1
     rows = [m for m in store.db["messages"].rows if m["role"] == "assistant" and not m["abstained"]]
     assert example.id in store.message_sources(rows[-1]["id"])
+
+
+def _post(url: str, key: str, body, *, timeout: float = 60) -> httpx.Response:
+    """A chat completion request with a raw body (bytes or text) or a JSON one."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + "/v1/chat/completions", content=content, headers=headers, timeout=timeout)
+
+
+def test_prompts_longer_than_the_context_window_are_400_context_length_exceeded(store, engine):
+    acme = store.create_assistant("acme", owner_id=1)
+    _, key = store.create_api_key(acme.id)
+    long = [{"role": "user", "content": "word " * 1100}]  # the tiny model's window is 1024 tokens
+    with ServerThread(create_api_app(store, engine)) as server:
+        c = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                c.chat.completions.create(model="acme:base", messages=long, max_tokens=5, stream=stream)
+            assert err.value.code == "context_length_exceeded" and "1024 tokens" in err.value.message
+            assert err.value.body["param"] == "messages"
+        fits = c.chat.completions.create(model="acme:base", messages=[{"role": "user", "content": "word " * 900}],
+                                         max_tokens=500)
+    assert fits.choices[0].finish_reason == "length"  # cut where the window ends
+    assert fits.usage.prompt_tokens + fits.usage.completion_tokens == 1024
+
+
+def test_odd_model_ids_and_bodies_are_4xx_never_500(setup, store, engine):
+    acme_key = setup["acme"]
+    with ServerThread(create_api_app(store, engine)) as server:  # the default 1 MB body limit
+        def status(body):
+            reply = _post(server.url, acme_key, body)
+            assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+            return reply.status_code, reply.json()["error"]["code"]
+
+        ask = [{"role": "user", "content": "hi"}]
+        for model in ("acme:v999999", "acme:v" + "9" * 5000, "acme:v" + "9" * 25, "acme:v²", "acme:v-1", "acme:x"):
+            assert status({"model": model, "messages": ask}) == (404, "model_not_found"), model
+        assert status(b"[" * 100_000 + b"]" * 100_000) == (400, "invalid_json")
+        huge = '{"model": "acme", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1%s}' % ("0" * 5000)
+        assert status(huge) == (400, "invalid_json")
+        assert status({"model": "acme", "messages": ask, "max_tokens": True})[0] == 400
+        assert status({"model": "acme", "messages": ask, "temperature": False})[0] == 400
+        parts = [{"role": "user", "content": [{"type": "text", "text": 5}]}]
+        assert status({"model": "acme", "messages": parts}) == (400, "invalid_content")
+
+
+def test_a_broken_adapter_is_503_without_server_paths_and_the_base_model_still_answers(store, engine, tmp_path,
+                                                                                        tiny_model_dir):
+    acme = store.create_assistant("acme", owner_id=1)
+    _, key = store.create_api_key(acme.id)
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "acme-v1", seed=3)
+    (tmp_path / "acme-v1" / "adapter_model.safetensors").write_bytes(b"\0" * 100)  # damaged on disk
+    store.activate_version(store.add_model_version(acme.id, adapter_path=adapter, base_model=tiny_model_dir).id)
+    expected = engine.answer("Hello?", max_new_tokens=5).text.strip()
+    with ServerThread(create_api_app(store, engine)) as server:
+        ask = {"model": "acme", "messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 5}
+        reply = _post(server.url, key, ask)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_unavailable"
+        streamed = _post(server.url, key, {**ask, "stream": True})  # the error comes as an event, as OpenAI's do
+        assert '"error"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+        for text in (reply.text, streamed.text):
+            assert "cannot be loaded" in text and str(tmp_path) not in text and "/tmp" not in text
+        base = _post(server.url, key, {"model": "acme:base", "messages": [{"role": "user", "content": "Hello?"}],
+                                   "max_tokens": 5})
+    assert base.status_code == 200 and base.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_a_client_that_goes_away_cancels_its_generation(setup, store, engine):
+    """A non-streaming request used to run to its end (minutes of CPU) after its client timed out."""
+    before = engine.cancellations
+    answers = store.db.execute("select count(*) from messages where role = 'assistant'").fetchone()[0]
+    with ServerThread(create_api_app(store, engine, max_tokens_limit=4096)) as server:
+        with pytest.raises(httpx.ReadTimeout):  # ~1,000 tokens to go: far longer than the client waits
+            _post(server.url, setup["acme"], {"model": "acme:base", "messages": [{"role": "user", "content": "Go on."}],
+                                          "max_tokens": 4000}, timeout=0.3)
+        deadline = time.monotonic() + 30
+        while (engine.in_flight or engine.cancellations == before) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert engine.in_flight == 0 and engine.cancellations == before + 1
+    assert store.db.execute("select count(*) from messages where role = 'assistant'").fetchone()[0] == answers
+
+
+def test_health_answers_while_another_connection_holds_the_write_lock(setup, db_path):
+    """Store calls run off the event loop: a request waiting for the lock (its key's last use is written)
+    must not stall /health (it took the whole SQLite busy timeout, 29 s)."""
+    import sqlite3
+    import threading
+
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    results = []
+    try:
+        body = {"model": "globex:base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        waiting = threading.Thread(target=lambda: results.append(_post(setup["url"], setup["globex"], body)))
+        waiting.start()
+        time.sleep(0.5)  # the request is in the store now, waiting for the lock
+        start = time.monotonic()
+        health = httpx.get(setup["url"] + "/health", timeout=10)
+        elapsed = time.monotonic() - start
+        assert health.status_code == 200 and elapsed < 3, elapsed
+        assert waiting.is_alive()  # still waiting for the lock
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    waiting.join(60)
+    assert results and results[0].status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -260,3 +261,100 @@ def test_engine_records_the_first_tokens_alternatives_as_the_model_scored_them(e
     assert [lp for _, lp in first] == pytest.approx([float(v) for v in top.values], abs=1e-4)
     assert first[0][1] == pytest.approx(result.token_logprobs[0], abs=1e-6)  # greedy: the likeliest was chosen
     assert all(lp <= 0 and math.isfinite(lp) for step in result.alternatives for _, lp in step)
+
+
+def _damage(adapter: str, out, how: str) -> str:
+    """A copy of an adapter folder whose weights file is cut in half (corrupt) or gone (missing)."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(adapter, out)
+    weights = Path(out) / "adapter_model.safetensors"
+    if how == "corrupt":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny model whose base answers vary with the prompt (the tied one mostly repeats a token)."""
+    from inference_helpers import make_random_model_like
+
+    return make_random_model_like(tiny_model_dir, tmp_path_factory.mktemp("untied"), seed=11)
+
+
+@pytest.mark.parametrize("how", ["corrupt", "missing"])
+@pytest.mark.parametrize("resident", [False, True], ids=["first-adapter", "after-another"])
+def test_a_broken_adapter_is_a_clear_error_and_every_other_model_answers_as_before(untied_model_dir, tmp_path,
+                                                                                     how, resident):
+    """peft wraps the shared model's layers before it reads the weights: a failed load used to leave them in,
+    and base answers were garbage for every assistant until a restart."""
+    import torch
+
+    from tuning.generation import encode_prompt
+    from tuning.inference import AdapterLoadError
+
+    good = make_random_adapter(untied_model_dir, tmp_path / "good", seed=5)
+    broken = _damage(good, tmp_path / "broken", how)
+    eng = Engine(untied_model_dir, max_new_tokens=12)
+    messages = prepare_messages(QUESTION)
+
+    def tokens(adapter=None) -> list[int]:
+        generation = eng.submit(messages, adapter_dir=adapter)
+        generation.result()
+        return generation.token_ids
+
+    def logits():
+        with torch.inference_mode():
+            return eng.model(encode_prompt(eng.tokenizer, messages)).logits
+
+    base = tokens()
+    base_logits = logits()
+    tuned = tokens(good)
+    assert tuned != base
+    if not resident:
+        eng.close()
+        eng = Engine(untied_model_dir, max_new_tokens=12)  # the broken adapter is the first one it loads
+        assert tokens() == base
+    for _ in range(2):  # and it fails the same way when asked again
+        with pytest.raises(AdapterLoadError, match="cannot be loaded") as err:
+            eng.answer(QUESTION, adapter_dir=broken)
+        assert str(tmp_path) not in str(err.value)  # no server path in what a user sees
+        assert tokens() == base
+        assert torch.equal(logits(), base_logits)
+    assert tokens(good) == tuned
+    assert tokens() == base
+    assert eng.resident_adapters == [str((tmp_path / "good").resolve())]
+    eng.close()
+
+
+def test_prompts_longer_than_the_context_window_are_refused_and_answers_stop_at_its_end(tiny_model_dir):
+    from tuning.inference import ContextLengthExceeded
+
+    eng = Engine(tiny_model_dir, max_new_tokens=4000)
+    eng.load()
+    assert eng.context_length == 1024  # the tiny model's max_position_embeddings
+    with pytest.raises(ContextLengthExceeded, match="1024 tokens") as err:
+        eng.submit(prepare_messages("word " * 1100))
+    assert err.value.code == "context_length_exceeded" and err.value.prompt_tokens > 1024
+    generation = eng.submit(prepare_messages("word " * 900))
+    assert generation.max_new_tokens == 1024 - generation.prompt_tokens
+    eng.close()
+
+
+def test_in_flight_counts_unfinished_requests_and_cancellations_are_counted(tiny_model_dir):
+    eng = Engine(tiny_model_dir, max_new_tokens=500)
+    assert eng.in_flight == 0
+    stream = eng.stream(QUESTION)
+    next(stream)
+    assert eng.in_flight == 1
+    stream.close()
+    deadline = time.monotonic() + 30
+    while eng.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.in_flight == 0 and eng.cancellations == 1
+    eng.answer(QUESTION, max_new_tokens=2)
+    assert eng.in_flight == 0 and eng.cancellations == 1
+    eng.close()

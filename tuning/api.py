@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -14,29 +16,38 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from storage import Store, open_db
-from tuning.errors import TuningError
+from storage import Store, StorageError, open_db
+from tuning.errors import ModelLoadError, TuningError
 from tuning.answer_service import ABSTAIN_TEXT, finish_answer, plan_answer, record_answer, streamed_citation
 from tuning.grounding import CitationFilter
-from tuning.inference import Engine, InferenceError
+from tuning.inference import ContextLengthExceeded, Engine, InferenceError
 
 log = logging.getLogger(__name__)
 
 # model id suffixes: "acme" is the active version (few-shot before any training), "acme:base" the base model, …
 MODEL_SUFFIXES = {"": "auto", "tuned": "tuned", "grounded": "grounded", "base": "base", "fewshot": "fewshot"}
 LISTED_SUFFIXES = ("", "base", "fewshot")
+VERSION_SUFFIX = re.compile(r"v([0-9]{1,18})")  # acme:v12 (at most 18 digits: an SQLite integer)
+# An absolute path in a message (after its start, a space, a quote or a bracket): only its last part is shown.
+_SERVER_PATH = re.compile(r"(?<![^\s'\"(\[=])/[^\s'\"()\[\],;]*/[^\s'\"()\[\],;]*")
+
+
+def public_message(text: str) -> str:
+    """The message without server paths (a folder in an error text tells a client about the file system)."""
+    return _SERVER_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", text)
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type, code
+        self.status, self.message, self.type, self.code, self.param = status, public_message(message), type, code, param
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}},
-                            status_code=self.status)
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
 
 
 def _thread_local_store(store: Store):
@@ -51,7 +62,7 @@ def _thread_local_store(store: Store):
         if threading.get_ident() == owner:
             return store
         if getattr(local, "store", None) is None:
-            local.store = Store(open_db(path), clock=store.clock)
+            local.store = type(store)(open_db(path), clock=store.clock)
         return local.store
 
     return get
@@ -69,15 +80,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _encodable(text: str) -> bool:
+    """Whether the text is valid Unicode (JSON's \\ud800 escapes give lone surrogates, which SQLite refuses)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(content: Any) -> str:
     """Message content as text: a string, or the text parts of a content list."""
+    text = None
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) == len(content):
-            return "".join(parts)
-    raise ApiError(400, "message content must be a string or a list of text parts", code="invalid_content")
+        text = content
+    elif isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) == len(content) and all(isinstance(part, str) for part in parts):
+            text = "".join(parts)
+    if text is None or not _encodable(text):
+        raise ApiError(400, "message content must be a string or a list of text parts", code="invalid_content")
+    return text
 
 
 def _parse_request(body: bytes, *, max_tokens_limit: int) -> dict:
@@ -85,10 +108,14 @@ def _parse_request(body: bytes, *, max_tokens_limit: int) -> dict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
+    except ValueError:  # e.g. an integer of more than 4,300 digits
+        raise ApiError(400, "the body holds a number too large to read", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     model = data.get("model")
-    if not isinstance(model, str) or not model:
+    if not isinstance(model, str) or not model or not _encodable(model):
         raise ApiError(400, "`model` is required (an assistant name)", code="missing_model")
     raw = data.get("messages")
     if not isinstance(raw, list) or not raw:
@@ -101,11 +128,14 @@ def _parse_request(body: bytes, *, max_tokens_limit: int) -> dict:
         messages.append({"role": role, "content": _text(m.get("content"))})
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must come from the user", code="invalid_messages")
+    if not messages[-1]["content"].strip():
+        raise ApiError(400, "the last message has no text: ask a question", code="invalid_messages")
     max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
     temperature = data.get("temperature")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ApiError(400, "`max_tokens` must be a positive integer", code="invalid_max_tokens")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature <= 2):
         raise ApiError(400, "`temperature` must be a number between 0 and 2", code="invalid_temperature")
     return {"model": model, "messages": messages, "stream": bool(data.get("stream")),
             "max_tokens": min(max_tokens, max_tokens_limit) if max_tokens else None,
@@ -141,26 +171,34 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
     async def http_error(request: Request, exc: StarletteHTTPException):
         return ApiError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
 
-    def authenticate(request: Request):
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        log.error("request failed", exc_info=exc)
+        return ApiError(500, "internal error: the server log has the details", type="server_error",
+                        code="internal_error").response()
+
+    # Every store call runs in the thread pool: a write lock held elsewhere (SQLite waits up to its busy
+    # timeout) must not stall the event loop, and with it /health and every other request.
+    async def authenticate(request: Request):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create one with "
                                 "`tunebot apikey create --assistant NAME`)", type="authentication_error",
                            code="invalid_api_key")
-        key = get_store().use_api_key(token.strip())  # also records last_used_at
+        key = await run_in_threadpool(lambda: get_store().use_api_key(token.strip()))  # also records last_used_at
         if key is None:
             raise ApiError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
         return key
 
     def resolve_model(key, model: str):
-        """(assistant, mode, version id) for a model id the key may use."""
+        """(assistant, mode, version id) for a model id the key may use (store calls: run it in the thread pool)."""
         name, _, suffix = model.partition(":")
         s = get_store()
         assistant = s.find_assistant(name)
         version_id = None
-        if suffix.startswith("v") and suffix[1:].isdigit():
-            mode, version_id = "version", int(suffix[1:])
+        if match := VERSION_SUFFIX.fullmatch(suffix):
+            mode, version_id = "version", int(match.group(1))
         elif suffix in MODEL_SUFFIXES:
             mode = MODEL_SUFFIXES[suffix]
         else:
@@ -170,32 +208,38 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
         if assistant.id != key.assistant_id:
             raise ApiError(403, f"this API key cannot use the model {model!r}", type="permission_error",
                            code="model_not_allowed")
+        if version_id is not None and version_id not in {v.id for v in s.list_model_versions(assistant.id)}:
+            raise ApiError(404, f"the model {model!r} does not exist: {assistant.name} has no version "
+                                f"{version_id}", code="model_not_found")
         return assistant, mode, version_id
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "backend": type(engine).__name__,
-                "resident_adapters": len(getattr(engine, "resident_adapters", []))}
+                "resident_adapters": len(getattr(engine, "resident_adapters", [])),
+                "in_flight": getattr(engine, "in_flight", 0)}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        key = authenticate(request)
-        assistant = get_store().get_assistant(key.assistant_id)
+        key = await authenticate(request)
+        assistant = await run_in_threadpool(lambda: get_store().get_assistant(key.assistant_id))
         created = int(time.mktime(time.strptime(assistant.created_at, "%Y-%m-%d %H:%M:%S"))) if assistant.created_at else 0
         return {"object": "list", "data": [{"id": mid, "object": "model", "created": created, "owned_by": "tunebot"}
                                            for mid in _model_ids(assistant.name)]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        key = authenticate(request)
+        key = await authenticate(request)
         req = _parse_request(await _read_body(request, max_body_bytes), max_tokens_limit=max_tokens_limit)
-        assistant, mode, version_id = resolve_model(key, req["model"])
+        assistant, mode, version_id = await run_in_threadpool(resolve_model, key, req["model"])
         question = req["messages"][-1]["content"]
         try:
             plan = await run_in_threadpool(lambda: plan_answer(get_store(), assistant.id, question, mode=mode,
                                                                version_id=version_id, indexes=indexes))
         except TuningError as exc:
             raise ApiError(400, str(exc), code="model_not_ready") from None
+        except StorageError as exc:  # e.g. the version was deleted meanwhile
+            raise ApiError(404, str(exc), code="model_not_found") from None
         if plan.unsure:
             pieces, generation = iter([ABSTAIN_TEXT]), None
         else:
@@ -227,9 +271,13 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
 
         if not req["stream"]:
             try:
-                raw = await run_in_threadpool(lambda: "".join(pieces))
+                raw = await _collect_unless_disconnected(request, pieces, generation)
             except TuningError as exc:
                 raise _engine_error(exc) from None
+            if raw is None:  # the client went away: its generation was cancelled, and nothing is recorded
+                return JSONResponse({"error": {"message": "the client closed the connection", "type":
+                                               "invalid_request_error", "param": None, "code": "client_closed"}},
+                                    status_code=499)
             done = await run_in_threadpool(finish, raw)
             text = done["text"]
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": req["model"],
@@ -274,6 +322,37 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
     return app
 
 
+async def _collect_unless_disconnected(request: Request, pieces, generation) -> str | None:
+    """The whole answer, or None when the client disconnects first: the generation is then cancelled
+    (it used to run to its end, minutes of CPU for nobody, and shutdown waited for it)."""
+    stop = threading.Event()
+
+    def collect() -> str:
+        parts = []
+        for piece in pieces:
+            parts.append(piece)
+            if stop.is_set():  # a remote stream: stop reading it
+                break
+        return "".join(parts)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(run_in_threadpool(collect))
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # disconnected, or this request itself was cancelled (shutdown)
+            stop.set()
+            if generation is not None:
+                generation.cancel()
+            work.add_done_callback(lambda task: task.cancelled() or task.exception())
+    return work.result() if work.done() else None
+
+
 def _start(engine, req: dict, plan):
     """(text pieces, Generation or None): the local engine gives exact token counts and the finish reason."""
     if isinstance(engine, Engine):
@@ -289,6 +368,12 @@ def _start(engine, req: dict, plan):
 
 
 def _engine_error(exc: TuningError) -> ApiError:
+    if isinstance(exc, ContextLengthExceeded):
+        return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, ModelLoadError):  # the assistant's base model or adapter files: the operator's to fix
+        log.error("model unavailable: %s", exc)
+        return ApiError(503, "the assistant's model cannot be loaded right now; the server log has the details",
+                        type="server_error", code="model_unavailable")
     if isinstance(exc, InferenceError):
         return ApiError(400, str(exc), code="inference_error")
     log.error("inference failed: %s", exc)

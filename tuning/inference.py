@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,20 @@ class InferenceError(TuningError):
 
 class NoActiveVersion(InferenceError):
     """The assistant has no active tuned version yet."""
+
+
+class AdapterLoadError(InferenceError, ModelLoadError):
+    """A version's adapter files are missing or damaged; the engine goes on serving every other model."""
+
+
+class ContextLengthExceeded(InferenceError):
+    """The prompt leaves no room for an answer in the model's context window."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens long; this model's context window is "
+                         f"{context_length} tokens: shorten the messages", code="context_length_exceeded",
+                         params={"prompt_tokens": prompt_tokens, "context_length": context_length})
+        self.prompt_tokens, self.context_length = prompt_tokens, context_length
 
 
 @dataclass(frozen=True)
@@ -77,8 +92,10 @@ def prepare_messages(question_or_messages, *, system_prompt: str = "",
 class Generation:
     """One queued request: iterate it for text pieces; its timings are filled in as it runs."""
 
-    def __init__(self, messages: list[dict], *, adapter_dir: str | None, max_new_tokens: int, temperature: float):
+    def __init__(self, messages: list[dict], *, adapter_dir: str | None, max_new_tokens: int, temperature: float,
+                 input_ids=None):
         self.messages = messages
+        self.input_ids = input_ids  # the prompt's tokens (1, n), encoded by Engine.submit in the caller's thread
         self.adapter_dir = adapter_dir
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -215,6 +232,25 @@ def _stackable_cache(model) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+def _remove_injected_layers(model) -> None:
+    """Put back the original layers wherever peft wrapped one (LoRA and other tuner layers, modules_to_save)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrappers = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, wrappers)]
+    for name in wrapped:
+        if any(name.startswith(outer + ".") for outer in wrapped):
+            continue  # inside another wrapper: goes with it
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        module = getattr(parent, child)
+        original = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module.get_base_layer()
+        setattr(parent, child, original)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
 @dataclass
 class _Row:
     """A request inside the running batch: the token it feeds next and at which position."""
@@ -266,11 +302,16 @@ class Engine:
         self.stop_ids: set[int] = set()
         self._logits_to_keep = False
         self._batchable = False  # whether the model's KV cache can be padded and stacked (found at load)
+        self.context_length = 0  # the model's context window in tokens (0: unknown, not checked)
         self.adapter_loads = 0
         self.adapter_evictions = 0
+        self.cancellations = 0  # requests that ended early because their caller cancelled them
         self.last_switch_ms = 0.0
         self.largest_batch = 0
         self._load_lock = threading.Lock()
+        self._encode_lock = threading.Lock()  # prompts are encoded by the callers' threads, one at a time
+        self._submitted: weakref.WeakSet[Generation] = weakref.WeakSet()
+        self._submitted_lock = threading.Lock()
         self._requests: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -293,6 +334,7 @@ class Engine:
                               if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
             self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
             self._batchable = _stackable_cache(model)
+            self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
             self.tokenizer = tok
             self.model = model
 
@@ -322,16 +364,45 @@ class Engine:
         """Adapter folders in memory, least recently used first."""
         return list(self._adapters)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or being decoded and not finished yet (0: the engine is idle)."""
+        with self._submitted_lock:
+            return sum(1 for g in list(self._submitted) if g.finished_at is None)
+
     # ------------------------------------------------------------- requests
     def submit(self, messages: list[dict], *, adapter_dir: str | Path | None = None,
                max_new_tokens: int | None = None, temperature: float | None = None) -> Generation:
-        """Queue a request for chat messages; iterate the returned Generation for text pieces."""
+        """Queue a request for chat messages; iterate the returned Generation for text pieces.
+
+        The prompt is encoded here, so a prompt longer than the context window is refused at once
+        (ContextLengthExceeded), and the answer is cut where the window ends.
+        """
         self.load()
+        input_ids = self._encode(messages)
+        n = int(input_ids.shape[1])
+        limit = min(max_new_tokens or self.max_new_tokens, 4096)
+        if self.context_length:
+            if n >= self.context_length:
+                raise ContextLengthExceeded(n, self.context_length)
+            limit = min(limit, self.context_length - n)
         generation = Generation(messages, adapter_dir=str(adapter_dir) if adapter_dir else None,
-                                max_new_tokens=min(max_new_tokens or self.max_new_tokens, 4096),
+                                max_new_tokens=limit, input_ids=input_ids,
                                 temperature=self.temperature if temperature is None else temperature)
+        generation.prompt_tokens = n
+        with self._submitted_lock:
+            self._submitted.add(generation)
         self._enqueue(generation)
         return generation
+
+    def _encode(self, messages: list[dict]):
+        from tuning.generation import encode_prompt
+
+        try:
+            with self._encode_lock:
+                return encode_prompt(self.tokenizer, messages).to(self.model.device)
+        except Exception as exc:  # e.g. a chat template that refuses the roles' order
+            raise InferenceError(f"cannot build the prompt: {exc}") from exc
 
     def stream(self, question_or_messages, *, adapter_dir: str | Path | None = None, adapter_name: str | None = None,
                system_prompt: str = "", fewshot: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None,
@@ -404,6 +475,7 @@ class Engine:
     def _start_batch(self, generation: Generation) -> _Batch | None:
         """A batch on the request's adapter with the request in it (None when it was cancelled or failed)."""
         if generation.cancelled.is_set():
+            self.cancellations += 1
             generation._finish()
             return None
         import torch
@@ -437,6 +509,7 @@ class Engine:
                 break
             pending.remove(generation)
             if generation.cancelled.is_set():
+                self.cancellations += 1
                 generation._finish()
             else:
                 self._join(batch, generation)
@@ -451,11 +524,9 @@ class Engine:
         import torch
         from transformers import DynamicCache
 
-        from tuning.generation import encode_prompt
-
         row = _Row(generation, _Detokenizer(self.tokenizer))
         try:
-            input_ids = encode_prompt(self.tokenizer, generation.messages).to(self.model.device)
+            input_ids = generation.input_ids
             n = int(input_ids.shape[1])
             generation.prompt_tokens = n
             cache = DynamicCache(config=self.model.config)
@@ -585,6 +656,8 @@ class Engine:
         return False
 
     def _finish(self, row: _Row) -> None:
+        if row.generation.cancelled.is_set():
+            self.cancellations += 1
         piece = row.detok.flush()
         if piece:
             row.generation._emit(piece)
@@ -612,19 +685,11 @@ class Engine:
         name = self._adapters.get(key)
         if name is None:
             if not (Path(key) / "adapter_config.json").exists():
-                raise ModelLoadError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
+                log.warning("no adapter_config.json in %s", key)
+                raise AdapterLoadError(f"the adapter {Path(key).name!r} is not a LoRA adapter folder "
+                                       "(no adapter_config.json)", code="adapter_unavailable")
             name = f"adapter{next(self._names)}"
-            try:
-                if self._peft is None:
-                    from peft import PeftModel
-
-                    # low_cpu_mem_usage: the weights are created empty and filled from the file, not initialised.
-                    self._peft = PeftModel.from_pretrained(self.model, key, adapter_name=name, low_cpu_mem_usage=True)
-                    self._peft.eval()
-                else:
-                    self._peft.load_adapter(key, adapter_name=name, low_cpu_mem_usage=True)
-            except (OSError, ValueError, RuntimeError, KeyError) as exc:
-                raise ModelLoadError(f"cannot load the adapter in {adapter_dir}: {exc}") from exc
+            self._load_adapter(key, name)
             config = self._peft.peft_config[name]
             self._aux = self._aux or bool(getattr(config, "modules_to_save", None) or
                                           getattr(config, "trainable_token_indices", None))
@@ -641,6 +706,35 @@ class Engine:
             self._peft.delete_adapter(old)
             self._lora_layers = None
             self.adapter_evictions += 1
+
+    def _load_adapter(self, folder: str, name: str) -> None:
+        """Load an adapter under `name`; when that fails, take out what peft had already injected (raising
+        AdapterLoadError), so the base model and the other adapters answer exactly as before."""
+        grads = [(p, p.requires_grad) for p in self.model.parameters()] if self._peft is None else []
+        try:
+            if self._peft is None:
+                from peft import PeftModel
+
+                # low_cpu_mem_usage: the weights are created empty and filled from the file, not initialised.
+                self._peft = PeftModel.from_pretrained(self.model, folder, adapter_name=name, low_cpu_mem_usage=True)
+                self._peft.eval()
+            else:
+                self._peft.load_adapter(folder, adapter_name=name, low_cpu_mem_usage=True)
+        except Exception as exc:  # safetensors, peft and torch raise many types for a missing or damaged file
+            log.warning("cannot load the adapter in %s: %s: %s", folder, type(exc).__name__, exc)
+            if self._peft is None:  # from_pretrained wraps the shared model's layers before it reads the weights
+                _remove_injected_layers(self.model)
+                for param, requires_grad in grads:
+                    param.requires_grad_(requires_grad)
+            elif name in self._peft.peft_config:
+                try:
+                    self._peft.delete_adapter(name)
+                except Exception:
+                    log.exception("cannot remove the half-loaded adapter %s", name)
+            self._lora_layers = None
+            self._active = ""  # every layer is pointed again by the next request, whichever model it asks for
+            raise AdapterLoadError(f"the adapter {Path(folder).name!r} cannot be loaded: its files are missing or "
+                                   "damaged (the server log has the details)", code="adapter_unavailable") from exc
 
     def _switch(self, name: str | None) -> None:
         """Activate a resident adapter (None: no adapter) by pointing each LoRA layer at it.
