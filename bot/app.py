@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -17,7 +19,8 @@ class App:
     """Lazily built services shared by CLI commands and Telegram handlers."""
 
     settings: Settings
-    _engines: dict = field(default_factory=dict, repr=False)
+    _engines: OrderedDict = field(default_factory=OrderedDict, repr=False)  # model key -> engine, LRU first
+    _engines_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @cached_property
     def store(self) -> Store:
@@ -38,28 +41,46 @@ class App:
         return self.engine_for(self.settings.base_model)
 
     def engine_for(self, base_model: str | None = None):
-        """One engine per base model, built on first use and shared by every caller: the model in this
-        process, or an OpenAI-compatible server when `inference_backend` is `openai`."""
+        """One engine per base model (however its name is written), built on first use and shared by every
+        caller: the model in this process, or an OpenAI-compatible server when `inference_backend` is `openai`.
+
+        At most `max_engines` are kept: beyond that the least recently used one is closed (in the background,
+        after the requests it has queued), except the default model's, which callers may hold.
+        """
+        from tuning.models import model_key
+
         s = self.settings
         base_model = base_model or s.base_model
-        if base_model not in self._engines:
-            if s.inference_backend == "openai":
-                from tuning.inference import RemoteEngine
+        key, default = model_key(base_model), model_key(s.base_model)
+        with self._engines_lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self._engines[key] = self._new_engine(base_model)
+            self._engines.move_to_end(key)
+            evicted = [k for k in self._engines if k not in (key, default)][:max(len(self._engines) - s.max_engines, 0)]
+            closing = [self._engines.pop(k) for k in evicted]
+        for old in closing:
+            threading.Thread(target=old.close, name="tunebot-engine-close", daemon=True).start()
+        return engine
 
-                engine = RemoteEngine(s.inference_base_url, api_key=s.openai_api_key, model=base_model,
-                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
-            else:
-                from tuning.inference import Engine
+    def _new_engine(self, base_model: str):
+        s = self.settings
+        if s.inference_backend == "openai":
+            from tuning.inference import RemoteEngine
 
-                engine = Engine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
+            return RemoteEngine(s.inference_base_url, api_key=s.openai_api_key, model=base_model,
                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature)
-            self._engines[base_model] = engine
-        return self._engines[base_model]
+        from tuning.inference import Engine
+
+        return Engine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
+                      max_new_tokens=s.max_new_tokens, temperature=s.temperature)
 
     def close_engines(self) -> None:
-        for engine in self._engines.values():
+        with self._engines_lock:
+            engines = list(self._engines.values())
+            self._engines.clear()
+        for engine in engines:
             engine.close()
-        self._engines.clear()
 
     def new_worker(self, *, gpus=None, slots: int | None = None, poll: float = 0.5):
         """A job Worker from the settings (executor local or ray, artifacts store, slots)."""

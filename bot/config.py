@@ -22,6 +22,8 @@ class Settings:
     data_dir: Path = Path("./data")
     database: Path | None = None  # default: <data_dir>/tunebot.db
     base_model: str = "bundled:smollm2-135m"
+    base_models: tuple[str, ...] = ()  # what /create offers besides base_model (comma-separated)
+    max_engines: int = 2  # base models loaded at once; beyond that the least recently used one is closed
     telegram_token: str = field(default="", repr=False)
     telegram_base_url: str = ""
     admins: tuple[int, ...] = ()
@@ -63,6 +65,11 @@ class Settings:
     torch_threads: int = 0  # CPU threads per model process; 0: PyTorch's default (one per core)
 
     @property
+    def offered_base_models(self) -> tuple[str, ...]:
+        """The base models users may pick in Telegram's /create: the default first, then the admin's list."""
+        return tuple(dict.fromkeys((self.base_model, *self.base_models)))
+
+    @property
     def database_path(self) -> Path:
         return self.database or self.data_dir / "tunebot.db"
 
@@ -90,7 +97,7 @@ _CHOICES = {
 _SECRETS = {"telegram_token", "openai_api_key"}
 # Numbers where 0 would silently break a feature (every upload too big, no answer tokens, jobs never tried).
 _POSITIVE = {"max_upload_mb", "max_field_chars", "generator_concurrency", "generator_timeout_s", "job_max_attempts",
-             "max_new_tokens", "adapter_cache_size"}
+             "max_new_tokens", "adapter_cache_size", "max_engines"}
 
 
 def env_name(name: str) -> str:
@@ -125,6 +132,9 @@ def _convert(name: str, typ: Any, raw: Any, source: str) -> Any:
         elif typ == "tuple[int, ...]":
             items = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).replace(";", ",").split(",") if p.strip()]
             value = tuple(int(str(p).strip()) for p in items)
+        elif typ == "tuple[str, ...]":
+            items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+            value = tuple(dict.fromkeys(str(p).strip() for p in items if str(p).strip()))
         else:
             value = str(raw)
     except (TypeError, ValueError):

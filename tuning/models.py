@@ -50,6 +50,22 @@ def resolve(spec: str) -> tuple[str, str | None]:
     raise ModelLoadError(f"base model {spec!r} is neither a hub id, a folder, a .gguf file nor bundled:…")
 
 
+def model_key(spec: str) -> str:
+    """One name per model however it is written: a folder or .gguf file by its resolved path, others as given."""
+    spec = spec.strip()
+    if spec.startswith("bundled:"):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec.endswith(".gguf") or path.exists() else spec
+
+
+def display_name(spec: str) -> str:
+    """How a model is shown to users: a hub id or bundled name as is, a folder or file by its last part only."""
+    spec = spec.strip()
+    is_path = spec.endswith(".gguf") or spec.startswith(("/", "~", ".")) or Path(spec).expanduser().is_dir()
+    return Path(spec).name if is_path else spec
+
+
 def cache_folder(spec: str, cache_dir: str | Path) -> Path:
     slug = re.sub(r"[^\w.\-]+", "_", spec)[-60:]
     digest = hashlib.sha1(spec.encode()).hexdigest()[:8]

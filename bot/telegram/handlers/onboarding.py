@@ -15,11 +15,13 @@ from bot.telegram.texts import LANGUAGES
 from storage import StorageError
 from storage.records import ROLES
 from storage.store import INVITE_MAX_USES, INVITE_TTL_HOURS
+from tuning.models import display_name
 
 CREATE_NAME, CREATE_DESCRIPTION, CREATE_PROMPT, CREATE_MODEL = range(4)
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
 LANG_BUTTON = re.compile(rf"lang:({'|'.join(LANGUAGES)})")
 USE_BUTTON = re.compile(rf"use:({ID})")
+CREATE_MODEL_BUTTON = re.compile(r"cr:([0-9]{1,3}|default)")  # an index into the offered base models
 MEMBER_BUTTON = re.compile(rf"mb:({ID}):([{''.join(r[0] for r in ROLES)}x]):({ID})")  # assistant, role or ✖, user
 
 
@@ -160,21 +162,39 @@ async def create_description(update: Update, context: ContextTypes.DEFAULT_TYPE)
 
 
 async def create_prompt(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-    """Take the system prompt, then offer the default base model."""
+    """Take the system prompt, then offer the base models the admin allows."""
     context.user_data.setdefault("new_assistant", {})["system_prompt"] = update.message.text.strip()
-    default = app_of(context).settings.base_model
-    await reply(update, tr(update, context, "create_ask_model", default=default),
-                buttons=[[(tr(update, context, "btn_default_model"), "cr:default")]])
+    await reply(update, tr(update, context, "create_ask_model"), buttons=_model_buttons(update, context))
     return CREATE_MODEL
 
 
+def _model_buttons(update: Update, context: ContextTypes.DEFAULT_TYPE) -> list:
+    """One button per offered base model (the default, then TUNEBOT_BASE_MODELS), shown by name, never by path."""
+    offered = app_of(context).settings.offered_base_models
+    return [[(tr(update, context, "btn_default_model", model=display_name(m)) if i == 0 else display_name(m),
+              f"cr:{i}")] for i, m in enumerate(offered)]
+
+
+def _chosen_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | None:
+    """The offered base model that the button or the typed name picks; None for anything else (a typed path,
+    hub id or crafted button: users never make the server load what the admin did not offer)."""
+    offered = app_of(context).settings.offered_base_models
+    if update.callback_query:
+        match = callback_match(update, CREATE_MODEL_BUTTON)
+        index = -1 if match is None else 0 if match.group(1) == "default" else int(match.group(1))
+        return offered[index] if 0 <= index < len(offered) else None
+    typed = update.message.text.strip().lower()
+    return next((m for m in offered if typed in (m.lower(), display_name(m).lower())), None)
+
+
 async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-    """Take the base model (typed, or the default button) and create the assistant."""
+    """Take the base model (one of the offered ones) and create the assistant."""
     if update.callback_query:
         await update.callback_query.answer()
-        model = app_of(context).settings.base_model
-    else:
-        model = update.message.text.strip()
+    model = _chosen_model(update, context)
+    if model is None:
+        await reply(update, tr(update, context, "create_bad_model"), buttons=_model_buttons(update, context))
+        return CREATE_MODEL
     draft = context.user_data.pop("new_assistant", {})
     try:
         assistant = store_of(context).create_assistant(
@@ -184,7 +204,7 @@ async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> in
         await reply(update, tr(update, context, "error_user", reason=str(exc)))
         return ConversationHandler.END
     context.user_data["assistant_id"] = assistant.id
-    await reply(update, tr(update, context, "create_done", name=assistant.name, model=model) + "\n\n"
+    await reply(update, tr(update, context, "create_done", name=assistant.name, model=display_name(model)) + "\n\n"
                 + tr(update, context, "help_owner"))
     return ConversationHandler.END
 
