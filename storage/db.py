@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import sqlite_utils
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[None]:
+    """The block's writes commit together or not at all; nested blocks join the outer one (as a savepoint).
+
+    sqlite-utils commits each write on its own unless a transaction is open (`with db.conn:` opens none);
+    inside this block its writes join it. BEGIN IMMEDIATE takes the write lock first, so a check and the
+    writes that depend on it cannot race another connection.
+    """
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.conn.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
 
 
 def m0001_initial(db: sqlite_utils.Database) -> None:
@@ -171,7 +193,7 @@ def migrate(db: sqlite_utils.Database, *, upto: str | None = None) -> list[str]:
     applied = []
     for name, fn in MIGRATIONS:
         if name not in done:
-            with db.conn:
+            with transaction(db):
                 fn(db)
                 db["_migrations"].insert({"name": name, "applied_at": _now()})
             applied.append(name)

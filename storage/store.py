@@ -8,12 +8,12 @@ import hashlib
 import json
 import math
 import secrets
-import contextlib
 import sqlite3
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import sqlite_utils
 
+from storage.db import transaction
 from storage.errors import DuplicateExample, InvalidValue, LastOwner, NotFound, NotOpen, StorageError
 from storage.records import (
     JOB_KINDS, JOB_STATES, ROLES, SOURCES, SPLITS, STATUSES, UNANSWERED_STATES, VERSION_STATES,
@@ -65,14 +65,15 @@ class Store:
 
     # ---------------------------------------------------------------- users
     def upsert_user(self, user_id: int, *, name: str | None = None, language: str | None = None) -> User:
-        existing = self.db["users"].rows_where("id = ?", [user_id])
-        row = next(iter(existing), None)
-        if row is None:
-            self.db["users"].insert({"id": user_id, "name": name, "language": language, "created_at": self.now()})
-        else:
-            updates = {k: v for k, v in {"name": name, "language": language}.items() if v is not None}
-            if updates:
-                self.db["users"].update(user_id, updates)
+        with transaction(self.db):
+            row = next(iter(self.db["users"].rows_where("id = ?", [user_id])), None)
+            if row is None:
+                self.db["users"].insert({"id": user_id, "name": name, "language": language,
+                                         "created_at": self.now()})
+            else:
+                updates = {k: v for k, v in {"name": name, "language": language}.items() if v is not None}
+                if updates:
+                    self.db["users"].update(user_id, updates)
         return self.get_user(user_id)
 
     def get_user(self, user_id: int) -> User | None:
@@ -90,9 +91,9 @@ class Store:
             raise InvalidValue("assistant name must not be empty")
         if len(name) > 64:
             raise InvalidValue("assistant name must be at most 64 characters")
-        if self.find_assistant(name) is not None:
-            raise InvalidValue(f"an assistant named {name!r} already exists")
-        with self.db.conn:
+        with transaction(self.db):
+            if self.find_assistant(name) is not None:
+                raise InvalidValue(f"an assistant named {name!r} already exists")
             aid = self.db["assistants"].insert({
                 "name": name, "description": description, "system_prompt": system_prompt,
                 "base_model": base_model, "created_by": owner_id, "created_at": self.now(),
@@ -101,7 +102,7 @@ class Store:
                 self.upsert_user(owner_id)
                 self.db["members"].insert({"assistant_id": aid, "user_id": owner_id, "role": "owner",
                                            "added_at": self.now()})
-        self.audit("assistant.create", user_id=owner_id, assistant_id=aid, details={"name": name})
+            self.audit("assistant.create", user_id=owner_id, assistant_id=aid, details={"name": name})
         return self.get_assistant(aid)
 
     def get_assistant(self, assistant_id: int) -> Assistant:
@@ -134,24 +135,26 @@ class Store:
         unknown = set(fields) - allowed
         if unknown:
             raise InvalidValue(f"cannot update {', '.join(sorted(unknown))}")
-        self.get_assistant(assistant_id)
-        if "name" in fields:
-            fields["name"] = str(fields["name"]).strip()
-            other = self.find_assistant(fields["name"])
-            if not fields["name"] or (other is not None and other.id != assistant_id):
-                raise InvalidValue(f"an assistant named {fields['name']!r} already exists" if other
-                                   else "assistant name must not be empty")
-        self.db["assistants"].update(assistant_id, fields)
+        with transaction(self.db):
+            self.get_assistant(assistant_id)
+            if "name" in fields:
+                fields["name"] = str(fields["name"]).strip()
+                other = self.find_assistant(fields["name"])
+                if not fields["name"] or (other is not None and other.id != assistant_id):
+                    raise InvalidValue(f"an assistant named {fields['name']!r} already exists" if other
+                                       else "assistant name must not be empty")
+            self.db["assistants"].update(assistant_id, fields)
         return self.get_assistant(assistant_id)
 
     # -------------------------------------------------------------- members
     def add_member(self, assistant_id: int, user_id: int, role: str) -> Member:
         _check(role, ROLES, "role")
-        self.get_assistant(assistant_id)
-        self.upsert_user(user_id)
-        self.db["members"].upsert({"assistant_id": assistant_id, "user_id": user_id, "role": role,
-                                   "added_at": self.now()}, pk=("assistant_id", "user_id"))
-        self.audit("member.set", assistant_id=assistant_id, details={"user_id": user_id, "role": role})
+        with transaction(self.db):
+            self.get_assistant(assistant_id)
+            self.upsert_user(user_id)
+            self.db["members"].upsert({"assistant_id": assistant_id, "user_id": user_id, "role": role,
+                                       "added_at": self.now()}, pk=("assistant_id", "user_id"))
+            self.audit("member.set", assistant_id=assistant_id, details={"user_id": user_id, "role": role})
         return self.get_member(assistant_id, user_id)
 
     def get_member(self, assistant_id: int, user_id: int) -> Member | None:
@@ -175,7 +178,7 @@ class Store:
     def set_member_role(self, assistant_id: int, user_id: int, role: str, *, by: int | None = None) -> Member:
         """Change the role of a current member; the last owner cannot be demoted."""
         _check(role, ROLES, "role")
-        with self._write_transaction():
+        with transaction(self.db):
             if self.get_member(assistant_id, user_id) is None:
                 raise NotFound(f"user {user_id} is not a member")
             changed = self.db.execute(
@@ -183,18 +186,18 @@ class Store:
                 f"and (? = 'owner' or {self._KEEPS_AN_OWNER})", [role, assistant_id, user_id, role]).rowcount
             if not changed:
                 raise LastOwner()
-        self.audit("member.set", user_id=by, assistant_id=assistant_id, details={"user_id": user_id, "role": role})
+            self.audit("member.set", user_id=by, assistant_id=assistant_id, details={"user_id": user_id, "role": role})
         return self.get_member(assistant_id, user_id)
 
     def remove_member(self, assistant_id: int, user_id: int, *, by: int | None = None) -> None:
-        with self._write_transaction():
+        with transaction(self.db):
             if self.get_member(assistant_id, user_id) is None:
                 raise NotFound(f"user {user_id} is not a member")
             removed = self.db.execute(f"delete from members where assistant_id = ? and user_id = ? "
                                       f"and {self._KEEPS_AN_OWNER}", [assistant_id, user_id]).rowcount
             if not removed:
                 raise LastOwner()
-        self.audit("member.remove", user_id=by, assistant_id=assistant_id, details={"user_id": user_id})
+            self.audit("member.remove", user_id=by, assistant_id=assistant_id, details={"user_id": user_id})
 
     # -------------------------------------------------------------- invites
     def create_invite(self, assistant_id: int, role: str, *, uses: int = 1, ttl_hours: float = 72,
@@ -207,10 +210,12 @@ class Store:
             raise InvalidValue(f"an invite is valid for {least} to {most} hours (30 days)")
         token = secrets.token_urlsafe(12)
         expires = fmt_time(self.clock() + dt.timedelta(hours=ttl_hours))
-        self.db["invites"].insert({"token": token, "assistant_id": assistant_id, "role": role,
-                                   "expires_at": expires, "uses_left": uses, "created_by": created_by,
-                                   "created_at": self.now()})
-        self.audit("invite.create", user_id=created_by, assistant_id=assistant_id, details={"role": role, "uses": uses})
+        with transaction(self.db):
+            self.db["invites"].insert({"token": token, "assistant_id": assistant_id, "role": role,
+                                       "expires_at": expires, "uses_left": uses, "created_by": created_by,
+                                       "created_at": self.now()})
+            self.audit("invite.create", user_id=created_by, assistant_id=assistant_id,
+                       details={"role": role, "uses": uses})
         return from_row(Invite, self.db["invites"].get(token))
 
     def redeem_invite(self, token: str, user_id: int) -> Member:
@@ -220,7 +225,7 @@ class Store:
         is taken by one conditional UPDATE, so two people cannot both take the last one.
         """
         now = self.now()
-        with self._write_transaction():
+        with transaction(self.db):
             row = next(iter(self.db["invites"].rows_where("token = ?", [token])), None)
             if row is None:
                 raise NotFound("this invite link is not valid")
@@ -239,7 +244,7 @@ class Store:
             self.db.execute("insert into members (assistant_id, user_id, role, added_at) values (?, ?, ?, ?) "
                             "on conflict (assistant_id, user_id) do update set role = excluded.role",
                             [assistant_id, user_id, role, now])
-        self.audit("invite.redeem", user_id=user_id, assistant_id=assistant_id, details={"role": role})
+            self.audit("invite.redeem", user_id=user_id, assistant_id=assistant_id, details={"role": role})
         return self.get_member(assistant_id, user_id)
 
     # ------------------------------------------------------------- examples
@@ -266,11 +271,11 @@ class Store:
         question, answer = question.strip(), answer.strip()
         if not question or not answer:
             raise InvalidValue("question and answer must both be non-empty")
-        if not allow_duplicate:
-            dup = self.find_duplicate(assistant_id, question)
-            if dup is not None:
-                raise DuplicateExample(dup.id, dup.question)
-        with self.db.conn:
+        with transaction(self.db):
+            if not allow_duplicate:
+                dup = self.find_duplicate(assistant_id, question)
+                if dup is not None:
+                    raise DuplicateExample(dup.id, dup.question)
             eid = self._insert_example({
                 "assistant_id": assistant_id, "question": question, "answer": answer, "source": source,
                 "status": status, "split": split, "parent_id": parent_id, "method": method,
@@ -290,19 +295,11 @@ class Store:
         _check(source, SOURCES, "source")
         _check(status, STATUSES, "status")
         now = self.now()
-        conn = self.db.conn
-        if conn.in_transaction:
-            conn.commit()
-        conn.execute("BEGIN IMMEDIATE")
         outcomes: list[int | StorageError] = []
-        try:
+        with transaction(self.db):
             for item in items:
                 outcomes.append(self._add_one(assistant_id, item, source=source, status=status,
                                               author_id=author_id, now=now))
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
         return outcomes
 
     def _add_one(self, assistant_id: int, item: NewExample, *, source: str, status: str, author_id: int | None,
@@ -360,6 +357,11 @@ class Store:
     def edit_example(self, example_id: int, *, question: str | None = None, answer: str | None = None,
                      split: str | None = None, by: int | None = None) -> Example:
         """Change the text; the previous text stays in `example_history`."""
+        with transaction(self.db):
+            return self._edit_example(example_id, question=question, answer=answer, split=split, by=by)
+
+    def _edit_example(self, example_id: int, *, question: str | None, answer: str | None, split: str | None,
+                      by: int | None) -> Example:
         ex = self.get_example(example_id)
         updates: dict[str, Any] = {}
         if question is not None and question.strip() and question.strip() != ex.question:
@@ -375,25 +377,24 @@ class Store:
         if not updates:
             return ex
         updates["updated_at"] = self.now()
-        with self.db.conn:
-            self.db["examples"].update(example_id, updates)
-            new = self.get_example(example_id)
-            self._history(example_id, "edit", new.question, new.answer, new.status, by)
+        self.db["examples"].update(example_id, updates)
+        new = self.get_example(example_id)
+        self._history(example_id, "edit", new.question, new.answer, new.status, by)
         return new
 
     def delete_example(self, example_id: int, *, by: int | None = None) -> None:
         """Soft delete: the row stays, marked deleted, and the history records who did it."""
-        ex = self.get_example(example_id)
-        with self.db.conn:
+        with transaction(self.db):
+            ex = self.get_example(example_id)
             self.db["examples"].update(example_id, {"deleted_at": self.now(), "updated_at": self.now()})
             self._history(example_id, "delete", ex.question, ex.answer, ex.status, by)
 
     def restore_example(self, example_id: int, *, by: int | None = None) -> Example:
-        ex = self.get_example(example_id, include_deleted=True)
-        dup = self.find_duplicate(ex.assistant_id, ex.question, exclude_id=example_id)
-        if dup is not None and ex.status != "rejected":
-            raise DuplicateExample(dup.id, dup.question)
-        with self.db.conn:
+        with transaction(self.db):
+            ex = self.get_example(example_id, include_deleted=True)
+            dup = self.find_duplicate(ex.assistant_id, ex.question, exclude_id=example_id)
+            if dup is not None and ex.status != "rejected":
+                raise DuplicateExample(dup.id, dup.question)
             self.db["examples"].update(example_id, {"deleted_at": None, "updated_at": self.now()})
             self._history(example_id, "restore", ex.question, ex.answer, ex.status, by)
         return self.get_example(example_id)
@@ -404,8 +405,8 @@ class Store:
 
     def set_status(self, example_id: int, status: str, *, by: int | None = None) -> Example:
         _check(status, STATUSES, "status")
-        ex = self.get_example(example_id)
-        with self.db.conn:
+        with transaction(self.db):
+            ex = self.get_example(example_id)
             self.db["examples"].update(example_id, {"status": status, "reviewer_id": by, "updated_at": self.now()})
             self._history(example_id, status if status != "pending" else "reset", ex.question, ex.answer, status, by)
         return self.get_example(example_id)
@@ -497,7 +498,6 @@ class Store:
             "completion_tokens = completion_tokens + ?, cost_usd = cost_usd + ?, generated = generated + ?, "
             "kept = kept + ? where id = ?",
             [requests, prompt_tokens, completion_tokens, cost_usd, generated, kept, run_id])
-        self.db.conn.commit()
 
     def finish_generation_run(self, run_id: int, *, status: str = "succeeded", error: str | None = None) -> GenerationRun:
         self.db["generation_runs"].update(run_id, {"status": status, "error": error, "finished_at": self.now()})
@@ -507,7 +507,6 @@ class Store:
         """Mark a stopped or failed run as running again (resuming it)."""
         self.get_generation_run(run_id)
         self.db["generation_runs"].update(run_id, {"status": "running", "error": None, "finished_at": None})
-        self.db.conn.commit()
         return self.get_generation_run(run_id)
 
     def list_generation_runs(self, assistant_id: int) -> list[GenerationRun]:
@@ -519,13 +518,15 @@ class Store:
                    priority: int = 0, gpus: int = 0, scheduled_at: str | None = None,
                    max_attempts: int = 3, created_by: int | None = None) -> Job:
         _check(kind, JOB_KINDS, "job kind")
-        jid = self.db["jobs"].insert({
-            "kind": kind, "assistant_id": assistant_id, "status": "scheduled" if scheduled_at else "queued",
-            "priority": priority, "gpus": gpus, "params": json.dumps(params or {}, ensure_ascii=False),
-            "scheduled_at": scheduled_at, "max_attempts": max_attempts, "created_by": created_by,
-            "created_at": self.now(),
-        }).last_pk
-        self.audit("job.create", user_id=created_by, assistant_id=assistant_id, details={"job_id": jid, "kind": kind})
+        with transaction(self.db):
+            jid = self.db["jobs"].insert({
+                "kind": kind, "assistant_id": assistant_id, "status": "scheduled" if scheduled_at else "queued",
+                "priority": priority, "gpus": gpus, "params": json.dumps(params or {}, ensure_ascii=False),
+                "scheduled_at": scheduled_at, "max_attempts": max_attempts, "created_by": created_by,
+                "created_at": self.now(),
+            }).last_pk
+            self.audit("job.create", user_id=created_by, assistant_id=assistant_id,
+                       details={"job_id": jid, "kind": kind})
         return self.get_job(jid)
 
     def get_job(self, job_id: int) -> Job:
@@ -554,7 +555,6 @@ class Store:
             if key in fields and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key], ensure_ascii=False)
         self.db["jobs"].update(job_id, fields)
-        self.db.conn.commit()
         return self.get_job(job_id)
 
     def transition_job(self, job_id: int, *, from_states: Iterable[str], **fields: Any) -> bool:
@@ -569,7 +569,6 @@ class Store:
         cur = self.db.execute(
             f"update jobs set {sets} where id = ? and status in ({', '.join('?' * len(states))})",
             [*fields.values(), job_id, *states])
-        self.db.conn.commit()
         return cur.rowcount == 1
 
     def claim_job(self, *, worker_id: str, free: int, gpu_mode: bool,
@@ -579,27 +578,19 @@ class Store:
         need = "max(coalesce(gpus, 0), 1)" if gpu_mode else "1"
         kinds = f"and kind not in ({', '.join('?' * len(excluded))})" if excluded else ""
         now = self.now()
-        conn = self.db.conn
-        if conn.in_transaction:
-            conn.commit()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = conn.execute(
+        with transaction(self.db):  # an UPDATE … RETURNING is not committed by sqlite-utils on its own
+            row = self.db.execute(
                 "update jobs set status = 'running', worker_id = ?, attempts = attempts + 1, started_at = ?, "
                 "heartbeat_at = ?, error = null, pid = null where id = (select id from jobs where status = 'queued' "
                 f"and {need} <= ? {kinds} order by priority desc, id limit 1) and status = 'queued' returning id",
                 [worker_id, now, now, free, *excluded]).fetchone()
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
         return self.get_job(row[0]) if row else None
 
     def release_due_jobs(self) -> list[int]:
         """Scheduled jobs whose time has come become queued; returns their ids."""
-        rows = self.db.execute("update jobs set status = 'queued' where status = 'scheduled' and scheduled_at <= ? "
-                               "returning id", [self.now()]).fetchall()
-        self.db.conn.commit()
+        with transaction(self.db):
+            rows = self.db.execute("update jobs set status = 'queued' where status = 'scheduled' "
+                                   "and scheduled_at <= ? returning id", [self.now()]).fetchall()
         return sorted(r[0] for r in rows)
 
     def worker_heartbeat(self, worker_id: str, *, host: str, pid: int, slots: str) -> None:
@@ -608,11 +599,9 @@ class Store:
         self.db.execute("insert into workers (id, host, pid, slots, started_at, heartbeat_at) values (?, ?, ?, ?, ?, ?) "
                         "on conflict(id) do update set heartbeat_at = excluded.heartbeat_at",
                         [worker_id, host, pid, slots, now, now])
-        self.db.conn.commit()
 
     def remove_worker(self, worker_id: str) -> None:
         self.db.execute("delete from workers where id = ?", [worker_id])
-        self.db.conn.commit()
 
     def live_workers(self, *, since: str) -> list[dict]:
         """Workers whose last heartbeat is at or after `since`."""
@@ -628,13 +617,14 @@ class Store:
     def add_model_version(self, assistant_id: int, *, adapter_path: str, base_model: str,
                           job_id: int | None = None, dataset_hash: str | None = None,
                           hyperparameters: dict | None = None, metrics: dict | None = None) -> ModelVersion:
-        vid = self.db["model_versions"].insert({
-            "assistant_id": assistant_id, "job_id": job_id, "adapter_path": adapter_path,
-            "base_model": base_model, "dataset_hash": dataset_hash,
-            "hyperparameters": json.dumps(hyperparameters or {}), "metrics": json.dumps(metrics or {}),
-            "status": "candidate", "created_at": self.now(),
-        }).last_pk
-        self.audit("version.create", assistant_id=assistant_id, details={"version_id": vid, "job_id": job_id})
+        with transaction(self.db):
+            vid = self.db["model_versions"].insert({
+                "assistant_id": assistant_id, "job_id": job_id, "adapter_path": adapter_path,
+                "base_model": base_model, "dataset_hash": dataset_hash,
+                "hyperparameters": json.dumps(hyperparameters or {}), "metrics": json.dumps(metrics or {}),
+                "status": "candidate", "created_at": self.now(),
+            }).last_pk
+            self.audit("version.create", assistant_id=assistant_id, details={"version_id": vid, "job_id": job_id})
         return self.get_model_version(vid)
 
     def get_model_version(self, version_id: int) -> ModelVersion:
@@ -649,25 +639,27 @@ class Store:
 
     def activate_version(self, version_id: int, *, by: int | None = None) -> ModelVersion:
         """Make this version the assistant's active one; the previous active one is archived."""
-        version = self.get_model_version(version_id)
-        with self.db.conn:
+        with transaction(self.db):
+            version = self.get_model_version(version_id)
             self.db.execute("update model_versions set status = 'archived' where assistant_id = ? and status = 'active'",
                             [version.assistant_id])
             self.db["model_versions"].update(version_id, {"status": "active", "promoted_at": self.now()})
             self.db["assistants"].update(version.assistant_id, {"active_version_id": version_id})
-        self.audit("version.activate", user_id=by, assistant_id=version.assistant_id, details={"version_id": version_id})
+            self.audit("version.activate", user_id=by, assistant_id=version.assistant_id,
+                       details={"version_id": version_id})
         return self.get_model_version(version_id)
 
     def set_version_status(self, version_id: int, status: str, *, by: int | None = None) -> ModelVersion:
         _check(status, VERSION_STATES, "version status")
-        version = self.get_model_version(version_id)
         if status == "active":
             return self.activate_version(version_id, by=by)
-        with self.db.conn:
+        with transaction(self.db):
+            version = self.get_model_version(version_id)
             self.db["model_versions"].update(version_id, {"status": status})
             if version.status == "active":
                 self.db["assistants"].update(version.assistant_id, {"active_version_id": None})
-        self.audit(f"version.{status}", user_id=by, assistant_id=version.assistant_id, details={"version_id": version_id})
+            self.audit(f"version.{status}", user_id=by, assistant_id=version.assistant_id,
+                       details={"version_id": version_id})
         return self.get_model_version(version_id)
 
     # ------------------------------------------------------ retrain policies
@@ -692,9 +684,12 @@ class Store:
         """Return the record and the plain key, which is shown once and stored only hashed."""
         self.get_assistant(assistant_id)
         key = "tb-" + secrets.token_urlsafe(32)
-        kid = self.db["api_keys"].insert({"assistant_id": assistant_id, "prefix": key[:10], "key_hash": hash_api_key(key),
-                                          "name": name, "created_by": created_by, "created_at": self.now()}).last_pk
-        self.audit("apikey.create", user_id=created_by, assistant_id=assistant_id, details={"key_id": kid, "prefix": key[:10]})
+        with transaction(self.db):
+            kid = self.db["api_keys"].insert({"assistant_id": assistant_id, "prefix": key[:10],
+                                              "key_hash": hash_api_key(key), "name": name, "created_by": created_by,
+                                              "created_at": self.now()}).last_pk
+            self.audit("apikey.create", user_id=created_by, assistant_id=assistant_id,
+                       details={"key_id": kid, "prefix": key[:10]})
         return from_row(ApiKey, self.db["api_keys"].get(kid)), key
 
     def lookup_api_key(self, key: str) -> ApiKey | None:
@@ -713,7 +708,6 @@ class Store:
         now = self.clock()
         if found.last_used_at is None or parse_time(found.last_used_at) <= now - dt.timedelta(seconds=API_KEY_TOUCH_S):
             self.db.execute("update api_keys set last_used_at = ? where id = ?", [fmt_time(now), found.id])
-            self.db.conn.commit()
             found = dataclasses.replace(found, last_used_at=fmt_time(now))
         return found
 
@@ -722,15 +716,15 @@ class Store:
 
     def revoke_api_key(self, key_id: int, *, by: int | None = None) -> bool:
         """Revoke a key (True), or say it already was (False)."""
-        row = next(iter(self.db["api_keys"].rows_where("id = ?", [key_id])), None)
-        if row is None:
-            raise NotFound(f"API key #{key_id} not found")
-        revoked = self.db.execute("update api_keys set revoked_at = ? where id = ? and revoked_at is null",
-                                  [self.now(), key_id]).rowcount
-        self.db.conn.commit()
-        if not revoked:
-            return False
-        self.audit("apikey.revoke", user_id=by, assistant_id=row["assistant_id"], details={"key_id": key_id})
+        with transaction(self.db):
+            row = next(iter(self.db["api_keys"].rows_where("id = ?", [key_id])), None)
+            if row is None:
+                raise NotFound(f"API key #{key_id} not found")
+            revoked = self.db.execute("update api_keys set revoked_at = ? where id = ? and revoked_at is null",
+                                      [self.now(), key_id]).rowcount
+            if not revoked:
+                return False
+            self.audit("apikey.revoke", user_id=by, assistant_id=row["assistant_id"], details={"key_id": key_id})
         return True
 
     # ---------------------------------------------------------- conversations
@@ -792,20 +786,6 @@ class Store:
                                                 "correction_example_id": correction_example_id})
 
     # ----------------------------------------------------------- unanswered
-    @contextlib.contextmanager
-    def _write_transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT: take the write lock first, so a check and its writes cannot race."""
-        conn = self.db.conn
-        if conn.in_transaction:
-            conn.commit()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
-
     def add_unanswered(self, assistant_id: int, question: str, *, user_id: int | None = None,
                        conversation_id: int | None = None, message_id: int | None = None) -> Unanswered:
         """Record a question the assistant did not answer confidently; it waits, open, for an expert."""
@@ -849,7 +829,7 @@ class Store:
         if not answer:
             raise InvalidValue("the answer must not be empty")
         now = self.now()
-        with self._write_transaction():
+        with transaction(self.db):
             item = self.get_unanswered(item_id)
             if item.status != "open":
                 raise NotOpen(f"question #{item_id} was already {item.status}")
@@ -874,7 +854,7 @@ class Store:
 
     def dismiss_unanswered(self, item_id: int, *, by: int | None) -> Unanswered:
         """Close an item without an answer (spam, off-topic); who and when go to answered_by/answered_at."""
-        with self._write_transaction():
+        with transaction(self.db):
             item = self.get_unanswered(item_id)
             if item.status != "open":
                 raise NotOpen(f"question #{item_id} was already {item.status}")
@@ -893,7 +873,6 @@ class Store:
         if ids:
             self.db.execute(f"update unanswered set notified_at = ? where id in ({', '.join('?' * len(ids))})",
                             [self.now(), *ids])
-            self.db.conn.commit()
 
     # ------------------------------------------------------------ bot state
     def get_state(self, key: str) -> Any:

@@ -1,17 +1,22 @@
-"""Crash safety: SIGKILL the `tunebot worker` process mid-training; a new one resumes from the checkpoint."""
+"""Crash safety: SIGKILL the `tunebot worker` process mid-training; a new one resumes from the checkpoint.
+A damaged checkpoint does not fail every retry: the retry resumes from the one before it and says so."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from storage import Store, open_db
-from tuning.jobs import enqueue_training
-from jobs_helpers import add_examples, tiny_params
+from tuning.jobs import Worker, enqueue_training
+from tuning.jobs.worker import job_log_path
+from jobs_helpers import Clock, add_examples, run_until, tiny_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +82,46 @@ def test_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(tmp_
     versions = store.list_model_versions(assistant.id)
     assert [v.job_id for v in versions] == [job.id]
     assert (Path(versions[0].adapter_path) / "adapter_model.safetensors").exists()
-    log_text = (Path(done.result["adapter_dir"]) / "job.log").read_text()
+    log_text = Path(done.result["adapter_dir"] + ".log").read_text()  # beside the adapter folder, not in it
     assert log_text.count("--- attempt") == 2
     # The killed worker was forgotten by the second one, which deregistered when it stopped.
     assert store.live_workers(since="") == []
+
+
+def test_a_retry_skips_a_damaged_checkpoint_and_the_job_log_says_so(tmp_path, db_path, tiny_model_dir):
+    from bot.telegram.handlers.admin import adapter_zip
+
+    store = Store(open_db(db_path))
+    assistant = store.create_assistant("acme", system_prompt="You answer for ACME.")
+    add_examples(store, assistant.id, 8)
+    params = tiny_params(tiny_model_dir, epochs=2, batch_tokens=64, checkpoint_minutes=0.0)  # one after every step
+    params["fault"] = {"kill_at_step": 3, "on_attempts": [1]}  # the first attempt is SIGKILLed at step 3
+    job = enqueue_training(store, assistant.id, params=params)
+
+    class QuietOnceKilled(Clock):
+        """Noon until attempt 1 reported step 3 (its last words), then quiet hours: the retry waits, queued."""
+
+        def __call__(self):
+            if self.now.hour == 12 and store.get_job(job.id).progress.get("step", 0) >= 3:
+                self.set("2026-06-01 13:30:00")
+            return self.now
+
+    clock = QuietOnceKilled("2026-06-01 12:00:00")
+    worker = Worker(db_path, artifacts=tmp_path / "art", gpus=0, clock=clock, quiet_hours="13:00-14:00",
+                    poll_interval=0.1)
+    run_until(worker, lambda: (j := store.get_job(job.id)).status == "queued" and j.attempts == 1, timeout=180)
+    checkpoints = tmp_path / "art" / str(assistant.id) / f"job-{job.id}" / "checkpoints"
+    previous_step = json.loads((checkpoints / "previous" / "state.json").read_text())["step"]
+    (checkpoints / "last" / "trainable.pt").write_bytes(b"")  # as a full disk leaves it
+    clock.set("2026-06-01 14:30:00")
+    run_until(worker, lambda: store.get_job(job.id).status in ("succeeded", "failed"), timeout=240)
+    done = store.get_job(job.id)
+    assert (done.status, done.attempts) == ("succeeded", 2), done.error
+    assert done.result["metrics"]["resumed_from_step"] == previous_step > 0
+    log_text = job_log_path(tmp_path / "art", done).read_text()
+    assert "cannot be resumed from" in log_text and "trying the previous one" in log_text
+    # What users download (/export) is the adapter, without the job's log.
+    (version,) = store.list_model_versions(assistant.id)
+    names = zipfile.ZipFile(io.BytesIO(adapter_zip(version.adapter_path))).namelist()
+    assert "adapter_model.safetensors" in names
+    assert not any(name.endswith(".log") for name in names), names

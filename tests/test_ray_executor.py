@@ -119,7 +119,7 @@ def test_a_training_job_on_ray_gives_the_same_rows_as_a_local_one(ray_head, db_p
     assert version.base_model == tiny_model_dir and version.dataset_hash
     m = version.metrics
     assert m["steps"] == m["total_steps"] > 0 and m["n_test"] == 2 and "accuracy" in m
-    log_text = (Path(version.adapter_path) / "job.log").read_text()
+    log_text = Path(version.adapter_path + ".log").read_text()  # beside the adapter, not in it
     assert "--- attempt 1" in log_text and "on Ray at 127.0.0.1" in log_text
 
 
@@ -181,7 +181,7 @@ def test_a_ray_task_killed_mid_run_is_retried_and_resumes(ray_head, db_path, sto
     metrics = done.result["metrics"]
     assert metrics["resumed_from_step"] == steps_per_epoch  # resumed at the epoch-1 checkpoint, not from scratch
     assert metrics["steps"] == metrics["total_steps"] == total_steps
-    log_text = (Path(done.result["adapter_dir"]) / "job.log").read_text()
+    log_text = Path(done.result["adapter_dir"] + ".log").read_text()
     assert log_text.count("--- attempt") == 2
     assert "the Ray task died" in log_text
     assert [v.job_id for v in store.list_model_versions(assistant.id)] == [job.id]
@@ -211,7 +211,7 @@ def test_tunebot_train_wait_with_the_ray_executor(ray_head, tmp_path, tiny_model
     assert f"adapter: {version.adapter_path}" in out.stdout
     assert (Path(version.adapter_path) / "adapter_model.safetensors").exists()
     assert "on Ray at " + ray_head in (tmp_path / "data" / "artifacts" / str(assistant.id) /
-                                       f"job-{job.id}" / "job.log").read_text()
+                                       f"job-{job.id}.log").read_text()
     assert json.loads((Path(version.adapter_path) / "train_config.json").read_text())["system_prompt"]
 
 

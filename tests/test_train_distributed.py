@@ -5,6 +5,7 @@ On a GPU node the same code runs one rank per GPU over NCCL; here the ranks shar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,16 +42,33 @@ def rank_processes() -> list:
             if "tuning.distributed" in " ".join(p.cmdline())]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """This process computes with one thread, as the ranks do with OMP_NUM_THREADS=1: float32 sums are then
+    reduced in the same order on both sides (2 threads against 1 differed by 4e-5 once, on a loaded machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def accumulated(tiny_model_dir, tmp_path_factory):
     """One process taking 2 packed rows per optimizer step: what 2 ranks of 1 row each must reproduce."""
     out = tmp_path_factory.mktemp("accumulate-2")
-    return out, train(fact_items(), out_dir=out, config=config(tiny_model_dir, accumulate=2))
+    with one_thread():
+        return out, train(fact_items(), out_dir=out, config=config(tiny_model_dir, accumulate=2))
 
 
-def test_two_ranks_take_the_same_steps_as_one_process_accumulating_their_rows(tiny_model_dir, accumulated, tmp_path):
+def test_two_ranks_take_the_same_steps_as_one_process_accumulating_their_rows(tiny_model_dir, accumulated, tmp_path,
+                                                                               monkeypatch):
     acc_dir, acc_report = accumulated
     progress: list[dict] = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each rank's threads, whatever the machine's core count
     report = train(fact_items(), out_dir=tmp_path, config=config(tiny_model_dir, processes=2),
                    on_progress=progress.append)
     # Gradients summed over the ranks: the adapter equals the accumulating run's (it would not if rank 0
@@ -77,14 +95,12 @@ def test_a_cancelled_run_stops_every_rank_and_resumes_to_the_same_adapter(tiny_m
     items = fact_items(n=12)
     cfg = config(tiny_model_dir, processes=2, epochs=6)
     progress: list[dict] = []
-    started = time.monotonic()
     with pytest.raises(TrainingCancelled):
         train(items, out_dir=tmp_path / "run", config=cfg, on_progress=progress.append,
               should_stop=lambda: any(p.get("step", 0) >= 3 for p in progress))
     stopped_at = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())["step"]
-    assert 3 <= stopped_at < max(p["total_steps"] for p in progress)
+    assert 3 <= stopped_at < max(p["total_steps"] for p in progress)  # stopped (and checkpointed) midway
     assert not rank_processes()
-    assert time.monotonic() - started < 120
     resumed = train(items, out_dir=tmp_path / "run", config=cfg)
     assert resumed.resumed_from_step == stopped_at
     whole = train(items, out_dir=tmp_path / "whole", config=cfg)
@@ -92,22 +108,28 @@ def test_a_cancelled_run_stops_every_rank_and_resumes_to_the_same_adapter(tiny_m
     assert max_diff(adapter(tmp_path / "run"), adapter(tmp_path / "whole")) < 1e-5
 
 
-def test_a_crashed_rank_fails_the_run_promptly_instead_of_hanging(tiny_model_dir, tmp_path):
-    killed: list[int] = []
+# From a rank's death to the caller's error: the launcher polls every 0.2 s, then gives the surviving rank
+# 10 s to stop before killing it. Not a speed: the other rank waits in an all-reduce for 10 minutes otherwise.
+STOPPED_WITHIN_S = 30
 
-    def kill_rank_1(_progress: dict) -> None:
+
+def test_a_crashed_rank_fails_the_run_promptly_instead_of_hanging(tiny_model_dir, tmp_path):
+    killed: list[tuple[int, float]] = []
+    progress: list[dict] = []
+
+    def kill_rank_1(p: dict) -> None:
+        progress.append(p)
         if not killed:
             ranks = sorted(rank_processes(), key=lambda p: p.pid)
             victim = next(p for p in ranks if p.environ().get("RANK") == "1")
-            killed.append(victim.pid)
+            killed.append((victim.pid, time.monotonic()))
             os.kill(victim.pid, signal.SIGKILL)
 
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank 1 of 2 exited"):
+    with pytest.raises(RuntimeError, match="rank 1 of 2 exited with code -9"):  # the dead rank and its SIGKILL
         train(fact_items(n=12), out_dir=tmp_path, config=config(tiny_model_dir, processes=2, epochs=20),
               on_progress=kill_rank_1)
-    assert killed
-    assert time.monotonic() - started < 60
+    assert killed and time.monotonic() - killed[0][1] < STOPPED_WITHIN_S
+    assert progress[-1]["step"] < progress[-1]["total_steps"]  # it did not train on alone
     assert not rank_processes()
 
 

@@ -21,20 +21,22 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def atomic_dir(folder: str | os.PathLike):
+def atomic_dir(folder: str | os.PathLike, *, keep_as: str | os.PathLike | None = None):
     """Write a folder's files into a temporary sibling, then swap it in: a killed process leaves the old folder
-    or the new one whole, never half of each."""
+    or the new one whole, never half of each. With keep_as the folder it replaces is moved there (replacing
+    what was there) instead of removed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = Path(keep_as) if keep_as is not None else folder.with_name(folder.name + ".old")
     if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    if keep_as is None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class ArtifactError(TuningError):

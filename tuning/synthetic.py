@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from storage.errors import DuplicateExample
@@ -28,7 +28,7 @@ class ClientConfig:
     """How to reach the larger model and how patiently to talk to it."""
 
     base_url: str = ""
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # kept out of logs and tracebacks
     model: str = "gpt-4o-mini"
     timeout_s: float = 60.0
     concurrency: int = 4

@@ -209,7 +209,8 @@ def _load_trainable(model, state: dict) -> None:
 def _rng_state() -> dict:
     import torch
 
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -218,23 +219,113 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     import torch
 
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(folder: Path, *, model, optimizer, scheduler, state: dict) -> None:
-    """Write atomically: a killed process leaves the previous checkpoint intact."""
+CHECKPOINT_FILES = ("trainable.pt", "optimizer.pt")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as fp:
+        return hashlib.file_digest(fp, "sha256").hexdigest()
+
+
+def _load_tensors(path: Path):
+    """torch.load that builds only tensors and plain containers (no pickled code), on the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_checkpoint(folder: Path, *, model, optimizer, scheduler, state: dict, keep_previous: bool = True) -> None:
+    """Write atomically (a killed process leaves the previous checkpoint intact), tensors and plain values only.
+
+    state.json, written last, holds the files' checksums: a truncated, damaged or half-synced checkpoint is
+    recognized on resume. With keep_previous the checkpoint it replaces stays as `previous`, to fall back to.
+    """
     import torch
 
     from tuning.artifacts import atomic_dir
 
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, keep_as=folder.with_name("previous") if keep_previous else None) as tmp:
         torch.save(_trainable_state(model), tmp / "trainable.pt")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        sums = {name: _sha256(tmp / name) for name in CHECKPOINT_FILES}
+        (tmp / "state.json").write_text(json.dumps({**state, "checksums": sums}, indent=1))
+
+
+def _read_checkpoint(folder: Path, *, fresh_state: dict, model, optimizer) -> tuple[dict, dict, dict]:
+    """(state, trainable weights, optimizer/scheduler/RNG states) of one checkpoint, checked against this run.
+
+    Raises ValueError (or whatever the damaged file makes json/torch raise) when it cannot be resumed from.
+    """
+    saved = json.loads((folder / "state.json").read_text())
+    if not isinstance(saved, dict) or set(fresh_state) - set(saved):
+        raise ValueError("state.json lacks some of the run's state")
+    sums = saved.pop("checksums", None)  # absent in checkpoints written before checksums were
+    for name in CHECKPOINT_FILES:
+        if sums is not None and _sha256(folder / name) != sums.get(name):
+            raise ValueError(f"{name} does not match its checksum")
+    trainable, extra = _load_tensors(folder / "trainable.pt"), _load_tensors(folder / "optimizer.pt")
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(params) or any(trainable[k].shape != p.shape for k, p in params.items()):
+        raise ValueError("its weights are not this model's")
+    groups, mine = extra["optimizer"]["param_groups"], optimizer.param_groups
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
+        raise ValueError("its optimizer state is for other parameters")
+    flat = [p for g in mine for p in g["params"]]
+    for index, values in extra["optimizer"]["state"].items():
+        if any(hasattr(v, "shape") and v.dim() and v.shape != flat[index].shape for v in values.values()):
+            raise ValueError("its optimizer state is for other parameters")
+    if not {"scheduler", "rng"} <= set(extra):
+        raise ValueError("optimizer.pt lacks the scheduler or RNG state")
+    return saved, trainable, extra
+
+
+def _resume(ckpt_dir: Path, *, snapshot: dict, fresh_state: dict, model, optimizer, scheduler, ranks) -> dict | None:
+    """Load the newest usable checkpoint into the model, optimizer, scheduler and RNGs; its state, or None.
+
+    A damaged checkpoint is skipped for the previous one, then for a fresh start, and the log (the job's log)
+    says so: retrying a job must not fail the same way every time. A checkpoint of other data or settings
+    means a fresh start too. What cannot be used is removed once every rank has read the checkpoints.
+    """
+    chosen, unusable = None, []
+    candidates = [d for d in (ckpt_dir / "last", ckpt_dir / "previous") if d.is_dir()]
+    for i, folder in enumerate(candidates):
+        try:
+            loaded = _read_checkpoint(folder, fresh_state=fresh_state, model=model, optimizer=optimizer)
+        except Exception as exc:  # noqa: BLE001 - a damaged file makes json, zipfile and torch raise many types
+            rest = "trying the previous one" if i + 1 < len(candidates) else "starting over"
+            log.warning("checkpoint %s cannot be resumed from (%s: %s); %s", folder, type(exc).__name__, exc, rest)
+            unusable.append(folder)
+            continue
+        if loaded[0].get("snapshot") != json.loads(json.dumps(snapshot)):
+            log.warning("ignoring the checkpoint in %s: data or config changed", ckpt_dir)
+            unusable = [ckpt_dir]
+            break
+        chosen = folder, loaded
+        break
+    ranks.barrier()  # every rank has read the checkpoints before rank 0 removes any
+    if ranks.main:
+        for folder in unusable:
+            shutil.rmtree(folder, ignore_errors=True)
+    if chosen is None:
+        return None
+    folder, (saved, trainable, extra) = chosen
+    _load_trainable(model, trainable)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    log.info("resuming %s from step %d (epoch %d) of checkpoint %s", ckpt_dir.parent, saved["step"],
+             saved["epoch"] + 1, folder.name)
+    return saved
 
 
 def _save_result(model, tokenizer, out: Path, method: str) -> None:
@@ -375,31 +466,22 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
              "epochs": [], "step_losses": [], "tokens": 0, "train_seconds": 0.0, "data_hash": digest,
              "snapshot": snapshot, "epoch_loss_sum": 0.0, "epoch_loss_tokens": 0, "stopped_early": False}
     resumed_from = 0
-    if resume and (last_dir / "state.json").exists():
-        saved = json.loads((last_dir / "state.json").read_text())
-        if saved.get("snapshot") == json.loads(json.dumps(snapshot)):
-            _load_trainable(model, torch.load(last_dir / "trainable.pt"))
-            extra = torch.load(last_dir / "optimizer.pt", weights_only=False)
-            optimizer.load_state_dict(extra["optimizer"])
-            scheduler.load_state_dict(extra["scheduler"])
-            _set_rng_state(extra["rng"])
+    if resume:
+        saved = _resume(ckpt_dir, snapshot=snapshot, fresh_state=state, model=model, optimizer=optimizer,
+                        scheduler=scheduler, ranks=ranks)
+        if saved is not None:
             state = saved
             resumed_from = state["step"]
-            log.info("resuming %s from step %d (epoch %d)", out, state["step"], state["epoch"] + 1)
-        else:
-            log.warning("ignoring the checkpoint in %s: data or config changed", ckpt_dir)
-            ranks.barrier()  # every rank has read the old checkpoint's state before rank 0 removes it
-            if main:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-    elif not resume and main:
+    elif main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     last_checkpoint = time.monotonic()
 
     def checkpoint() -> None:
         nonlocal last_checkpoint
-        if main:
-            _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        if main:  # a full model's checkpoint is three times its size: keep only one of those
+            _save_checkpoint(last_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                             keep_previous=config.method != "full")
         last_checkpoint = time.monotonic()
 
     scored: list = [None]  # the citation probabilities of the last validation (grounded runs)
@@ -520,7 +602,7 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
     if not main:
         return None
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
-        _load_trainable(model, torch.load(best_dir / "trainable.pt"))  # roll back to the best epoch
+        _load_trainable(model, _load_tensors(best_dir / "trainable.pt"))  # roll back to the best epoch
     min_choice, no_answer = 0.0, None
     if config.recipe == "grounded" and val_rows_items:
         # P([0]) of each validation question shown its own fact, and shown only other facts: the threshold

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,18 +15,35 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from storage import Job, Store, open_db
 from storage.store import utcnow
 from tuning.jobs import events
-from tuning.jobs.executors import PORTABLE_KINDS
+from tuning.jobs.executors import PORTABLE_KINDS, job_key
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, prune_workers, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# The bot's secrets, kept from job processes unless the job's kind needs them (no job talks to Telegram).
+SECRET_NAMES = ("TELEGRAM_BOT_TOKEN", "OPENAI_API_KEY")
+SECRET_PATTERN = re.compile(r"TUNEBOT_\w*(TOKEN|KEY|SECRET|PASSWORD)S?")
+SECRETS_BY_KIND = {"generate": ("OPENAI_API_KEY", "TUNEBOT_OPENAI_API_KEY")}  # the larger model's endpoint
+
+
+def job_environment(kind: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a job process of this kind starts with: `environ` without the secrets it does not need."""
+    needed = SECRETS_BY_KIND.get(kind, ())
+    return {name: value for name, value in environ.items()
+            if name in needed or not (name in SECRET_NAMES or SECRET_PATTERN.fullmatch(name))}
+
+
+def job_log_path(log_dir: str | Path, job: Job) -> Path:
+    """A job's log: beside its artifacts folder, not inside it (that folder is what users download)."""
+    return Path(log_dir) / f"{job_key(job)}.log"
 
 
 def visible_gpus() -> list[int]:
@@ -317,9 +335,8 @@ class Worker:
             self._launch(store, job, devices)
 
     def _launch(self, store: Store, job: Job, devices: tuple[int, ...]) -> None:
-        job_dir = self.log_dir / str(job.assistant_id or 0) / f"job-{job.id}"
-        job_dir.mkdir(parents=True, exist_ok=True)
-        log_path = job_dir / "job.log"
+        log_path = job_log_path(self.log_dir, job)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._ray is not None and job.kind in PORTABLE_KINDS:
             self._launch_ray(store, job, log_path)
             return
@@ -330,7 +347,7 @@ class Worker:
             cmd += ["--cache-dir", str(self.cache_dir)]
         if self.auto_promote:
             cmd.append("--auto-promote")
-        env = dict(os.environ)
+        env = job_environment(job.kind, os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
