@@ -99,13 +99,17 @@ def test_calibrated_no_answer_overrides_the_greedy_citation():
 
 
 def test_no_answer_threshold_separates_answerable_from_unanswerable():
-    answerable = [0.01, 0.02, 0.05, 0.1, 0.3]
-    unanswerable = [0.5, 0.7, 0.8, 0.95, 0.25]
+    answerable = [0.01, 0.02, 0.05, 0.1, 0.3] * 4
+    unanswerable = [0.5, 0.7, 0.8, 0.95, 0.25] * 4
     t = calibrate_no_answer(answerable, unanswerable)
     assert 0.3 < t <= 0.5  # all answerable answered, 4 of 5 unanswerable withheld
-    assert sum(p >= t for p in answerable) == 0 and sum(p >= t for p in unanswerable) == 4
+    assert sum(p >= t for p in answerable) == 0 and sum(p >= t for p in unanswerable) == 16
+    # the same separation seen on 5 questions each could be chance: only a nearly certain [0] withholds
+    assert calibrate_no_answer(answerable[:5], unanswerable[:5]) == 0.9
     assert calibrate_no_answer([], unanswerable) == DEFAULT_NO_ANSWER == calibrate_no_answer(answerable, [])
     assert 0.2 <= calibrate_no_answer([0.99], [0.999]) <= 0.9  # never outside its range
+    # a model whose P([0]) does not tell them apart (untrained, random) says "I don't know" only when nearly sure
+    assert calibrate_no_answer([0.3, 0.5, 0.7], [0.29, 0.49, 0.69]) == 0.9
 
 
 def test_unanswerable_items_show_only_other_facts():

@@ -168,6 +168,13 @@ def test_the_quick_form_parses_the_usual_spellings():
     assert parse_quick_form("question:Where?\n\nanswer:  Berlin ") == ("Where?", "Berlin")
     assert parse_quick_form("Вопрос: а?\nОтвет: б") == ("а?", "б")
     assert parse_quick_form("Q: What is the data: format?\nA: JSONL") == ("What is the data: format?", "JSONL")
+    # a label ends a word, never a word's last letter; of several, one starting a line or a sentence wins
+    assert parse_quick_form("В: Терминал в Домодедово: какой адрес? О: Улица Ленина, 5.") == (
+        "Терминал в Домодедово: какой адрес?", "Улица Ленина, 5.")
+    assert parse_quick_form("Q: What is plan A: basic? A: Cheap.") == ("What is plan A: basic?", "Cheap.")
+    assert parse_quick_form("Q: Which plan? A: Plan A: basic.") == ("Which plan?", "Plan A: basic.")
+    assert parse_quick_form("Q: Which plan A: the cheap one\nA: Plan A: basic.") == (
+        "Which plan A: the cheap one", "Plan A: basic.")
     for text in ("hello", "Q: no answer", "Q: A: x", "Q: x\nA:  ", "", None, "A: x Q: y"):
         assert parse_quick_form(text) is None, text
 

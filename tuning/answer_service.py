@@ -226,7 +226,7 @@ def finish_answer(plan: AnswerPlan, raw: str, token_logprobs: Sequence[float] = 
     if not unsure and plan.mode == "grounded":
         read = read_grounded(raw, plan.hits, token_logprobs, alternatives, no_answer_above=plan.no_answer_above)
         probability = read.choice_probability
-        unsure = read.abstained or grounded_unsure(read, plan.min_choice_probability)
+        unsure = read.abstained or grounded_unsure(read, plan.min_choice_probability, plan.no_answer_above)
         text = read.text
         if read.cited is not None and plan.hits[read.cited].example_id is not None:
             hit = plan.hits[read.cited]
@@ -236,9 +236,11 @@ def finish_answer(plan: AnswerPlan, raw: str, token_logprobs: Sequence[float] = 
     return Finished(text=text, abstained=unsure, sources=sources, choice_probability=probability)
 
 
-def grounded_unsure(read, min_choice_probability: float) -> bool:
-    """An older adapter's rule (no calibrated P([0]) threshold): a citation chosen with too little probability."""
-    return (read.no_answer_probability is None and read.choice_probability is not None
+def grounded_unsure(read, min_choice_probability: float, no_answer_above: float | None) -> bool:
+    """An older adapter's rule (no calibrated P([0]) threshold): a citation chosen with too little probability.
+    (A calibrated adapter that wrote no citation answered closed book, as its closed-book rows taught it: the
+    retrieval confidence alone judges that, as in the tuned mode.)"""
+    return (no_answer_above is None and read.choice_probability is not None
             and read.choice_probability < min_choice_probability)
 
 

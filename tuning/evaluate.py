@@ -246,7 +246,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                 read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives,
                                       no_answer_above=grounding.no_answer_above) for a, h in zip(answers, hits_of)]
                 answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
-                abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability)
+                abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability,
+                                                                    grounding.no_answer_above)
                              for x, r in zip(abstained, read)]
                 no_answer_of[mode] = [r.no_answer_probability for r in read]
                 choice_of[mode] = [r.choice_probability for r in read]

@@ -32,6 +32,10 @@ MAX_MIN_CHOICE = 0.7  # adapters calibrated before no_answer_above: a citation c
 #   "I don't know" (on invented facts: in-scope answers cite with p >= 0.9 but for 5%, wrong ones 0.4-0.7)
 NO_ANSWER_RANGE = (0.2, 0.9)  # where the calibrated P([0]) threshold may fall (few validation questions)
 DEFAULT_NO_ANSWER = 0.5  # with nothing to calibrate on: "I don't know" when [0] is the likelier half
+KS_C = 1.36  # the best threshold's Youden's J is the two-sample Kolmogorov-Smirnov statistic: below its 5% critical
+#   value (1.36 * sqrt((n + m) / (n m))) P([0]) does not tell answerable from unanswerable (an untrained or random
+#   model, a handful of validation questions): then only a nearly certain [0] is "I don't know"
+MIN_SEPARATION = 0.2
 SNAP_F1 = 0.6  # a generated answer this close to the cited example is that example's answer
 ABSTAIN_QUANTILE = 0.0  # the threshold sits below this share of validation (in-scope) questions ...
 MARGIN = 0.5  # ... times this (0.7 withheld 32% of rewordings of 20 invented facts: 8 validation variations)
@@ -315,7 +319,8 @@ def citation_probabilities(model, tokenizer, items, *, system_prompt: str, devic
 def calibrate_no_answer(answerable: Sequence[float], unanswerable: Sequence[float]) -> float:
     """The P([0]) from which a grounded answer is "I don't know": the threshold that best separates validation
     questions shown their own fact (answerable) from the same questions shown only other facts (unanswerable),
-    by the share of each it gets right (Youden's J); on a tie the higher one (fewer questions withheld)."""
+    by the share of each it gets right (Youden's J); on a tie the higher one (fewer questions withheld). When no
+    threshold separates them significantly (J below the Kolmogorov-Smirnov critical value), the highest one."""
     low, high = NO_ANSWER_RANGE
     if not answerable or not unanswerable:
         return DEFAULT_NO_ANSWER
@@ -325,7 +330,9 @@ def calibrate_no_answer(answerable: Sequence[float], unanswerable: Sequence[floa
         j = sum(p >= t for p in unanswerable) / len(unanswerable) - sum(p >= t for p in answerable) / len(answerable)
         if j >= best_j:
             best, best_j = t, j
-    return round(best, 4)
+    n, m = len(answerable), len(unanswerable)
+    significant = best_j >= max(MIN_SEPARATION, KS_C * math.sqrt((n + m) / (n * m)))
+    return round(best if significant else high, 4)
 
 
 def calibrate_min_choice(probabilities: Sequence[float], *, quantile: float = 0.05) -> float:

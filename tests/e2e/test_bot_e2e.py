@@ -78,6 +78,9 @@ def test_expert_adds_examples_three_ways(emulator, bot, db):
     aid = db.assistant_by_name("acme").id
     assert "Saved as example" in expert.ask("Q: How long does delivery take?\nA: Two to three working days.").text
     assert "Saved as example" in expert.ask("В: Сколько стоит доставка? О: 300 рублей.").text
+    # a colon inside the question is not the answer label; the reply shows the split that was saved
+    saved = expert.ask("В: Терминал в Домодедово: какой адрес? О: Улица Ленина, 5.").text
+    assert saved.endswith("Q: Терминал в Домодедово: какой адрес?\nA: Улица Ленина, 5.")
 
     assert "question" in expert.ask("/add").text
     assert "answer" in expert.ask("Can I track my parcel?").text

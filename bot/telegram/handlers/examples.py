@@ -11,11 +11,10 @@ from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_ob
                                  requires, short, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.handlers.generate import document_uploaded
 from storage import DuplicateExample, StorageError
+from tuning.formats import parse_quick_form
 
 ADD_QUESTION, ADD_ANSWER, ADD_CONFIRM = range(3)
 PAGE = 5
-QUICK_FORM = re.compile(r"^\s*(?:Q|В|Вопрос|Question)\s*[:：]\s*(?P<q>.+?)\s*\n?\s*(?:A|О|Ответ|Answer)\s*[:：]\s*(?P<a>.+)\s*$",
-                        re.IGNORECASE | re.DOTALL)
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 DOCUMENT_SUFFIXES = (".txt", ".md", ".pdf", ".docx")
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
@@ -24,17 +23,10 @@ PAGE_BUTTON = re.compile(r"ex:p:([0-9]{1,9})")
 EXAMPLE_BUTTON = re.compile(rf"ex:([ed]):(?P<id>{ID}):([0-9]{{1,9}})")  # edit or delete, example, page to come back to
 
 
-def parse_quick_form(text: str) -> tuple[str, str] | None:
-    """'Q: … A: …' (or 'В: … О: …') as (question, answer)."""
-    match = QUICK_FORM.match(text or "")
-    if not match:
-        return None
-    return match.group("q").strip(), match.group("a").strip()
-
-
 def save_example(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_id: int, question: str,
-                 answer: str, *, source: str = "expert") -> str:
-    """Store one approved example from an expert; the reply text (saved or duplicate)."""
+                 answer: str, *, source: str = "expert", echo: bool = False) -> str:
+    """Store one approved example from an expert; the reply text (saved or duplicate; with echo, a saved one
+    shows the question and answer as they were stored)."""
     try:
         ex = store_of(context).add_example(assistant_id, question, answer, source=source, status="approved",
                                            author_id=update.effective_user.id)
@@ -43,7 +35,11 @@ def save_example(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_i
     except StorageError as exc:
         return tr_error(update, context, exc)
     total = store_of(context).count_examples(assistant_id, status="approved")
-    return tr(update, context, "example_saved", id=ex.id, total=total)
+    text = tr(update, context, "example_saved", id=ex.id, total=total)
+    if echo:  # so a wrong split of the quick form is seen at once (and fixed with /examples)
+        text += "\n" + tr(update, context, "quick_form_saved_as", question=short(question, 300),
+                          answer=short(answer, 300))
+    return text
 
 
 # ------------------------------------------------------------------ guided /add
@@ -127,7 +123,7 @@ def add_conversation() -> ConversationHandler:
 async def quick_form(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """'Q: … A: …' in one message."""
     question, answer = parse_quick_form(update.message.text)
-    await reply(update, save_example(update, context, assistant.id, question, answer))
+    await reply(update, save_example(update, context, assistant.id, question, answer, echo=True))
 
 
 @requires("expert")
