@@ -57,7 +57,7 @@ def test_generate_mutate_on_the_faq(faq_store, env):
     assert all(len(v) == 5 for v in per_parent.values()) and len(per_parent) == len(roots)
     norms = [normalize_question(e.question) for e in store.list_examples(assistant.id)]
     assert len(norms) == len(set(norms))
-    assert elapsed < 30
+    assert elapsed < 110  # local mutations need no model: well inside the run's 120 s limit on a loaded machine
 
 
 def test_generate_defaults_to_mutate_and_needs_endpoint_for_paraphrase(faq_store, env, capsys):

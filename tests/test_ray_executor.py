@@ -132,9 +132,7 @@ def test_a_cancelled_ray_job_ends_cancelled(ray_head, db_path, store, assistant,
     try:
         run_until(worker, lambda: store.get_job(job.id).progress.get("step", 0) >= 1, timeout=120)
         cancel_job(Store(open_db(db_path)), job.id, by=1)  # as the bot or the CLI would, from elsewhere
-        started = time.monotonic()
-        run_until(worker, lambda: not worker.running, timeout=20, every=0.1)
-        assert time.monotonic() - started < 10
+        run_until(worker, lambda: not worker.running, timeout=20, every=0.1)  # the 200 epochs would take minutes
     finally:
         worker.shutdown()
     done = store.get_job(job.id)

@@ -174,7 +174,7 @@ async def test_should_stop_ends_a_slow_run_at_once_keeping_what_was_saved(fake, 
     run = await generate(store, assistant.id, method="paraphrase", per_example=2,
                          client_config=config(fake, concurrency=1, timeout_s=60),
                          should_stop=lambda: time.monotonic() >= stop_at)
-    assert time.monotonic() - started < 5  # not the 30 s the request in flight would take
+    assert time.monotonic() - started < 20  # not the 30 s the request in flight would take (even on a loaded machine)
     assert run.status == "stopped" and "shutting down" in run.error and f"--resume {run.id}" in run.error
     assert len(variations(store, assistant, run)) == 2  # the first answer was saved before the stop
     fake.default = paraphrases_for
