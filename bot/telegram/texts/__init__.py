@@ -26,3 +26,29 @@ def t(lang: str, key: str, **params: object) -> str:
     """The text `key` in `lang` (English when missing), formatted with `params`."""
     text = catalogue(lang if lang in LANGUAGES else "en").get(key) or catalogue("en")[key]
     return text.format(**params) if params else text
+
+
+def label(lang: str, group: str, value: object) -> str:
+    """A value of an enum a user sees (an example's source, a job's kind, a JSON type…) in `lang`: the catalogue's
+    "<group>_<value>", else the value itself."""
+    if group == "method" and isinstance(value, str) and value.startswith("mutation:"):
+        kinds = [label(lang, "mutation", kind) for kind in value.split(":", 1)[1].split("+") if kind]
+        return t(lang, "method_mutation", kinds=" + ".join(kinds))
+    key = f"{group}_{value}"
+    return t(lang, key) if key in catalogue("en") else str(value)
+
+
+def labelled_counts(lang: str, group: str, counts: dict) -> str:
+    """"одобрен: 144, ждёт проверки: 1": counts keyed by an enum's values, each value in `lang`."""
+    return ", ".join(f"{label(lang, group, key)}: {n}" for key, n in counts.items()) or "—"
+
+
+def duration(seconds: float | None, lang: str) -> str:
+    """"3 min 55 s" / "3 мин 55 с"; hours and minutes past an hour."""
+    total = max(int(round(seconds or 0)), 0)
+    hours, rest = divmod(total, 3600)
+    if hours:
+        return t(lang, "duration_h_min", h=hours, m=rest // 60)
+    if rest >= 60:
+        return t(lang, "duration_min_s", m=rest // 60, s=rest % 60)
+    return t(lang, "duration_s", s=rest)
