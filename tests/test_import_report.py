@@ -123,3 +123,35 @@ def test_an_unknown_code_falls_back_to_the_english_reason():
     assert line_reason(error, "ru") == 'нет поля "answer"'
     unknown = type(error)(3, "some new reason", "brand_new_code", ())
     assert line_reason(unknown, "ru") == "some new reason"
+
+
+def test_json_syntax_errors_and_types_are_described_in_russian_with_their_position():
+    broken = ['{"question": "q", "answer": }', "{'question': 'q'}", '{"question" "q"}', '{"question": "q" "a": 1}',
+              '{"question": "q", "answer": "a"} extra', '{"question": "q', '{"question": "a\tb", "answer": "a"}',
+              '{"question": "\\q", "answer": "a"}', '{"question": "\\u12", "answer": "a"}']
+    typed = ["[1, 2]", "null", '{"question": true, "answer": "a"}', '{"question": "q", "answer": {"a": 1}}',
+             '{"question": "q", "answer": "a", "must_contain": "a"}']
+    report = read_examples(jsonl(*broken, *typed))
+    assert [e.code for e in report.errors] == ["invalid_json"] * len(broken) + [
+        "not_object", "not_object", "wrong_type", "wrong_type", "not_string_list"]
+    for error in report.errors:
+        reason = line_reason(error, "ru")
+        assert set(re.findall(r"[A-Za-z_]+", reason)) <= {"JSON", "question", "answer", "must_contain"}, reason
+        assert line_reason(error, "en") == error.reason
+    reasons = [line_reason(e, "ru") for e in report.errors]
+    assert reasons[0] == "некорректный JSON: здесь ожидалось значение (текст пишется в двойных кавычках), позиция 29"
+    assert reasons[5] == "некорректный JSON: строка не закрыта двойной кавычкой, позиция 14"
+    assert len(set(reasons[:len(broken)])) == len(broken)  # each syntax problem has its own description
+    assert reasons[len(broken):] == [
+        'ожидался JSON-объект вида {"question": …, "answer": …}, а не массив',
+        'ожидался JSON-объект вида {"question": …, "answer": …}, а не пустое значение',
+        'поле "question" должно быть строкой, а не логическое значение',
+        'поле "answer" должно быть строкой, а не объект',
+        'поле "must_contain" должно быть списком строк, а не строка']
+
+
+def test_an_unknown_json_message_is_shown_as_it_is():
+    [error] = read_examples(b'{"question": }\n').errors
+    odd = type(error)(1, "invalid JSON: Something new at column 3", "invalid_json",
+                      (("detail", "Something new"), ("column", 3)))
+    assert line_reason(odd, "ru") == "некорректный JSON: Something new, позиция 3"

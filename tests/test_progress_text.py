@@ -13,9 +13,18 @@ def running(progress: dict) -> Job:
 def test_running_job_shows_steps_loss_eta_and_where_it_runs():
     p = {"step": 5, "total_steps": 20, "epoch": 1, "loss": 1.25, "val_loss": None, "eta_s": 75}
     plain = render_progress(running(p), "en")
-    assert "#7" in plain and "5" in plain and "20" in plain and "1m 15s" in plain
+    assert "#7" in plain and "5" in plain and "20" in plain and "About 1 min 15 s left" in plain
     assert "Data parallel" not in plain and "node" not in plain
     wide = render_progress(running({**p, "processes": 4, "node": "10.0.0.3"}), "en")
     assert "Data parallel: 4 processes" in wide and "On node 10.0.0.3" in wide
     ru = render_progress(running({**p, "processes": 4, "node": "10.0.0.3"}), "ru")
     assert "процессов: 4" in ru and "Узел: 10.0.0.3" in ru and "Data parallel" not in ru
+    assert "Осталось около 1 мин 15 с" in ru
+
+
+def test_durations_are_said_in_the_users_language():
+    from bot.telegram.texts import duration
+
+    assert [duration(s, "en") for s in (0, 9, 60, 235, 3600, 5430)] == [
+        "0 s", "9 s", "1 min 0 s", "3 min 55 s", "1 h 0 min", "1 h 30 min"]
+    assert [duration(s, "ru") for s in (9, 235, 5430)] == ["9 с", "3 мин 55 с", "1 ч 30 мин"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.telegram.texts import catalogue, t
+from bot.telegram.texts import catalogue, label, t
 from tuning.formats import LineError
 from tuning.importing import ImportReport, line_ranges
 
@@ -23,7 +23,20 @@ def line_reason(error: LineError, lang: str) -> str:
     key = f"line_error_{error.code}"
     if not error.code or key not in catalogue("en"):
         return error.reason
-    return t(lang, key, **dict(error.params))
+    params = dict(error.params)
+    if "kind" in params:  # a JSON type: "array", "null"…
+        params["kind"] = label(lang, "json_type", params["kind"])
+    if error.code == "invalid_json":
+        params["detail"] = json_problem(str(params.get("detail", "")), lang)
+    return t(lang, key, **params)
+
+
+def json_problem(message: str, lang: str) -> str:
+    """Python's json.JSONDecodeError.msg ("Expecting value") said in `lang` (the English catalogue's "json_problem_*"
+    are those messages, matched as prefixes); an unknown one as it is."""
+    english = catalogue("en")
+    key = next((key for key in english if key.startswith("json_problem_") and message.startswith(english[key])), None)
+    return t(lang, key) if key else message
 
 
 def import_summary(report: ImportReport, lang: str, *, max_lines: int = 20) -> str:

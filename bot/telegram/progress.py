@@ -38,7 +38,7 @@ def render_progress(job: Job, lang: str) -> str:
         if p.get("loss") is not None:
             lines.append(t(lang, "job_loss", loss=_num(p.get("loss")), val_loss=_num(p.get("val_loss"))))
         if p.get("eta_s") is not None:
-            lines.append(t(lang, "job_eta", eta=_duration(p.get("eta_s"))))
+            lines.append(t(lang, "job_eta", eta=_duration(p.get("eta_s"), lang)))
         if (p.get("processes") or 1) > 1:
             lines.append(t(lang, "job_parallel", n=p["processes"]))
         if p.get("node"):  # a Ray task: the cluster node it runs on
@@ -55,9 +55,10 @@ def _num(value) -> str:
     return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-def _duration(seconds) -> str:
-    seconds = int(seconds or 0)
-    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def _duration(seconds, lang: str) -> str:
+    from bot.telegram.texts import duration
+
+    return duration(seconds, lang)
 
 
 def _lang_for(context: ContextTypes.DEFAULT_TYPE, user_id: int | None) -> str:

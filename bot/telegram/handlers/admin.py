@@ -11,8 +11,9 @@ from pathlib import Path
 from telegram import InputFile, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, button_invalid, callback_match, private_only, reply, requires, store_of, tr,
-                                 with_thread_store)
+from bot.telegram.common import (ID, button_invalid, callback_match, lang_of, private_only, reply, requires, store_of,
+                                 tr, with_thread_store)
+from bot.telegram.texts import labelled_counts
 
 EXPORT_FORMATS = ("jsonl", "openai")
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
@@ -119,9 +120,11 @@ async def stats(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     counts = store.example_counts(assistant.id)
     versions = store.list_model_versions(assistant.id)
     feedback = store.feedback_counts(assistant.id)
-    fmt = lambda d: ", ".join(f"{k}: {v}" for k, v in d.items()) or "—"  # noqa: E731
-    await reply(update, tr(update, context, "stats", name=assistant.name, by_status=fmt(counts["status"]),
-                           by_source=fmt(counts["source"]), by_split=fmt(counts["split"]), versions=len(versions),
+    lang = lang_of(update, context)
+    await reply(update, tr(update, context, "stats", name=assistant.name,
+                           by_status=labelled_counts(lang, "status", counts["status"]),
+                           by_source=labelled_counts(lang, "source", counts["source"]),
+                           by_split=labelled_counts(lang, "split", counts["split"]), versions=len(versions),
                            active=assistant.active_version_id or "—",
                            jobs=len(store.list_jobs(assistant_id=assistant.id)),
                            up=feedback.get("up", 0), down=feedback.get("down", 0)))

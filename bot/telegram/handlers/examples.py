@@ -10,6 +10,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes, Con
 from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, lang_of, reply,
                                  requires, short, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.handlers.generate import document_uploaded
+from bot.telegram.texts import label
 from storage import DuplicateExample, StorageError
 from tuning.formats import parse_quick_form
 
@@ -187,10 +188,12 @@ def _page_view(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_id:
     if not items:
         return tr(update, context, "examples_empty"), None
     lines = [tr(update, context, "examples_header", page=page + 1, pages=pages, total=total)]
+    lang = lang_of(update, context)
     rows = []
     for ex in items:
-        lines.append(f"\n#{ex.id} [{tr(update, context, 'status_' + ex.status)}, {ex.source}]\n"
-                     f"Q: {short(ex.question, 200)}\nA: {short(ex.answer, 300)}")
+        lines.append(tr(update, context, "examples_item", id=ex.id, status=label(lang, "status", ex.status),
+                        source=label(lang, "source", ex.source), question=short(ex.question, 200),
+                        answer=short(ex.answer, 300)))
         rows.append([(f"✏️ #{ex.id}", f"ex:e:{ex.id}:{page}"), (f"🗑 #{ex.id}", f"ex:d:{ex.id}:{page}")])
     nav = []
     if page > 0:

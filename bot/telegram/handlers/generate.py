@@ -17,7 +17,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 from bot.app import client_config, endpoint_configured
 from bot.telegram.common import (ID, app_of, button_invalid, button_object, callback_match, error_reason, keyboard,
                                  lang_of, reply, requires, short, store_of, tr, with_thread_store)
-from bot.telegram.texts import t
+from bot.telegram.texts import label, t
 from storage import StorageError
 from tuning.errors import TuningError
 
@@ -198,11 +198,15 @@ async def _generation_task(context: ContextTypes.DEFAULT_TYPE, *, chat_id: int, 
     except (TuningError, StorageError) as exc:
         await show(t(lang, "generate_failed", reason=error_reason(exc, lang)))
         return
+    tokens = run.prompt_tokens + run.completion_tokens
     key = "generate_done_document" if method == "document" else "generate_done"
-    text = t(lang, key, kept=run.kept, requested=run.requested, cost=f"{run.cost_usd:.4f}",
-             tokens=run.prompt_tokens + run.completion_tokens, requests=run.requests)
+    if not tokens and not run.cost_usd and method != "document":  # local mutations: nothing spent, nothing to say
+        key = "generate_done_free"
+    text = t(lang, key, kept=run.kept, requested=run.requested, cost=f"{run.cost_usd:.4f}", tokens=tokens,
+             requests=run.requests)
     if run.status != "succeeded":
-        text += "\n\n" + t(lang, "generate_stopped", status=run.status, error=short(run.error or "", 600))
+        text += "\n\n" + t(lang, "generate_stopped", status=label(lang, "runstate", run.status),
+                              error=short(run.error or "", 600))
     pending = len(store_of(context).list_examples(assistant_id, status="pending", generation_run_id=run.id))
     buttons = [[(t(lang, "btn_review"), f"rvgo:{run.id}")]] if pending else None
     await show((title + "\n" if title else "") + text, buttons)

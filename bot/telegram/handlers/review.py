@@ -15,7 +15,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, lang_of, reply, requires, short,
                                  store_of, tr, tr_error, with_thread_store)
 from bot.telegram.import_report import plural_form
-from bot.telegram.texts import t
+from bot.telegram.texts import label, t
 from storage import NotFound, NotOpen, StorageError, Store
 from storage.records import Unanswered
 from storage.store import parse_time
@@ -109,7 +109,9 @@ async def _show_card(update: Update, context: ContextTypes.DEFAULT_TYPE, assista
     left = len(store.list_examples(assistant.id, status="pending", generation_run_id=scope.get("run_id")))
     text = tr(update, context, "review_card", done=done, total=total, left=left,
               source=_source_line(update, context, store, ex), question=short(ex.question, 800),
-              answer=short(ex.answer, 1200), method=ex.method or ex.source,
+              answer=short(ex.answer, 1200),
+              method=label(lang_of(update, context), "method", ex.method) if ex.method
+              else label(lang_of(update, context), "source", ex.source),
               score="—" if ex.judge_score is None else f"{ex.judge_score:.2f}")
     rows = [[("✅", f"rv:a:{ex.id}"), ("✏️", f"rv:e:{ex.id}"), ("❌", f"rv:r:{ex.id}"), ("⏭", f"rv:s:{ex.id}")]]
     if ex.generation_run_id:

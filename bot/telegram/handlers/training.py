@@ -11,6 +11,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, lang_of, reply,
                                  requires, store_of, tr, with_thread_store)
 from bot.telegram.progress import render_progress
+from bot.telegram.texts import label, labelled_counts
 from storage import StorageError
 from storage.store import fmt_time
 
@@ -50,8 +51,8 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     rows, epoch_tokens = plan_size(n_facts=facts, n_items=approved, n_tokens=stats["approved_tokens_estimate"])
     epochs = choose(n_facts=facts, n_items=rows, n_tokens=epoch_tokens, recipe="grounded").epochs
     estimate_s = epoch_tokens * epochs / TOKENS_PER_S_CPU
-    by_source = ", ".join(f"{k}: {v}" for k, v in stats["by_source"].items())
-    by_split = ", ".join(f"{k}: {v}" for k, v in stats["by_split"].items())
+    by_source = labelled_counts(lang_of(update, context), "source", stats["by_source"])
+    by_split = labelled_counts(lang_of(update, context), "split", stats["by_split"])
     await reply(update, tr(update, context, "train_summary", name=assistant.name, approved=approved,
                            pending=stats["by_status"].get("pending", 0), by_source=by_source, by_split=by_split,
                            tokens=stats["approved_tokens_estimate"],
@@ -135,7 +136,8 @@ async def jobs_list(update: Update, context: ContextTypes.DEFAULT_TYPE, assistan
     for job in jobs:
         p = job.progress or {}
         extra = f" {p.get('step')}/{p.get('total_steps')}" if job.status == "running" and p.get("total_steps") else ""
-        lines.append(f"#{job.id} {job.kind}: {tr(update, context, 'jobstate_' + job.status)}{extra}"
+        lines.append(f"#{job.id} {label(lang_of(update, context), 'jobkind', job.kind)}: "
+                     f"{tr(update, context, 'jobstate_' + job.status)}{extra}"
                      + (f" ({job.scheduled_at})" if job.status == "scheduled" else ""))
         if job.status in ("scheduled", "queued", "running"):
             rows.append([(tr(update, context, "btn_cancel_job", id=job.id), f"jb:c:{job.id}")])
