@@ -155,3 +155,11 @@ def test_an_unknown_json_message_is_shown_as_it_is():
     odd = type(error)(1, "invalid JSON: Something new at column 3", "invalid_json",
                       (("detail", "Something new"), ("column", 3)))
     assert line_reason(odd, "ru") == "некорректный JSON: Something new, позиция 3"
+
+
+def test_a_csv_cell_over_the_reader_limit_is_described_in_russian(store, assistant):
+    _, csv_report = every_kind_of_bad_line(store, assistant)
+    [error] = [e for e in csv_report.errors if e.code == "csv_error"]
+    assert line_reason(error, "ru") == ("не удалось разобрать CSV: поле длиннее 131072 символов (предел чтения CSV); "
+                                        "сократите его или разбейте на несколько")
+    assert line_reason(error, "en") == error.reason == "cannot parse CSV: field larger than field limit (131072)"

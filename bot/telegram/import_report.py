@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from bot.telegram.texts import catalogue, label, t
 from tuning.formats import LineError
 from tuning.importing import ImportReport, line_ranges
+
+CSV_FIELD_LIMIT = re.compile(r"field larger than field limit \((\d+)\)")  # Python's csv.Error for a huge cell
 
 
 def plural_form(lang: str, n: int) -> str:
@@ -28,6 +32,8 @@ def line_reason(error: LineError, lang: str) -> str:
         params["kind"] = label(lang, "json_type", params["kind"])
     if error.code == "invalid_json":
         params["detail"] = json_problem(str(params.get("detail", "")), lang)
+    if error.code == "csv_error" and (limit := CSV_FIELD_LIMIT.fullmatch(str(params.get("detail", "")))):
+        params["detail"] = t(lang, "csv_problem_field_limit", limit=limit.group(1))
     return t(lang, key, **params)
 
 
