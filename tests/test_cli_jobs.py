@@ -102,7 +102,7 @@ def test_train_assistant_at_schedules_in_the_timezone(env, capsys):
     assert code == 2 and "--at: expected" in err
 
 
-def test_train_assistant_wait_runs_a_worker_here_and_ends_with_a_candidate(env, capsys, tiny_model_dir):
+def test_train_assistant_wait_runs_a_worker_here_and_activates_the_first_version(env, capsys, tiny_model_dir):
     a = env.create_assistant("acme", base_model=tiny_model_dir, system_prompt="Be brief.")
     add_examples(env, a.id, 4, test=1)
     code, out, err = run(capsys, "train", "--assistant", "acme", "--wait", "--epochs", "1", "--batch-tokens", "64")
@@ -111,7 +111,8 @@ def test_train_assistant_wait_runs_a_worker_here_and_ends_with_a_candidate(env, 
     # Live progress lines while running (not a terminal here); how many steps are seen depends on speed.
     assert re.search(r"job #1 running .*step \d+/\d+", err), err
     version = env.list_model_versions(a.id)[0]
-    assert out.startswith(f"version #{version.id} registered: candidate")
-    assert f"tunebot promote {version.id}" in out
+    # Nothing was active before, so the first version is (it cannot be worse than nothing trained).
+    assert out.startswith(f"version #{version.id} registered: promoted to active")
+    assert env.get_assistant(a.id).active_version_id == version.id
     assert version.metrics["n_test"] == 1 and "accuracy" in version.metrics
     assert env.get_job(version.job_id).params == {"config": {"epochs": 1, "batch_tokens": 64}}

@@ -70,6 +70,21 @@ def test_a_docx_with_too_many_parts_is_refused():
     assert exc.code == "doc_too_many_parts" and "the limit is 30" in str(exc)
 
 
+def test_a_docx_with_a_huge_member_count_is_refused_before_zipfile_reads_its_directory():
+    """150,000 empty parts: zipfile's directory alone would take ~100 MB; the end record's count refuses it first."""
+    import tracemalloc
+
+    data = docx_with_body(paragraphs("x"), extra={f"j/{i}": b"" for i in range(30_000)})
+    tracemalloc.start()
+    try:
+        exc = refused(lambda: extract_text("many.docx", data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert exc.code == "doc_too_many_parts" and int(exc.params["count"]) > 30_000
+    assert peak < len(data) + 5_000_000  # no object per member (zipfile's ~700 bytes each would be ~20 MB)
+
+
 def test_text_past_the_limit_is_refused_in_every_format():
     text = words(1_100_000)
     docx = docx_with_body(paragraphs(*(text[i:i + 1000] for i in range(0, len(text), 1000))))

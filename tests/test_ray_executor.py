@@ -107,11 +107,11 @@ def test_a_training_job_on_ray_gives_the_same_rows_as_a_local_one(ray_head, db_p
     assert done.progress["step"] == done.progress["total_steps"] and done.progress["phase"] == "done"
     assert done.progress["node"] == "127.0.0.1" and done.progress["attempt"] == 1
     assert [s for k, i, s in seen if k == "state"] == ["running", "succeeded"]
-    # The same result and candidate version as a local run.
+    # The same result and version as a local run: the first one, so it became active by itself.
     versions = store.list_model_versions(assistant.id)
-    assert [(v.job_id, v.status) for v in versions] == [(job.id, "candidate")]
+    assert [(v.job_id, v.status) for v in versions] == [(job.id, "active")]
     version = versions[0]
-    assert done.result["version_id"] == version.id and done.result["promoted"] is False
+    assert done.result["version_id"] == version.id and done.result["first_version"] is True
     assert done.result["adapter_dir"] == version.adapter_path == str(tmp_path / "art" / str(assistant.id) /
                                                                        f"job-{job.id}")
     assert (Path(version.adapter_path) / "adapter_model.safetensors").exists()

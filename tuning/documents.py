@@ -126,8 +126,24 @@ def _unpacked_too_big(filename: str, size: int, limits: DocumentLimits) -> Forma
                        params={"name": filename, "size": shown, "limit": limit})
 
 
+def _declared_members(data: bytes) -> int | None:
+    """The member count in the zip's end-of-central-directory record (0xFFFF: a zip64 archive, which no .docx
+    needs), or None when there is no such record (zipfile then reports the damage)."""
+    import struct
+
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 0xFFFF))
+    if at < 0 or at + 12 > len(data):
+        return None
+    return struct.unpack("<H", data[at + 10:at + 12])[0]
+
+
 def _check_archive(data: bytes, filename: str, *, limits: DocumentLimits = DEFAULT_LIMITS) -> None:
     """Refuse a zip (a .docx) that unpacks past the limits: by its headers first, then by reading every member."""
+    count = _declared_members(data)  # before zipfile builds an object per member (150,000 of them: ~100 MB)
+    if count is not None and count > limits.max_members:
+        raise FormatError(f"{filename}: the .docx has {count} parts; the limit is {limits.max_members}",
+                          code="doc_too_many_parts",
+                          params={"name": filename, "count": count, "limit": limits.max_members})
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         members = archive.infolist()
         if len(members) > limits.max_members:

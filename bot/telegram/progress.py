@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from html import escape
 from pathlib import Path
 
 from telegram.ext import ContextTypes
 
 from bot.telegram.common import keyboard, store_of
 from bot.telegram.texts import t
-from storage.records import Job
+from storage import NotFound
+from storage.records import Job, ModelVersion
 
 log = logging.getLogger("tunebot.telegram")
 POLL_S = 1.0
@@ -93,30 +95,85 @@ async def poll_jobs(context: ContextTypes.DEFAULT_TYPE) -> None:
 
 async def send_finish_report(context: ContextTypes.DEFAULT_TYPE, job: Job, lang: str) -> None:
     """The loss curve, the before/after table, and Try it / Make active / Discard."""
+    if job.kind != "train":
+        return
+    store = store_of(context)
     result = job.result or {}
     out_dir = result.get("out_dir") or result.get("adapter_dir") or result.get("adapter_path")
     curve = result.get("loss_curve") or (str(Path(out_dir) / "loss_curve.png") if out_dir else None)
     if curve and Path(curve).exists():
         with open(curve, "rb") as fp:
             await context.bot.send_photo(job.tg_chat_id, fp, caption=t(lang, "train_curve_caption", id=job.id))
-    table = (result.get("markdown") or result.get("eval_table") or (result.get("metrics") or {}).get("eval_table")
-             or _metrics_table(result.get("metrics") or {}))
-    version_id = result.get("version_id")
-    text = t(lang, "train_finished", id=job.id) + ("\n\n" + table if table else "")
-    buttons = None
-    if version_id:
-        buttons = keyboard([[(t(lang, "btn_try"), f"tv:t:{version_id}"), (t(lang, "btn_activate"), f"tv:a:{version_id}"),
-                             (t(lang, "btn_discard"), f"tv:d:{version_id}")]])
-    await context.bot.send_message(job.tg_chat_id, text[:4000], reply_markup=buttons)
+    version = None
+    if result.get("version_id"):
+        try:
+            version = store.get_model_version(result["version_id"])
+        except NotFound:
+            version = None
+    assistant = store.get_assistant(job.assistant_id) if job.assistant_id else None
+    text, rows = render_finish_report(
+        job, lang, version=version, active_version_id=assistant.active_version_id if assistant else None,
+        has_examples=bool(assistant and store.count_examples(assistant.id, status="approved")))
+    await context.bot.send_message(job.tg_chat_id, text, parse_mode="HTML", reply_markup=keyboard(rows) if rows else None)
 
 
-def _metrics_table(metrics: dict) -> str:
-    """A small text table from {"modes": {"base": {...}, "tuned": {...}}} or flat metrics."""
-    modes = metrics.get("modes") if isinstance(metrics, dict) else None
-    if not modes:
-        return "\n".join(f"{k}: {_num(v)}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    cols = ("accuracy", "f1", "rouge_l")
-    lines = ["mode      " + " ".join(f"{c:>8}" for c in cols)]
-    for mode, row in modes.items():
-        lines.append(f"{mode:<9} " + " ".join(f"{_num(row.get(c)):>8}" for c in cols))
-    return "\n".join(lines)
+def render_finish_report(job: Job, lang: str, *, version: ModelVersion | None, active_version_id: int | None,
+                         has_examples: bool = True) -> tuple[str, list[list[tuple[str, str]]]]:
+    """The finish report of a training job as Telegram HTML, and its button rows."""
+    result = job.result or {}
+    metrics = result.get("metrics") or {}
+    parts = [f"<b>{escape(t(lang, 'train_finished', id=job.id))}</b>"]
+    parts += _evaluation_parts(metrics, lang, version_id=version.id if version else result.get("version_id"))
+    rows: list[list[tuple[str, str]]] = []
+    if version is not None:
+        try_it = (t(lang, "btn_try"), f"tv:t:{version.id}")
+        if version.status == "active":
+            key = "report_first_active" if result.get("first_version") else "report_now_active"
+            parts.append(t(lang, key, id=version.id))
+            rows = [[try_it]]
+        elif version.status == "discarded":
+            parts.append(t(lang, "report_discarded", id=version.id))
+        else:
+            if active_version_id:
+                current = t(lang, "report_current_version", id=active_version_id)
+            else:
+                current = t(lang, "report_current_fewshot" if has_examples else "report_current_base")
+            parts.append(t(lang, "report_ask_activate", id=version.id, current=current))
+            rows = [[try_it, (t(lang, "btn_activate"), f"tv:a:{version.id}"),
+                     (t(lang, "btn_discard"), f"tv:d:{version.id}")]]
+    text = "\n\n".join(parts)
+    if len(text) > MAX_REPORT:  # examples are the long part; never cut inside an HTML tag
+        parts = [p for p in parts if not p.startswith("❓")]
+        text = "\n\n".join(parts)
+    return text, rows
+
+
+MAX_REPORT = 4000
+TABLE_ORDER = ("lookup", "base", "fewshot", "tuned", "grounded")
+
+
+def _evaluation_parts(metrics: dict, lang: str, *, version_id: int | None) -> list[str]:
+    """What the run was checked on, the per-mode table in <pre>, one plain sentence, and examples."""
+    correct, n = metrics.get("eval_correct") or {}, metrics.get("n_test") or 0
+    on = metrics.get("eval_on")
+    if not correct or not n:
+        return [t(lang, "report_no_eval_test" if on == "test" else "report_no_eval")]
+    answer_mode = metrics.get("answer_mode") or "tuned"
+    parts = [t(lang, f"report_on_{on}" if on in ("test", "variations", "examples") else "report_on_test", n=n)]
+    names = {m: t(lang, f"mode_{m}") + (" *" if m == answer_mode else "") for m in TABLE_ORDER if m in correct}
+    width = max(len(v) for v in names.values())
+    head = f"{t(lang, 'report_col_mode'):<{width}}  {t(lang, 'report_col_correct')}"
+    lines = [head] + [f"{names[m]:<{width}}  {correct[m]:>3}/{n:<3} {round(100 * correct[m] / n):>3}%"
+                      for m in names]
+    parts.append("<pre>" + escape("\n".join(lines)) + "</pre>")
+    ref = version_id if version_id is not None else "?"
+    parts.append(t(lang, "report_marker", id=ref, mode=t(lang, f"mode_{answer_mode}")))
+    parts.append(t(lang, "report_summary", id=ref, correct=correct.get(answer_mode, 0), n=n,
+                   base=correct.get("base", 0)))
+    if metrics.get("eval_by_overlap", 0 if on == "test" else n):
+        parts.append(t(lang, "report_judged"))
+    for ex in metrics.get("eval_examples") or []:
+        parts.append("❓ " + t(lang, "report_example", question=escape(ex.get("question") or ""),
+                                before=escape(ex.get("before") or "—"), after=escape(ex.get("after") or "—"),
+                                expected=escape(ex.get("expected") or "")))
+    return parts

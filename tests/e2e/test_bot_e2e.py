@@ -186,8 +186,7 @@ def test_restart_in_the_middle_of_add_resumes(emulator, bot, db):
     assert db.find_duplicate(db.assistant_by_name("acme").id, "What are your opening hours?") is not None
 
 
-def test_train_with_progress_then_activate(emulator, bot, db):
-    expert = emulator.user(EXPERT, "Expert")
+def _train_to_the_report(expert, bot, db) -> tuple[int, object]:
     summary = expert.ask("/train")
     assert "Approved:" in summary.text
     progress = expert.press(summary, "Start now", contains="Training #")
@@ -198,15 +197,37 @@ def test_train_with_progress_then_activate(emulator, bot, db):
     edited = expert.message(progress.message_id)
     assert "finished" in edited.text and edited.edits >= 1
     assert any(m.photo for m in final), "the loss curve picture was not sent"
-    report = [m for m in final if "before and after" in m.text][-1]
     assert db.get_job(job_id).status == "succeeded"
+    report = [m for m in final if "before and after" in m.text][-1]
+    # A table of answers per mode, checked on held-out questions (the upload marked no test split), no raw dump.
+    assert "<pre>" in report.text and "tokens_per_s" not in report.text and "stopped_early" not in report.text
+    assert "held-out" in report.text and "nearest example" in report.text
+    assert re.search(r"answers \d+ of \d+ questions correctly \(the untrained model: \d+\)", report.text), report.text
+    return job_id, report
+
+
+def test_train_with_progress_then_activate(emulator, bot, db):
+    expert = emulator.user(EXPERT, "Expert")
+    job_id, report = _train_to_the_report(expert, bot, db)
+    first = db.get_job(job_id).result["version_id"]
+    # The first version answers by itself: nothing trained was active before it.
+    assert "became active by itself" in report.text and report.button_texts == ["💬 Try it"]
+    assert db.assistant_by_name("acme").active_version_id == first
+    # A second run is a candidate: the report asks, and says what /chat uses meanwhile.
+    job_id, report = _train_to_the_report(expert, bot, db)
+    second = db.get_job(job_id).result["version_id"]
+    assert f"Make version #{second} active? Until you press ⭐ Make active, /chat answers with version #{first}" \
+        in report.text
+    assert db.assistant_by_name("acme").active_version_id == first
     expert.press(report, "Make active", contains="now active")
-    assert db.assistant_by_name("acme").active_version_id is not None
+    assert db.assistant_by_name("acme").active_version_id == second
 
 
 def test_chat_and_correction_from_feedback(emulator, bot, db):
     tester = emulator.user(TESTER, "Tester")
-    assert "Every message is a question" in tester.ask("/chat").text
+    header = tester.ask("/chat").text
+    assert "Every message is a question" in header
+    assert f"answers with version #{db.assistant_by_name('acme').active_version_id}" in header, header
     mark = tester.send("How long does delivery take?")
     answer = tester.wait(mark, until=lambda ms: ms and ms[-1].buttons)[-1]
     assert answer.button_texts == ["👍", "👎", "✏️"]

@@ -19,7 +19,7 @@ from typing import Callable
 
 from storage import Job, Store
 from tuning.jobs.queue import JobError
-from tuning.jobs.versions import beats, promote_version, register_candidate
+from tuning.jobs.versions import activate_first, beats, promote_version, register_candidate
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,69 @@ def _test_item(example) -> dict:
     return {"question": example.question, "answer": example.answer, "must_contain": example.must_contain}
 
 
+# Held-out questions evaluated after a run without test items (each costs one answer per mode).
+EVAL_MAX_ITEMS = 40
+# Without must_contain words, an answer counts as correct when its token F1 with the expert's answer reaches this.
+CLOSE_ENOUGH_F1 = 0.5
+EXAMPLE_CHARS = 300
+
+
+def eval_items(items: list, test_items: list[dict], config, *, limit: int = EVAL_MAX_ITEMS) -> tuple[list[dict], str]:
+    """The questions a run is evaluated on and what they are: "test" (experts marked them), "variations"
+    (held-out variations of trained examples), "examples" (held-out examples), or "none" (too few to hold out).
+
+    Held-out ones are exactly the validation split that train() keeps out of training (same split, same seed).
+    """
+    if test_items:
+        return test_items, "test"
+    import random
+
+    from tuning.dataset import split_items
+
+    splits = split_items(items, val_share=config.val_share, seed=config.seed)
+    held = list(splits.val)
+    if not held:
+        return [], "none"
+    if len(held) > limit:
+        held = random.Random(config.seed).sample(held, limit)
+    kind = "variations" if any(i.variation for i in held) else "examples"
+    return [{"question": i.question, "answer": i.answer, "must_contain": None} for i in held], kind
+
+
+def is_correct(answer: str, item: dict) -> bool:
+    """must_contain words when the item has them, else close enough to the expert's answer."""
+    from tuning.evaluate import contains_all, token_f1
+
+    if item.get("must_contain"):
+        return contains_all(answer, item["must_contain"])
+    return token_f1(answer, item["answer"]) >= CLOSE_ENOUGH_F1
+
+
+def judge(evaluation: dict, items: list[dict]) -> dict:
+    """Correct answers per mode ({mode: count}); modes without must_contain accuracy get this one."""
+    answers = evaluation.get("answers") or []
+    correct = {}
+    for mode, metrics in evaluation["modes"].items():
+        correct[mode] = sum(is_correct(a.get(mode) or "", it) for a, it in zip(answers, items))
+        if metrics.get("accuracy") is None and answers:
+            metrics["accuracy"] = round(correct[mode] / len(answers), 4)
+            metrics["judged_by"] = "answer_overlap"
+    return correct
+
+
+def before_after_examples(evaluation: dict, items: list[dict], *, after: str, n: int = 2) -> list[dict]:
+    """Up to n questions with the untrained model's answer and this version's: fixed ones first."""
+    rows = []
+    for a, it in zip(evaluation.get("answers") or [], items):
+        before_ok, after_ok = is_correct(a.get("base") or "", it), is_correct(a.get(after) or "", it)
+        rows.append(((after_ok and not before_ok), after_ok, {
+            "question": it["question"][:EXAMPLE_CHARS], "expected": it["answer"][:EXAMPLE_CHARS],
+            "before": (a.get("base") or "")[:EXAMPLE_CHARS], "after": (a.get(after) or "")[:EXAMPLE_CHARS],
+            "before_correct": before_ok, "after_correct": after_ok}))
+    rows.sort(key=lambda r: (not r[0], not r[1]))  # stable: keeps the evaluation's order within each kind
+    return [r[2] for r in rows[:n]]
+
+
 # ------------------------------------------------------------------ specs (read the database)
 def job_spec(store: Store, job: Job, *, default_base_model: str, auto_promote: bool = False) -> dict:
     """Everything a portable job needs, read from the database, as a JSON-able dict."""
@@ -192,7 +255,7 @@ def _train_config(params: dict, base_model: str):
 
 def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progress_cb: Callable[[dict], None],
                      should_stop: Callable[[], bool], staging_dir: str | Path | None = None) -> dict:
-    """Train (resuming from the job's checkpoints), evaluate on the test split, store the artifacts.
+    """Train (resuming from the job's checkpoints), evaluate (test split, else held-out questions), store it all.
 
     With a remote artifacts store the run writes to a local staging folder, syncs it up after every
     epoch (so a retry on another node resumes) and at the end; the outcome names the stored folder.
@@ -236,7 +299,9 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
                      "duration_s": report.duration_s, "stopped_early": report.stopped_early}
     max_new_tokens = int(params.get("eval_max_new_tokens", 128))
     evaluation, incumbent = None, None
-    test_items = spec.get("test_items") or []
+    test_items, eval_on = eval_items(items, spec.get("test_items") or [], config,
+                                     limit=int(params.get("eval_max_items", EVAL_MAX_ITEMS)))
+    metrics["eval_on"] = eval_on
     if test_items:
         from tuning.evaluate import evaluate, markdown_table
         from tuning.grounding import answer_mode
@@ -246,7 +311,8 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
         evaluation = evaluate(test_items, base_model=config.base_model, adapter_dir=str(out_dir),
                               modes=("base", "fewshot", "lookup", "tuned", "grounded"),
                               system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
-                              max_new_tokens=max_new_tokens, on_progress=progress.evaluating)
+                              max_new_tokens=max_new_tokens, on_progress=progress.evaluating, include_answers=True)
+        correct = judge(evaluation, test_items)
         evaluation["modes"]["answer"] = evaluation["modes"][mode]  # the summary promotion compares
         metrics.update(_eval_summary(evaluation["modes"], "answer"))
         metrics["answer_mode"] = mode
@@ -254,14 +320,19 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
                                                                         if m != "answer"}})
         metrics["base_accuracy"] = evaluation["modes"].get("base", {}).get("accuracy")
         metrics["n_test"] = evaluation.get("n")
+        metrics["eval_correct"] = correct
+        metrics["eval_by_overlap"] = sum(1 for it in test_items if not it.get("must_contain"))
+        metrics["eval_examples"] = before_after_examples(evaluation, test_items, after=mode)
         (out_dir / "evaluation.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=2, default=str))
+        evaluation.pop("answers", None)
         if spec.get("incumbent"):
             theirs = spec["incumbent"]
             their_dir = str(local_dir(theirs["adapter_path"], cache_dir=cache_dir))
             their_mode = answer_mode(their_dir)
             result = evaluate(test_items, base_model=theirs["base_model"], adapter_dir=their_dir,
                               modes=(their_mode,), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, include_answers=True)
+            judge(result, test_items)
             incumbent = {"id": theirs["id"], "summary": _eval_summary(result["modes"], their_mode)}
     if should_stop():
         raise Stopped()
@@ -303,9 +374,13 @@ def record_outcome(store: Store, job: Job, outcome: dict, *, auto_promote: bool,
             incumbent = None  # the active version changed while training: compare with the new one here
         promoted, why = _maybe_promote(store, assistant, version, outcome.get("evaluation"), [],
                                        cache_dir=None, max_new_tokens=128, incumbent=incumbent)
+    first = not promoted and activate_first(store, version)
+    if first:
+        promoted, why = True, "the first trained version: nothing was active"
     if progress_cb is not None:
         progress_cb({**(job.progress or {}), "phase": "done"})
-    return {"version_id": version.id, "promoted": promoted, "promotion": why, "adapter_dir": outcome["adapter_dir"],
+    return {"version_id": version.id, "promoted": promoted, "promotion": why, "first_version": first,
+            "adapter_dir": outcome["adapter_dir"],
             "metrics": outcome["metrics"]}
 
 

@@ -45,6 +45,20 @@ def promote_version(store: Store, version_id: int, *, by: int | None = None) -> 
     return store.activate_version(version_id, by=by)
 
 
+def activate_first(store: Store, version: ModelVersion) -> bool:
+    """Activate a version when no version of its assistant is or ever was active (nothing trained answers yet).
+
+    It cannot be worse than no trained version at all; later versions wait for a person (or auto-promotion).
+    """
+    assistant = store.get_assistant(version.assistant_id)
+    if assistant.active_version_id or version.status != "candidate":
+        return False
+    if any(v.promoted_at for v in store.list_model_versions(assistant.id) if v.id != version.id):
+        return False
+    promote_version(store, version.id)
+    return True
+
+
 def rollback(store: Store, assistant_id: int, *, to: int | None = None, by: int | None = None) -> ModelVersion:
     """Activate an earlier version: `to`, or the one that was active before the current one."""
     assistant = store.get_assistant(assistant_id)

@@ -29,9 +29,16 @@ def engine_for(context: ContextTypes.DEFAULT_TYPE, base_model: str):
 
 @requires("tester")
 async def chat(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
-    """Enter chat mode with the active version (the base model until one is trained)."""
+    """Enter chat mode; the header names what answers: the active version, else few-shot from the examples."""
     context.user_data["chat"] = {"assistant_id": assistant.id, "mode": "tuned"}
-    key = "chat_started" if assistant.active_version_id else "chat_started_base"
+    store = store_of(context)
+    if assistant.active_version_id:
+        version = store.get_model_version(assistant.active_version_id)
+        mode = "grounded" if (version.hyperparameters or {}).get("recipe") == "grounded" else "tuned"
+        await reply(update, tr(update, context, "chat_started_active", name=assistant.name, id=version.id,
+                               mode=tr(update, context, f"mode_{mode}")))
+        return
+    key = "chat_started_fewshot" if store.count_examples(assistant.id, status="approved") else "chat_started_base"
     await reply(update, tr(update, context, key, name=assistant.name))
 
 
