@@ -219,6 +219,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     logprobs_by_mode: dict = {}
     choice_of: dict = {}
     no_answer_of: dict = {}
+    citations: list = [None] * (len(items) + len(oos))
     try:
         for mode in modes:
             if mode == "lookup":
@@ -250,6 +251,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                                                                     grounding.no_answer_above)
                              for x, r in zip(abstained, read)]
                 no_answer_of[mode] = [r.no_answer_probability for r in read]
+                citations = [{str(d): round(p, 4) for d, p in r.choice.items()} if r.choice else None for r in read]
                 choice_of[mode] = [r.choice_probability for r in read]
             metrics = summarize(items, answers[:n_in])
             metrics["abstain_rate"] = round(sum(abstained[:n_in]) / n_in, 4)
@@ -269,7 +271,12 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
         results["answers"] = [{"question": it.question, "reference": it.answer, "confidence": conf[i],
                                **{m: answers_by_mode[m][i] for m in results["modes"]},
                                "choice_probability": {m: logprobs_by_mode[m][i] for m in results["modes"]},
-                               "no_answer_probability": {m: v[i] for m, v in no_answer_of.items()}}
+                               "no_answer_probability": {m: v[i] for m, v in no_answer_of.items()},
+                               # for precision/coverage analyses: the grounded citation's probabilities, and
+                               # which retrieved examples hold the right answer
+                               "citation": citations[i],
+                               "hits_correct": [bool(it.must_contain) and contains_all(h.answer, it.must_contain)
+                                                for h in hits_of[i][:k]]}
                               for i, it in enumerate(items)]
         if oos:
             results["out_of_scope_answers"] = [{"question": q, "confidence": conf[n_in + j],
@@ -277,7 +284,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                                                 "choice_probability": {m: logprobs_by_mode[m][n_in + j]
                                                                        for m in results["modes"]},
                                                 "no_answer_probability": {m: v[n_in + j]
-                                                                          for m, v in no_answer_of.items()}}
+                                                                          for m, v in no_answer_of.items()},
+                                                "citation": citations[n_in + j]}
                                                for j, q in enumerate(oos)]
     return results
 

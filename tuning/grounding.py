@@ -126,6 +126,7 @@ class GroundedAnswer:
     abstained: bool
     choice_probability: float | None
     no_answer_probability: float | None = None
+    choice: dict | None = None  # {number: probability} of the citation, when the engine reported it
 
 
 def citation_choice(alternatives: Sequence[Sequence[tuple[str, float]]], k: int) -> dict[int, float] | None:
@@ -173,13 +174,13 @@ def read_grounded(raw: str, hits: Sequence[Hit], token_logprobs: Sequence[float]
         best = decide_citation(choice, no_answer_above)
         if best == 0:
             return GroundedAnswer(text="", cited=None, abstained=True, choice_probability=p0,
-                                  no_answer_probability=p0)
+                                  no_answer_probability=p0, choice=choice)
         source = hits[best - 1]
         text = raw[match.end():].strip() if match is not None and int(match.group(1)) == best else source.answer
         if not text or token_f1(text, source.answer) >= SNAP_F1:
             text = source.answer
         return GroundedAnswer(text=text, cited=best - 1, abstained=False, choice_probability=round(choice[best], 4),
-                              no_answer_probability=p0)
+                              no_answer_probability=p0, choice=choice)
     if match is None:  # no citation (an older adapter, a closed-book answer): the text as it is
         return GroundedAnswer(text=raw.strip(), cited=None, abstained=False, choice_probability=probability)
     number = int(match.group(1))
