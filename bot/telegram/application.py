@@ -11,22 +11,19 @@ import signal
 import threading
 import traceback
 
-from telegram import BotCommand, Update
+from telegram import Update
 from telegram.ext import AIORateLimiter, Application, ContextTypes
 
 from bot.telegram.common import reply, tr, tr_error
 from bot.telegram.handlers import all_handlers
 from bot.telegram.handlers.review import notify_unanswered
+from bot.telegram.menus import set_command_menus
 from bot.telegram.persistence import StorePersistence
 from bot.telegram.progress import POLL_S, poll_jobs
-from bot.telegram.texts import t
 from storage import StorageError
 from tuning.errors import TuningError
 
 log = logging.getLogger("tunebot.telegram")
-COMMANDS = ("start", "help", "add", "examples", "review", "generate", "train", "jobs", "chat", "stop", "compare",
-            "export", "stats", "use", "invite", "members", "schedule", "apikey", "apikeys", "lang",
-            "cancel")
 
 
 class BotConfigError(Exception):
@@ -68,9 +65,7 @@ def _catch_stop_signals(application: Application) -> None:
 async def post_init(application: Application) -> None:
     """Catch the stop signals; register the command menu (both languages)."""
     _catch_stop_signals(application)
-    for lang in ("en", "ru"):
-        commands = [BotCommand(c, t(lang, f"cmd_{c}")) for c in COMMANDS]
-        await application.bot.set_my_commands(commands, language_code=None if lang == "en" else lang)
+    await set_command_menus(application.bot)
 
 
 def build_application(app) -> Application:

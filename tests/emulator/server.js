@@ -1,7 +1,8 @@
 // telegram-test-api 4.2.1 wrapped so that python-telegram-bot 22 can talk to it.
 // Usage: node server.js --port 9000 [--host 127.0.0.1]
 // Fixes over the stock package: getMe with is_bot, dates in seconds, chat_instance on callback
-// queries, true results for answerCallbackQuery/setMyCommands/sendChatAction, edited messages
+// queries, true results for answerCallbackQuery/sendChatAction, setMyCommands/getMyCommands per scope and
+// language_code, edited messages
 // returned by editMessageText, file routes (sendDocument, sendPhoto, getFile, /file/bot...),
 // sendMessageDraft, short long-polling on getUpdates, and a /userDocument route for the test user.
 'use strict';
@@ -64,11 +65,32 @@ front.use(express.urlencoded({ extended: true, limit: '300mb' }));
 
 const api = express.Router({ mergeParams: true });
 api.all('/getMe', (req, res) => res.ok(BOT));
-for (const m of ['answerCallbackQuery', 'setMyCommands', 'deleteMyCommands', 'sendChatAction',
+for (const m of ['answerCallbackQuery', 'sendChatAction',
   'setChatMenuButton', 'setMyDescription', 'setMyShortDescription', 'close', 'logOut']) {
   api.all(`/${m}`, (req, res) => res.ok(true));
 }
-api.all('/getMyCommands', (req, res) => res.ok([]));
+// The command menus, per token, scope and language_code, as Telegram keeps them.
+const menus = new Map();
+function parsed(value, fallback) {
+  if (value === undefined || value === null || value === '') return fallback;
+  if (typeof value !== 'string') return value;
+  try { return JSON.parse(value); } catch (e) { return fallback; }
+}
+function menuKey(req) {
+  const scope = parsed(req.body.scope, { type: 'default' });
+  return JSON.stringify([req.params.token, scope, req.body.language_code || '']);
+}
+api.all('/setMyCommands', (req, res) => {
+  const commands = parsed(req.body.commands, null);
+  if (!Array.isArray(commands)) return res.fail(400, 'Bad Request: commands must be an array');
+  menus.set(menuKey(req), commands.map((c) => ({ command: String(c.command), description: String(c.description) })));
+  res.ok(true);
+});
+api.all('/deleteMyCommands', (req, res) => {
+  menus.delete(menuKey(req));
+  res.ok(true);
+});
+api.all('/getMyCommands', (req, res) => res.ok(menus.get(menuKey(req)) || []));
 api.all('/deleteWebhook', (req, res) => {
   tg.deleteWebhook(req.params.token);
   res.ok(true);
