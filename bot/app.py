@@ -6,12 +6,16 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, Callable, Iterable
 
 from bot.config import Settings
 from storage import Store, open_db
+
+log = logging.getLogger("tunebot.app")
 
 
 @dataclass
@@ -19,6 +23,9 @@ class App:
     """Lazily built services shared by CLI commands and Telegram handlers."""
 
     settings: Settings
+    # How an engine of a base model is made (default: from the settings). A seam for tests: one whose load()
+    # waits on a threading.Event shows what a question sees while the model is still loading.
+    engine_factory: Callable[[str], Any] | None = field(default=None, repr=False)
     _engines: OrderedDict = field(default_factory=OrderedDict, repr=False)  # model key -> engine, LRU first
     _engines_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -63,7 +70,48 @@ class App:
             threading.Thread(target=old.close, name="tunebot-engine-close", daemon=True).start()
         return engine
 
+    def engine_ready(self, base_model: str | None = None) -> bool:
+        """Whether this base model's engine is loaded (a question now gets no loading wait); builds nothing."""
+        from tuning.models import model_key
+
+        with self._engines_lock:
+            engine = self._engines.get(model_key(base_model or self.settings.base_model))
+        # A remote engine has nothing to load; a local one is loaded once it has its model.
+        return engine is not None and getattr(engine, "model", True) is not None
+
+    def preload(self, base_models: Iterable[str | None] = ()) -> threading.Thread | None:
+        """Load these base models' engines on a background thread, so that the first question is answered
+        from a warm engine; with no models given, every assistant's (the default's first). At most
+        `max_engines` (more would close each other). Nothing when `preload_models` is off."""
+        s = self.settings
+        if not s.preload_models:
+            return None
+        if not base_models:
+            base_models = [s.base_model, *(a.base_model for a in self.store.list_assistants())]
+        from tuning.models import model_key
+
+        wanted = list({model_key(m or s.base_model): m or s.base_model for m in base_models}.values())
+        wanted = [m for m in wanted if not self.engine_ready(m)][:s.max_engines]
+        if not wanted:
+            return None
+
+        def load_all() -> None:
+            for model in wanted:
+                started = time.monotonic()
+                try:
+                    self.engine_for(model).load()
+                except Exception as exc:  # the first question loads it again and shows the error to the user
+                    log.warning("could not preload the base model %s: %s", model, exc)
+                    continue
+                log.info("base model %s loaded in %.1f s (preloaded)", model, time.monotonic() - started)
+
+        thread = threading.Thread(target=load_all, name="tunebot-preload", daemon=True)
+        thread.start()
+        return thread
+
     def _new_engine(self, base_model: str):
+        if self.engine_factory is not None:
+            return self.engine_factory(base_model)
         s = self.settings
         if s.inference_backend == "openai":
             from tuning.inference import RemoteEngine
@@ -128,3 +176,5 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request URL, and Telegram's URLs contain the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # PTB's job queue runs on APScheduler, which logs two INFO lines for every run of a repeating job (every second).
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

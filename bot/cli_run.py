@@ -54,6 +54,7 @@ def run(args, app) -> int:
         application = build_application(app)
     except BotConfigError as exc:
         raise CommandError(str(exc)) from None
+    app.preload()  # the first question after a start is answered from a warm engine
     worker = None if args.no_worker else _start_worker(app)
     api = _start_api(app) if app.settings.api_port else None
     log.info("bot starting (worker: %s, api: %s)", "on" if worker else "off",

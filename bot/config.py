@@ -24,6 +24,7 @@ class Settings:
     base_model: str = "bundled:smollm2-135m"
     base_models: tuple[str, ...] = ()  # what /create offers besides base_model (comma-separated)
     max_engines: int = 2  # base models loaded at once; beyond that the least recently used one is closed
+    preload_models: bool = True  # load each assistant's base model in the background at start and after /create
     telegram_token: str = field(default="", repr=False)
     telegram_base_url: str = ""
     admins: tuple[int, ...] = ()

@@ -637,6 +637,11 @@ class Store:
         return [from_row(ModelVersion, r) for r in
                 self.db["model_versions"].rows_where("assistant_id = ?", [assistant_id], order_by="id")]
 
+    def recent_model_versions(self, *, limit: int = 50) -> list[ModelVersion]:
+        """The newest model versions of every assistant, newest first (trained on this installation)."""
+        return [from_row(ModelVersion, r) for r in
+                self.db["model_versions"].rows_where(order_by="id desc", limit=limit)]
+
     def activate_version(self, version_id: int, *, by: int | None = None) -> ModelVersion:
         """Make this version the assistant's active one; the previous active one is archived."""
         with transaction(self.db):

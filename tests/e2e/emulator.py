@@ -229,5 +229,5 @@ def emulator_env(emulator: Emulator, data_dir: Path, **extra: str) -> dict[str, 
     """Environment for a `tunebot run` subprocess talking to the emulator."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOT_")}
     env.update({"TELEGRAM_BOT_TOKEN": emulator.token, "TUNEBOT_TELEGRAM_BASE_URL": emulator.bot_api_url,
-                "TUNEBOT_DATA_DIR": str(data_dir), **extra})
+                "TUNEBOT_DATA_DIR": str(data_dir), "TUNEBOT_PRELOAD_MODELS": "0", **extra})
     return env

@@ -25,10 +25,12 @@ BOT_USER = {"id": 666, "is_bot": True, "first_name": "Tunebot Test", "username":
 class InProcessBot:
     """`build_application(App(settings))` on its own event loop; `errors` collects what reached the error handlers."""
 
-    def __init__(self, emulator: Emulator, data_dir: Path, **settings):
+    def __init__(self, emulator: Emulator, data_dir: Path, *, engine_factory=None, **settings):
         self.emu = emulator
+        settings.setdefault("preload_models", False)  # models load on first use unless a test asks
         self.app = App(Settings(data_dir=data_dir, telegram_token=emulator.token,
-                                telegram_base_url=emulator.bot_api_url, unanswered_notify_minutes=0, **settings))
+                                telegram_base_url=emulator.bot_api_url, unanswered_notify_minutes=0, **settings),
+                       engine_factory=engine_factory)
         self.application = build_application(self.app)
         self.errors: list[BaseException] = []
         self._ids = itertools.count(1)

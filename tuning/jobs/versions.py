@@ -74,3 +74,17 @@ def rollback(store: Store, assistant_id: int, *, to: int | None = None, by: int 
                        "name one with --to (see `tunebot versions`)")
     earlier.sort(key=lambda v: (v.promoted_at, v.id))
     return promote_version(store, earlier[-1].id, by=by)
+
+
+def measured_tokens_per_s(store: Store, base_model: str, *, last: int = 5) -> tuple[float, int] | None:
+    """The median training throughput (tokens/s) of the last `last` runs of this base model here, and how many
+    runs it is drawn from; None before the first run (a median: one run on a busy machine does not skew it)."""
+    import statistics
+
+    from tuning.models import model_key
+
+    key = model_key(base_model)
+    rates = [float(v.metrics["tokens_per_s"]) for v in store.recent_model_versions(limit=200)
+             if model_key(v.base_model) == key and (v.metrics or {}).get("tokens_per_s")]
+    rates = [r for r in rates if r > 0][:last]
+    return (statistics.median(rates), len(rates)) if rates else None

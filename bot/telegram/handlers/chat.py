@@ -61,7 +61,9 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
         await reply(update, tr(update, context, "not_member"))
         return
     question = update.message.text
-    engine = engine_for(context, assistant.base_model or app_of(context).settings.base_model)
+    base_model = assistant.base_model or app_of(context).settings.base_model
+    ready = app_of(context).engine_ready(base_model)  # else the answer waits for the model to load: say so
+    engine = engine_for(context, base_model)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     mode = session.get("mode", "tuned")
@@ -81,7 +83,7 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
 
     await update.effective_chat.send_action("typing")
     producer = asyncio.create_task(with_thread_store(context, produce))
-    message = await update.effective_chat.send_message("…")
+    message = await update.effective_chat.send_message("…" if ready else tr(update, context, "chat_loading_model"))
     text, last_edit = "", time.monotonic()
     while (piece := await pieces.get()) is not None:
         text += piece

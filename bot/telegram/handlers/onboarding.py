@@ -204,6 +204,7 @@ async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> in
         await reply(update, tr(update, context, "error_user", reason=str(exc)))
         return ConversationHandler.END
     context.user_data["assistant_id"] = assistant.id
+    app_of(context).preload([model])  # warm before its first question
     await reply(update, tr(update, context, "create_done", name=assistant.name, model=display_name(model)) + "\n\n"
                 + tr(update, context, "help_owner"))
     return ConversationHandler.END

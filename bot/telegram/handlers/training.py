@@ -15,7 +15,7 @@ from bot.telegram.texts import label, labelled_counts
 from storage import StorageError
 from storage.store import fmt_time
 
-TOKENS_PER_S_CPU = 200  # measured LoRA throughput of the bundled model on 2 cores (DESIGN.md)
+TOKENS_PER_S_CPU = 200  # first guess before any run of a model here: the bundled model on 2 cores (DESIGN.md)
 TONIGHT_HOUR = 2
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
 TRAIN_BUTTON = re.compile(r"tr:(now|night|pick)")
@@ -45,22 +45,36 @@ async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
         await reply(update, tr(update, context, "train_too_few", n=approved))
         return
     from tuning.hparams import choose, plan_size
+    from tuning.jobs.versions import measured_tokens_per_s
 
     # The epochs the run will plan for this much data (early stopping may end it sooner).
     facts = max(1, stats.get("approved_facts") or approved)
     rows, epoch_tokens = plan_size(n_facts=facts, n_items=approved, n_tokens=stats["approved_tokens_estimate"])
     epochs = choose(n_facts=facts, n_items=rows, n_tokens=epoch_tokens, recipe="grounded").epochs
-    estimate_s = epoch_tokens * epochs / TOKENS_PER_S_CPU
+    model = assistant.base_model or app_of(context).settings.base_model
+    measured = await with_thread_store(context, lambda store: measured_tokens_per_s(store, model))
+    estimate = training_estimate(epoch_tokens * epochs, measured, lang=lang_of(update, context))
     by_source = labelled_counts(lang_of(update, context), "source", stats["by_source"])
     by_split = labelled_counts(lang_of(update, context), "split", stats["by_split"])
     await reply(update, tr(update, context, "train_summary", name=assistant.name, approved=approved,
                            pending=stats["by_status"].get("pending", 0), by_source=by_source, by_split=by_split,
                            tokens=stats["approved_tokens_estimate"],
-                           model=assistant.base_model or app_of(context).settings.base_model,
-                           minutes=f"{max(estimate_s / 60, 0.1):.1f}"),
+                           model=model, estimate=estimate),
                 buttons=[[(tr(update, context, "btn_train_now"), "tr:now")],
                          [(tr(update, context, "btn_train_tonight"), "tr:night"),
                           (tr(update, context, "btn_train_pick"), "tr:pick")]])
+
+
+def training_estimate(tokens: int, measured: tuple[float, int] | None, *, lang: str) -> str:
+    """How long the run will take: from the throughput earlier runs of this model measured here (the median),
+    else from the first guess, said to be rough."""
+    from bot.telegram.texts import t
+
+    rate = measured[0] if measured else TOKENS_PER_S_CPU
+    minutes = f"{max(tokens / rate / 60, 0.1):.1f}"
+    if measured is None:
+        return t(lang, "train_estimate_rough", minutes=minutes)
+    return t(lang, "train_estimate_measured", minutes=minutes, rate=f"{rate:.0f}", n=measured[1])
 
 
 def scheduled_training(store, assistant_id: int, at: dt.datetime):
