@@ -785,6 +785,13 @@ class Store:
             [assistant_id]).fetchall()
         return dict(rows)
 
+    def count_version_answers(self, assistant_id: int) -> int:
+        """How many answers in this assistant's chats came from one of its trained versions."""
+        return self.db.execute(
+            "select count(*) from messages m join conversations c on c.id = m.conversation_id "
+            "where c.assistant_id = ? and m.role = 'assistant' and m.model_version_id is not null",
+            [assistant_id]).fetchone()[0]
+
     def set_feedback(self, message_id: int, feedback: str, *, correction: str | None = None,
                      correction_example_id: int | None = None) -> None:
         self.db["messages"].update(message_id, {"feedback": feedback, "correction": correction,

@@ -12,8 +12,9 @@ import threading
 import traceback
 
 from telegram import Update
-from telegram.ext import AIORateLimiter, Application, ContextTypes
+from telegram.ext import AIORateLimiter, Application, ContextTypes, TypeHandler
 
+from bot.telegram.checklist import refresh_after_update
 from bot.telegram.common import reply, tr, tr_error
 from bot.telegram.handlers import all_handlers
 from bot.telegram.handlers.review import notify_unanswered
@@ -87,6 +88,7 @@ def build_application(app) -> Application:
     application.bot_data["stopping"] = threading.Event()  # set when the bot begins to shut down
     for handler in all_handlers():
         application.add_handler(handler)
+    application.add_handler(TypeHandler(Update, refresh_after_update), group=1)  # after the handler that answered
     application.add_error_handler(error_handler)
     application.job_queue.run_repeating(poll_jobs, interval=POLL_S, first=POLL_S, name="job-progress")
     if settings.unanswered_notify_minutes > 0:

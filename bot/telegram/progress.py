@@ -9,6 +9,7 @@ from pathlib import Path
 
 from telegram.ext import ContextTypes
 
+from bot.telegram.checklist import refresh_checklist
 from bot.telegram.common import keyboard, store_of
 from bot.telegram.texts import t
 from storage import NotFound
@@ -86,6 +87,8 @@ async def poll_jobs(context: ContextTypes.DEFAULT_TYPE) -> None:
             except Exception as exc:  # message deleted or unchanged: the next report still goes out
                 log.debug("progress edit for job %s failed: %s", job.id, exc)
             seen[job.id] = {"text": text, "at": time.monotonic()}
+            if job.kind == "train":
+                await refresh_checklist(context.bot, store, job.assistant_id)
         if finished:
             done.add(job.id)
             store.set_state("tg:finished_jobs", sorted(done)[-500:])

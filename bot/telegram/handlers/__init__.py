@@ -9,7 +9,7 @@ from telegram.warnings import PTBUserWarning
 from telegram.ext import CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
 from bot.telegram.common import button_invalid, current_assistant, reply, role_at_least, tr
-from bot.telegram.handlers import admin, chat, examples, generate, onboarding, review, training
+from bot.telegram.handlers import admin, chat, examples, firstrun, generate, onboarding, review, training
 
 # Our conversations are per user and chat on purpose: a button tapped on an older message still counts.
 warnings.filterwarnings("ignore", message="If 'per_message=False'", category=PTBUserWarning)
@@ -83,6 +83,7 @@ def all_handlers() -> list:
         *training.handlers(),
         *chat.handlers(),
         *admin.handlers(),
+        *firstrun.handlers(),
         CallbackQueryHandler(unknown_button),
         MessageHandler(filters.Document.ALL, examples.upload),
         MessageHandler(filters.TEXT & ~filters.COMMAND, text_message),

@@ -110,7 +110,8 @@ async def add_cancel(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
 def add_conversation() -> ConversationHandler:
     text = filters.TEXT & ~filters.COMMAND
     return ConversationHandler(
-        entry_points=[CommandHandler("add", add_start)],
+        entry_points=[CommandHandler("add", add_start),
+                      CallbackQueryHandler(add_start, pattern=r"^fr:add$")],  # the first-run checklist's ➕
         states={ADD_QUESTION: [MessageHandler(text, add_question)],
                 ADD_ANSWER: [MessageHandler(text, add_answer)],
                 ADD_CONFIRM: [CallbackQueryHandler(add_confirm, pattern=r"^add:")]},

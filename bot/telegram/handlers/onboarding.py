@@ -9,6 +9,7 @@ from telegram import Update
 from telegram.ext import (CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler,
                           filters)
 
+from bot.telegram.checklist import show_checklist
 from bot.telegram.common import (ID, app_of, button_invalid, callback_match, current_assistant, reply, requires,
                                  store_of, tr, tr_error)
 from bot.telegram.texts import LANGUAGES
@@ -207,6 +208,7 @@ async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> in
     app_of(context).preload([model])  # warm before its first question
     await reply(update, tr(update, context, "create_done", name=assistant.name, model=display_name(model)) + "\n\n"
                 + tr(update, context, "help_owner"))
+    await show_checklist(update, context, assistant.id)
     return ConversationHandler.END
 
 
