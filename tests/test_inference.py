@@ -358,3 +358,10 @@ def test_in_flight_counts_unfinished_requests_and_cancellations_are_counted(tiny
     eng.answer(QUESTION, max_new_tokens=2)
     assert eng.in_flight == 0 and eng.cancellations == 1
     eng.close()
+
+
+def test_a_vanishing_temperature_answers_greedily_instead_of_failing(engine):
+    messages = prepare_messages(QUESTION)
+    greedy = engine.submit(messages, max_new_tokens=6).result()
+    tiny = engine.submit(messages, max_new_tokens=6, temperature=3.7e-100).result()  # found by the API fuzz
+    assert tiny.text == greedy.text

@@ -22,6 +22,7 @@ MODES = ("auto", "grounded", "tuned", "version", "base", "fewshot")  # lookup is
 _END = object()
 ALTERNATIVE_STEPS = 4  # the first tokens whose likeliest alternatives are kept (a grounded answer's "[i]")
 ALTERNATIVES = 8
+MIN_TEMPERATURE = 1e-3  # a sampling temperature below this answers greedily (3.7e-100 made the scores inf)
 
 
 class InferenceError(TuningError):
@@ -618,7 +619,7 @@ class Engine:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for i, row in enumerate(rows):
             temperature = row.generation.temperature
-            if temperature > 0:
+            if temperature >= MIN_TEMPERATURE:  # below it logits / temperature overflow: greedy, its limit
                 scores = logits[i] / temperature
                 top_k = self.model.generation_config.top_k or 0
                 if 0 < top_k < scores.shape[-1]:
