@@ -184,11 +184,13 @@ def test_training_calibrates_both_thresholds_and_saves_the_index(tiny_model_dir,
 def test_citation_probability_is_the_models_choice(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuning.grounding import citation_probabilities
+    from tuning.grounding import citation_distributions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = facts(4, 1)
     _, val = grounded_items(train, train[:3], training_index(train), k=3)
-    probs = citation_probabilities(model, tok, val, system_prompt="", device="cpu")
+    choices = citation_distributions(model, tok, val, system_prompt="", device="cpu")
+    probs = [choice[right] for right, choice in choices]  # the probability of the right citation
+    assert all(sum(choice.values()) == pytest.approx(1.0) for _, choice in choices)
     assert len(probs) == 3 and all(0 < p < 1 for p in probs)

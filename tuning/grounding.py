@@ -28,8 +28,6 @@ GROUNDING_FILE = "grounding.json"  # written beside a trained adapter: recipe, k
 DEFAULT_K = 3
 NO_ANSWER = "I don't know."  # what the model says after [0]; the service shows the user's own text instead
 GOLD_SHARE = 0.8  # rows whose context holds the gold example; the rest see distractors only
-MAX_MIN_CHOICE = 0.7  # adapters calibrated before no_answer_above: a citation chosen with less probability is
-#   "I don't know" (on invented facts: in-scope answers cite with p >= 0.9 but for 5%, wrong ones 0.4-0.7)
 NO_ANSWER_RANGE = (0.2, 0.9)  # where the calibrated P([0]) threshold may fall (few validation questions)
 DEFAULT_NO_ANSWER = 0.5  # with nothing to calibrate on: "I don't know" when [0] is the likelier half
 KS_C = 1.36  # the best threshold's Youden's J is the two-sample Kolmogorov-Smirnov statistic: below its 5% critical
@@ -84,14 +82,10 @@ def grounded_items(train, val, retriever: Retriever, *, k: int = DEFAULT_K, seed
     """(train, val) TrainItems whose questions carry their retrieved context and whose answers cite the example
     they come from; plus, with closed_book, every fact once more without context, answered plainly (so the
     same adapter also answers closed book)."""
-    from dataclasses import replace
-
     rng = random.Random(seed)
 
     def grounded(item, share: float):
-        hits = training_context(item.question, item.group, retriever, rng, k=k, gold_share=share)
-        position = next((n for n, h in enumerate(hits, 1) if h.group == item.group), 0)
-        return replace(item, question=render_question(item.question, hits), answer=cited(item.answer, position))
+        return ground_item(item, retriever, rng, k=k, gold_share=share)
 
     out_train = [grounded(i, gold_share) for i in train]
     if closed_book:
@@ -100,17 +94,20 @@ def grounded_items(train, val, retriever: Retriever, *, k: int = DEFAULT_K, seed
     return out_train, out_val
 
 
+def ground_item(item, retriever: Retriever, rng: random.Random, *, k: int, gold_share: float):
+    """One TrainItem as a grounded row: its question with k retrieved examples, its answer citing its fact's."""
+    from dataclasses import replace
+
+    hits = training_context(item.question, item.group, retriever, rng, k=k, gold_share=gold_share)
+    position = next((n for n, h in enumerate(hits, 1) if h.group == item.group), 0)
+    return replace(item, question=render_question(item.question, hits), answer=cited(item.answer, position))
+
+
 def unanswerable_items(val, retriever: Retriever, *, k: int = DEFAULT_K, seed: int = 1):
     """Validation questions shown only other facts' examples (the answer "[0] I don't know."): the negatives
     the "I don't know" threshold is calibrated on, beside the same questions shown their own fact."""
     rng = random.Random(seed)
-    from dataclasses import replace
-
-    out = []
-    for item in val:
-        hits = training_context(item.question, item.group, retriever, rng, k=k, gold_share=0.0)
-        out.append(replace(item, question=render_question(item.question, hits), answer=cited(item.answer, 0)))
-    return out
+    return [ground_item(item, retriever, rng, k=k, gold_share=0.0) for item in val]
 
 
 _CITATION = re.compile(r"^\s*\[(\d{1,2})\]\s*")
@@ -310,13 +307,6 @@ def citation_distributions(model, tokenizer, items, *, system_prompt: str, devic
     return out
 
 
-def citation_probabilities(model, tokenizer, items, *, system_prompt: str, device,
-                           k: int = DEFAULT_K) -> list[float]:
-    """The probability the model gives the right citation of each grounded item (teacher-forced)."""
-    return [choice.get(right, 0.0) for right, choice in
-            citation_distributions(model, tokenizer, items, system_prompt=system_prompt, device=device, k=k)]
-
-
 def calibrate_no_answer(answerable: Sequence[float], unanswerable: Sequence[float]) -> float:
     """The P([0]) from which a grounded answer is "I don't know": the threshold that best separates validation
     questions shown their own fact (answerable) from the same questions shown only other facts (unanswerable),
@@ -334,11 +324,3 @@ def calibrate_no_answer(answerable: Sequence[float], unanswerable: Sequence[floa
     n, m = len(answerable), len(unanswerable)
     significant = best_j >= max(MIN_SEPARATION, KS_C * math.sqrt((n + m) / (n * m)))
     return round(best if significant else high, 4)
-
-
-def calibrate_min_choice(probabilities: Sequence[float], *, quantile: float = 0.05) -> float:
-    """The least citation probability an answer needs: what 95% of validation answers reach, capped."""
-    if not probabilities:
-        return 0.0
-    ordered = sorted(probabilities)
-    return round(min(MAX_MIN_CHOICE, ordered[int(quantile * len(ordered))] * 0.9), 4)

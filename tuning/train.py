@@ -23,9 +23,8 @@ from typing import Callable, Sequence
 from tuning import hparams as hp
 from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
-from tuning.grounding import (Grounding, calibrate_min_choice, calibrate_no_answer, calibrate_threshold,
-                              citation_distributions, citation_probabilities, confidence, grounded_items,
-                              training_index, unanswerable_items)
+from tuning.grounding import (Grounding, calibrate_no_answer, calibrate_threshold, citation_distributions,
+                              confidence, grounded_items, training_index, unanswerable_items)
 from tuning.train_speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
@@ -484,17 +483,17 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
                              keep_previous=config.method != "full")
         last_checkpoint = time.monotonic()
 
-    scored: list = [None]  # the citation probabilities of the last validation (grounded runs)
+    scored: list = [None]  # P([0]) of each validation question at the last validation (grounded runs)
 
     def selection_score(val_loss: float) -> float:
         """What picks the best epoch: the validation loss, or for grounded runs how likely the model cites the
         right example (measured: the loss bottoms out an epoch or more before the citations are learned)."""
         if config.recipe != "grounded":
             return val_loss
-        probs = citation_probabilities(model, tokenizer, val_rows_items, system_prompt=system_prompt, device=device,
-                                       k=config.grounded_k)
-        scored[0] = probs
-        return 1.0 - sum(probs) / len(probs) if probs else val_loss
+        choices = citation_distributions(model, tokenizer, val_rows_items, system_prompt=system_prompt,
+                                         device=device, k=config.grounded_k)
+        scored[0] = [choice[0] for _, choice in choices]
+        return 1.0 - sum(choice.get(right, 0.0) for right, choice in choices) / len(choices) if choices else val_loss
 
     def run_validation() -> float | None:
         val_loss = evaluate_loss(model, val_rows, device, ranks=ranks)
@@ -504,7 +503,7 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         best = state.get("best_score", state["best_val"])
         if best is None or score < best - config.min_delta:
             state["best_val"], state["best_epoch"], state["bad_evals"] = val_loss, state["epoch"] + 1, 0
-            state["best_score"], state["best_citation_probs"] = score, scored[0]
+            state["best_score"], state["best_no_answer_p"] = score, scored[0]
             if main:
                 best_dir.mkdir(parents=True, exist_ok=True)
                 torch.save(_trainable_state(model), best_dir / "trainable.pt.tmp")
@@ -603,24 +602,24 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
         return None
     if state["best_epoch"] is not None and (best_dir / "trainable.pt").exists():
         _load_trainable(model, _load_tensors(best_dir / "trainable.pt"))  # roll back to the best epoch
-    min_choice, no_answer = 0.0, None
+    no_answer = None
     if config.recipe == "grounded" and val_rows_items:
-        # P([0]) of each validation question shown its own fact, and shown only other facts: the threshold
-        # that separates them decides "I don't know" at answer time
-        answerable = [c[0] for _, c in citation_distributions(model, tokenizer, val_rows_items, k=config.grounded_k,
-                                                              system_prompt=system_prompt, device=device)]
+        # P([0]) of each validation question shown its own fact (measured at the best epoch, whose weights the
+        # model now has), and shown only other facts: the threshold that separates them decides "I don't know"
+        answerable = state.get("best_no_answer_p")
+        if answerable is None:
+            answerable = [c[0] for _, c in citation_distributions(model, tokenizer, val_rows_items,
+                                                                  k=config.grounded_k, system_prompt=system_prompt,
+                                                                  device=device)]
         unanswerable = [c[0] for _, c in citation_distributions(
             model, tokenizer, unanswerable_items(splits.val, index, k=config.grounded_k, seed=config.seed + 1),
             k=config.grounded_k, system_prompt=system_prompt, device=device)]
         no_answer = calibrate_no_answer(answerable, unanswerable)
-        probs = state.get("best_citation_probs")  # measured at the best epoch, whose weights the model now has
-        if probs:
-            min_choice = calibrate_min_choice(probs)
     _save_result(model, tokenizer, out, config.method)
     index.save(out / "retrieval")
     grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
                           threshold=calibrate_threshold([confidence(index.search(i.question, 1)) for i in splits.val]),
-                          min_choice_probability=min_choice, no_answer_above=no_answer,
+                          no_answer_above=no_answer,
                           calibrated_on=len(splits.val))
     grounding.save(out)
     plot_loss_curve(state["epochs"], out / "loss_curve.png", step_losses=state["step_losses"])
