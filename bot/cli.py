@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "bot.cli_run",
     "bot.cli_jobs",
     "bot.cli_train",
+    "bot.cli_export",
 ]
 
 EXIT_USAGE = 2

@@ -112,10 +112,9 @@ def add_assistant_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_at(text: str, *, timezone: str, now: dt.datetime | None = None) -> dt.datetime:
     """'YYYY-MM-DD HH:MM[:SS]' or 'HH:MM' (the next such time) in `timezone`, as an aware datetime."""
-    from tuning.jobs.scheduler import zone
+    from tuning.jobs.scheduler import next_clock_time, zone
 
     tz = zone(timezone)
-    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(tz)
     text = text.strip()
     for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
         try:
@@ -126,8 +125,7 @@ def parse_at(text: str, *, timezone: str, now: dt.datetime | None = None) -> dt.
         clock = dt.time.fromisoformat(text)
     except ValueError:
         raise CommandError(f'--at: expected "YYYY-MM-DD HH:MM" or "HH:MM", got {text!r}') from None
-    when = now.replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
-    return when if when > now else when + dt.timedelta(days=1)
+    return next_clock_time(clock.hour, clock.minute, timezone=timezone, now=now)
 
 
 def _train_options(args: argparse.Namespace) -> dict:

@@ -256,7 +256,9 @@ def cmd_eval(args, app) -> int:
         result = evaluate(items, base_model=base_model or app.settings.base_model,
                           adapter_dir=str(model_dir) if model_dir else None, modes=modes, fewshot=fewshot,
                           cache_dir=app.settings.models_cache, max_new_tokens=args.max_new_tokens, k=args.k,
-                          include_answers=args.answers, out_of_scope=out_of_scope, on_progress=(lambda *_: bar.update(1)) if bar else None)
+                          include_answers=args.answers, out_of_scope=out_of_scope,
+                          backend="llamacpp" if app.settings.inference_backend == "llamacpp" else "local",
+                          on_progress=(lambda *_: bar.update(1)) if bar else None)
     finally:
         if bar is not None:
             bar.close()

@@ -27,6 +27,7 @@ class Settings:
     preload_models: bool = True  # load each assistant's base model in the background at start and after /create
     telegram_token: str = field(default="", repr=False)
     telegram_base_url: str = ""
+    telegram_drafts: bool = True  # stream answers as message drafts in private chats (else by editing a message)
     admins: tuple[int, ...] = ()
     default_language: str = "en"
     max_field_chars: int = 4000
@@ -57,7 +58,7 @@ class Settings:
     temperature: float = 0.0
     api_host: str = "127.0.0.1"
     api_port: int = 0  # 0: `tunebot run` does not start the API
-    inference_backend: str = "local"  # local | openai
+    inference_backend: str = "local"  # local (torch) | llamacpp (GGUF on llama.cpp) | openai (a server)
     inference_base_url: str = ""
     executor: str = "local"  # local | ray
     ray_address: str = ""
@@ -90,7 +91,7 @@ _ALIASES = {
     "openai_base_url": ("OPENAI_BASE_URL",),
 }
 _CHOICES = {
-    "inference_backend": ("local", "openai"),
+    "inference_backend": ("local", "llamacpp", "openai"),
     "executor": ("local", "ray"),
     "default_language": ("en", "ru"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),

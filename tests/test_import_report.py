@@ -66,8 +66,9 @@ def test_the_test_files_cover_every_error_code(store, assistant):
     assert {e.code for e in jsonl_report.errors + csv_report.errors} == set(MESSAGES)
 
 
-def test_a_russian_speaker_gets_every_reason_in_russian(store, assistant):
-    jsonl_report, csv_report = every_kind_of_bad_line(store, assistant)
+def test_a_russian_speaker_gets_every_reason_in_russian(store, assistant, caplog):
+    with caplog.at_level("WARNING", logger="tunebot.importing"):
+        jsonl_report, csv_report = every_kind_of_bad_line(store, assistant)
     for report in (jsonl_report, csv_report):
         text = import_summary(report, "ru")
         for error in report.errors:
@@ -79,7 +80,8 @@ def test_a_russian_speaker_gets_every_reason_in_russian(store, assistant):
     text = import_summary(jsonl_report, "ru")
     assert text.splitlines()[:2] == ["Добавлен 1 пример (ждёт проверки).", "Пропущено 18 строк с ошибками:"]
     assert "строка 4: нет поля \"answer\"" in text
-    assert "строка 14: не сохранено: the database refused it (refused by trigger)" in text
+    assert "строка 14: не сохранено: база данных отказала (the database refused it (refused by trigger))" in text
+    assert "line 14 not saved: the database refused it (refused by trigger)" in caplog.text  # the detail, for admins
     assert "строка 9: тот же вопрос, что в строке 1" in text
 
 

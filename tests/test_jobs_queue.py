@@ -97,6 +97,7 @@ def test_recover_requeues_jobs_of_dead_workers_then_fails_them(db_path, assistan
     assert set(got) == {a.id, b.id}  # the remote one's heartbeat is fresh; the live one is alive
     assert got[a.id].status == "queued" and "worker died" in got[a.id].error
     assert got[b.id].status == "failed" and "giving up" in got[b.id].error
+    assert got[b.id].result["failure"] == {"code": "worker_died", "params": {}, "attempts": 2}
     clock.advance(seconds=60)
     assert [j.id for j in recover_stale(store, stale_after_s=60)] == [remote.id]
     assert store.get_job(alive.id).status == "running"

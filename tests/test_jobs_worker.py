@@ -99,6 +99,7 @@ def test_a_child_that_dies_is_retried_then_failed_with_the_reason(db_path, store
     failed = store.get_job(job.id)
     assert failed.attempts == 2
     assert failed.error.startswith("killed (signal 9, SIGKILL: out of memory?)")
+    assert failed.result["failure"] == {"code": "killed_oom", "params": {}, "attempts": 2}  # for the bot to word
     states = [status for kind, job_id, status, _ in seen if kind == "state"]
     assert states == ["running", "queued", "running", "failed"]
     assert store.list_model_versions(assistant.id) == []

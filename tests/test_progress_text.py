@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from bot.telegram.progress import render_progress
 from storage.records import Job
 
@@ -28,3 +30,34 @@ def test_durations_are_said_in_the_users_language():
     assert [duration(s, "en") for s in (0, 9, 60, 235, 3600, 5430)] == [
         "0 s", "9 s", "1 min 0 s", "3 min 55 s", "1 h 0 min", "1 h 30 min"]
     assert [duration(s, "ru") for s in (9, 235, 5430)] == ["9 с", "3 мин 55 с", "1 ч 30 мин"]
+
+
+def failed(failure: dict | None, error: str) -> Job:
+    return Job(id=9, kind="train", assistant_id=1, status="failed", error=error,
+               result={"failure": failure} if failure else {})
+
+
+def test_a_failed_job_says_why_in_the_users_language():
+    cases = [({"code": "killed_oom", "params": {}, "attempts": 3}, "killed (signal 9, SIGKILL: out of memory?)",
+              "не хватило памяти", "(попыток: 3)"),
+             ({"code": "exit_code", "params": {"code": 1}, "attempts": 1}, "exited with code 1: RuntimeError: x",
+              "кодом 1", ""),
+             ({"code": "worker_died", "params": {}, "attempts": 2}, "its worker died during attempt 2 of 2",
+              "остановился обработчик", "(попыток: 2)"),
+             ({"code": "domain", "params": {}, "error": {"code": "no_training_examples", "params": {"name": "severo"}}},
+              "assistant 'severo' has no approved training examples", "у severo нет одобренных", "")]
+    for failure, error, said, attempts in cases:
+        ru = render_progress(failed(failure, error), "ru")
+        assert ru.startswith("❌ Обучение #9 не удалось: ") and said in ru and attempts in ru, ru
+        latin = [w for w in re.findall(r"[A-Za-z]+", ru) if w not in ("severo", "review", "add")]
+        assert latin == [], ru
+        assert error not in ru
+    en = render_progress(failed(cases[0][0], cases[0][1]), "en")
+    assert "out of memory" in en and "(after 3 attempts)" in en
+
+
+def test_a_failure_with_no_known_code_shows_the_recorded_text():
+    old = render_progress(failed(None, "exited with code 2"), "ru")  # a job from before failures had codes
+    assert old.endswith("exited with code 2")
+    unknown = render_progress(failed({"code": "domain", "error": {"code": "nope"}}, "bad data"), "ru")
+    assert unknown.endswith("bad data")

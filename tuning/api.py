@@ -20,7 +20,7 @@ from storage import Store, StorageError, open_db
 from tuning.errors import ModelLoadError, TuningError
 from tuning.answer_service import ABSTAIN_TEXT, finish_answer, plan_answer, record_answer, streamed_citation
 from tuning.grounding import CitationFilter
-from tuning.inference import ContextLengthExceeded, Engine, InferenceError
+from tuning.inference import ContextLengthExceeded, InferenceError
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ async def _collect_unless_disconnected(request: Request, pieces, generation) -> 
 
 def _start(engine, req: dict, plan):
     """(text pieces, Generation or None): the local engine gives exact token counts and the finish reason."""
-    if isinstance(engine, Engine):
+    if hasattr(engine, "submit"):  # a local engine (torch or llama.cpp)
         messages = plan.messages(req["messages"])
         generation = engine.submit(messages, adapter_dir=plan.adapter_dir, max_new_tokens=req["max_tokens"],
                                    temperature=req["temperature"])

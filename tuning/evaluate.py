@@ -144,11 +144,12 @@ def _recall(items: Sequence[EvalItem], hits_of: Sequence, ks: Sequence[int]) -> 
 def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Sequence[str] = MODES,
              fewshot: Sequence[tuple[str, str]] = (), system_prompt: str = "", cache_dir=None,
              max_new_tokens: int = 128, k: int | None = None, include_answers: bool = False,
-             out_of_scope: Sequence = (), engine=None,
+             out_of_scope: Sequence = (), engine=None, backend: str = "local",
              on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """{"n", "modes": {mode: metrics}, "retrieval": recall@k, "out_of_scope": {mode: abstain_rate}}.
 
-    Answers go through the same engine, prompts and retriever as chat (tuning.inference.Engine, batched).
+    Answers go through the same engine, prompts and retriever as chat: the torch Engine (batched), or with
+    backend="llamacpp" the llama.cpp one (tuning.llamacpp), so that both backends are measured the same way.
     tuned/grounded need adapter_dir; fewshot/lookup/grounded need an index: the one saved beside the adapter
     or one built from `fewshot` pairs. A question whose retrieval confidence is below the adapter's calibrated
     threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
@@ -199,15 +200,20 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
         nonlocal engine
         from tuning.inference import Engine
 
-        if mode in NEEDS_ADAPTER and model_dir != base_model:
+        if mode in NEEDS_ADAPTER and model_dir != base_model:  # a fully fine-tuned model: transformers only
             own_engines.append(Engine(model_dir, cache_dir=cache_dir, max_new_tokens=max_new_tokens))
             return own_engines[-1]
         if engine is None:
-            engine = Engine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
+            if backend == "llamacpp":
+                from tuning.llamacpp import LlamaCppEngine
+
+                engine = LlamaCppEngine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
+            else:
+                engine = Engine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
             own_engines.append(engine)
         return engine
 
-    results: dict = {"n": n_in, "modes": {}, "k": k, "abstain_threshold": grounding.threshold,
+    results: dict = {"n": n_in, "modes": {}, "k": k, "backend": backend, "abstain_threshold": grounding.threshold,
                      "no_answer_above": grounding.no_answer_above,
                      "recipe": grounding.recipe}
     if index is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Callable, TextIO
 
 from storage import DuplicateExample, InvalidValue, NewExample, StorageError, Store
 from tuning.formats import LineError, line_error, read_examples, write_examples
+
+log = logging.getLogger("tunebot.importing")
 
 EXPORT_STATUSES = ("approved", "all")
 IMPORT_BATCH = 500  # lines per transaction: ~20 ms of write lock each, so the bot and workers are not held up
@@ -102,7 +105,8 @@ def import_file(store: Store, assistant_id: int, source: str | Path | bytes, *, 
         for record, outcome in zip(batch, outcomes):
             if isinstance(outcome, DuplicateExample):
                 duplicates.append((record.line, outcome.existing_id))
-            elif isinstance(outcome, StorageError):
+            elif isinstance(outcome, StorageError):  # the Russian text leaves the (English) detail to the log
+                log.warning("import into assistant %s: line %s not saved: %s", assistant_id, record.line, outcome)
                 errors.append(line_error(record.line, "storage", detail=str(outcome)))
             else:
                 ids.append(outcome)

@@ -273,7 +273,41 @@ class _Batch:
         self.context = contextlib.ExitStack()
 
 
-class Engine:
+class SubmittingEngine:
+    """stream() and answer() of an engine whose submit(messages, ...) returns a Generation (torch, llama.cpp),
+    which keeps its adapters in `_adapters` (LRU first) and its requests in `_submitted`."""
+
+    @property
+    def resident_adapters(self) -> list[str]:
+        """Adapter folders in memory, least recently used first."""
+        return list(self._adapters)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or being decoded and not finished yet (0: the engine is idle)."""
+        with self._submitted_lock:
+            return sum(1 for g in list(self._submitted) if g.finished_at is None)
+
+    def stream(self, question_or_messages, *, adapter_dir: str | Path | None = None, adapter_name: str | None = None,
+               system_prompt: str = "", fewshot: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None,
+               temperature: float | None = None) -> Iterator[str]:
+        """Text pieces of the answer, token by token; closing the iterator cancels the request."""
+        generation = self.submit(prepare_messages(question_or_messages, system_prompt=system_prompt, fewshot=fewshot),
+                                 adapter_dir=adapter_dir, max_new_tokens=max_new_tokens, temperature=temperature)
+        try:
+            yield from generation
+        finally:
+            generation.cancel()
+
+    def answer(self, question_or_messages, **kw):
+        """The whole answer (GeneratedAnswer) with ttft_ms, n_tokens, tokens_per_s, stopped."""
+        kw.pop("adapter_name", None)
+        messages = prepare_messages(question_or_messages, system_prompt=kw.pop("system_prompt", ""),
+                                    fewshot=kw.pop("fewshot", ()))
+        return _generated_answer(self.submit(messages, **kw).result())
+
+
+class Engine(SubmittingEngine):
     """The base model loaded once, LoRA adapters in an LRU on one PeftModel, and one inference thread that decodes
     queued requests of the same adapter (or of the base model) together in one batch."""
 
@@ -360,17 +394,6 @@ class Engine:
                 self._thread.join()
                 self._thread = None
 
-    @property
-    def resident_adapters(self) -> list[str]:
-        """Adapter folders in memory, least recently used first."""
-        return list(self._adapters)
-
-    @property
-    def in_flight(self) -> int:
-        """Requests queued or being decoded and not finished yet (0: the engine is idle)."""
-        with self._submitted_lock:
-            return sum(1 for g in list(self._submitted) if g.finished_at is None)
-
     # ------------------------------------------------------------- requests
     def submit(self, messages: list[dict], *, adapter_dir: str | Path | None = None,
                max_new_tokens: int | None = None, temperature: float | None = None) -> Generation:
@@ -404,24 +427,6 @@ class Engine:
                 return encode_prompt(self.tokenizer, messages).to(self.model.device)
         except Exception as exc:  # e.g. a chat template that refuses the roles' order
             raise InferenceError(f"cannot build the prompt: {exc}") from exc
-
-    def stream(self, question_or_messages, *, adapter_dir: str | Path | None = None, adapter_name: str | None = None,
-               system_prompt: str = "", fewshot: Sequence[tuple[str, str]] = (), max_new_tokens: int | None = None,
-               temperature: float | None = None) -> Iterator[str]:
-        """Text pieces of the answer, token by token; closing the iterator cancels the request."""
-        generation = self.submit(prepare_messages(question_or_messages, system_prompt=system_prompt, fewshot=fewshot),
-                                 adapter_dir=adapter_dir, max_new_tokens=max_new_tokens, temperature=temperature)
-        try:
-            yield from generation
-        finally:
-            generation.cancel()
-
-    def answer(self, question_or_messages, **kw):
-        """The whole answer (GeneratedAnswer) with ttft_ms, n_tokens, tokens_per_s, stopped."""
-        kw.pop("adapter_name", None)
-        messages = prepare_messages(question_or_messages, system_prompt=kw.pop("system_prompt", ""),
-                                    fewshot=kw.pop("fewshot", ()))
-        return _generated_answer(self.submit(messages, **kw).result())
 
     # ----------------------------------------------------- inference thread
     def _serve(self) -> None:

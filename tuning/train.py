@@ -117,7 +117,8 @@ def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_d
         raise TrainingError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     cuda = torch.cuda.is_available()
     if config.method == "qlora" and not cuda:
-        raise TrainingError("QLoRA (4-bit) needs a CUDA GPU; use --method lora (or dora) on this machine")
+        raise TrainingError("QLoRA (4-bit) needs a CUDA GPU; use --method lora (or dora) on this machine",
+                            code="qlora_needs_cuda")
     dtype = torch.bfloat16 if cuda and config.method != "full" else torch.float32
     model, tokenizer = load_base_model(config.base_model, cache_dir=cache_dir, dtype=dtype,
                                        quantize_4bit=config.method == "qlora",
@@ -126,7 +127,8 @@ def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_d
     if config.method == "full":
         n = sum(p.numel() for p in model.parameters())
         if n > FULL_MAX_PARAMS:
-            raise TrainingError(f"full fine-tuning of a {n / 1e9:.1f}B-parameter model is too big here; use --method lora")
+            raise TrainingError(f"full fine-tuning of a {n / 1e9:.1f}B-parameter model is too big here; use --method lora",
+                                code="full_too_big", params={"billions": f"{n / 1e9:.1f}"})
         model.requires_grad_(True)
     else:
         from peft import LoraConfig, get_peft_model
@@ -361,7 +363,8 @@ def plot_loss_curve(epochs: Sequence[dict], path: Path, *, step_losses: Sequence
 def _training_splits(items: Sequence[TrainItem], config: TrainConfig) -> Splits:
     splits = split_items(items, val_share=config.val_share, seed=config.seed)
     if not splits.train:
-        raise TrainingError("no training examples: approve some examples (test examples are never trained on)")
+        raise TrainingError("no training examples: approve some examples (test examples are never trained on)",
+                            code="no_training_data")
     return splits
 
 

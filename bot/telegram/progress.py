@@ -11,7 +11,7 @@ from telegram.ext import ContextTypes
 
 from bot.telegram.checklist import refresh_checklist
 from bot.telegram.common import keyboard, store_of
-from bot.telegram.texts import t
+from bot.telegram.texts import catalogue, t
 from storage import NotFound
 from storage.records import Job, ModelVersion
 
@@ -51,7 +51,30 @@ def render_progress(job: Job, lang: str) -> str:
         return t(lang, "job_succeeded", id=job.id)
     if job.status == "cancelled":
         return t(lang, "job_cancelled", id=job.id)
-    return t(lang, "job_failed", id=job.id, error=(job.error or "")[:500])
+    return t(lang, "job_failed", id=job.id, error=failure_reason(job, lang))
+
+
+def failure_reason(job: Job, lang: str) -> str:
+    """Why a job failed, in `lang`: from result["failure"] (a catalogue code the job layer wrote), else the
+    English `error` text of jobs from before it."""
+    failure = (job.result or {}).get("failure") or {}
+    code, params = failure.get("code"), failure.get("params") or {}
+    reason = None
+    if code == "domain":
+        error = failure.get("error") or {}
+        key = f"error_{error.get('code')}"
+        if error.get("code") and key in catalogue("en"):
+            try:
+                reason = t(lang, key).format(**(error.get("params") or {}))
+            except (KeyError, IndexError):
+                reason = None
+    elif code and f"jobfail_{code}" in catalogue("en"):
+        reason = t(lang, f"jobfail_{code}", **params)
+    if reason is None:
+        return (job.error or "")[:500]
+    if failure.get("attempts", 1) > 1:
+        reason = t(lang, "jobfail_attempts", reason=reason, attempts=failure["attempts"])
+    return reason
 
 
 def _num(value) -> str:

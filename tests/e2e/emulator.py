@@ -112,6 +112,15 @@ class Emulator:
                                   photo=msg.get("photo"), edits=item.get("edits", 0), raw=item))
         return sorted(out, key=lambda m: m.message_id)
 
+    def drafts(self, chat_id: int | None = None) -> list[dict]:
+        """The sendMessageDraft calls so far (oldest first), of one chat when given."""
+        return [d for d in self.post("/getDrafts", {"token": self.token})
+                if chat_id is None or int(d["chat_id"]) == chat_id]
+
+    def refuse_drafts(self, refuse: bool = True) -> None:
+        """Answer sendMessageDraft with 404, as a Bot API server older than 9.3 does."""
+        self.post("/refuseDrafts", {"token": self.token, "refuse": refuse})
+
     def last_message_id(self) -> int:
         return max((int(i["messageId"]) for i in self.history()), default=0)
 

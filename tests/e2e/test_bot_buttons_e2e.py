@@ -230,3 +230,26 @@ def test_tonight_tapped_twice_schedules_one_run(bot, seeded):
     assert f"#{job.id}" in texts(bot.ask(EXPERT, when))
     assert scheduled() == [job]
     assert bot.errors == []
+
+
+def test_a_picked_time_is_read_on_the_servers_clock_as_the_cli_reads_it(emulator, tmp_path):
+    """"23:30" in Telegram and `tunebot train --at 23:30` schedule the same moment (the timezone setting)."""
+    import datetime as dt
+
+    from bot.cli_jobs import parse_at
+
+    bot = InProcessBot(emulator, tmp_path / "tz", timezone="Europe/Moscow")
+    try:
+        acme = bot.store.create_assistant("acme", owner_id=OWNER)
+        for i in range(2):
+            bot.store.add_example(acme.id, f"Question {i}?", f"Answer {i}.", status="approved")
+        bot.user_data(OWNER)["assistant_id"] = acme.id
+        assert "Europe/Moscow" in texts(bot.press(OWNER, "tr:pick"))
+        bot.ask(OWNER, "23:30")
+        [job] = bot.store.list_jobs(assistant_id=acme.id, status="scheduled")
+        expected = parse_at("23:30", timezone="Europe/Moscow").astimezone(dt.timezone.utc)
+        assert job.scheduled_at == expected.strftime("%Y-%m-%d %H:%M:%S")
+        assert job.scheduled_at.endswith("20:30:00")  # 23:30 in Moscow is 20:30 UTC
+        assert bot.errors == []
+    finally:
+        bot.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from inprocess import InProcessBot
 from telegram.ext import CallbackContext
-from test_bot_ru_texts_e2e import latin_noise
+from texts_check import latin_noise
 
 from bot.telegram.progress import poll_jobs
 

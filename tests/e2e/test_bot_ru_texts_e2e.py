@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import time
 
 import pytest
 from inprocess import InProcessBot
+from texts_check import latin_noise
 
 from bot.telegram.progress import render_progress
 from bot.telegram.texts import t
@@ -21,8 +21,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 OWNER = 7101
 NAME = "severo"
-# Names a Russian text may carry as they are: formats, products and acronyms.
-NAMES = {"JSON", "JSONL", "CSV", "UTF", "LoRA", "CPU", "GPU", "API", "Telegram", "Tunebot", "OpenAI", "HTML", "UTC"}
 PAIRS = [("Сколько стоит доставка паллеты в Казань?", "Паллета в Казань стоит 4 500 рублей."),
          ("Когда открыт склад в Подольске?", "Склад в Подольске открыт с 8 до 20 по будням."),
          ("Кто платит за возврат груза?", "За возврат платит отправитель.")]
@@ -63,18 +61,6 @@ def settle(bot: InProcessBot, timeout: float = 60) -> None:
             await asyncio.wait(tasks, timeout=timeout)
 
     bot._runner.run(wait())
-
-
-def latin_noise(text: str, user_data: list[str]) -> list[str]:
-    """The Latin-script words of `text` that are none of: user data, a command, a file name, a quoted file-format
-    key, a number with its unit, a name."""
-    for item in sorted(user_data, key=len, reverse=True):
-        text = text.replace(item, " ")
-    text = re.sub(r"(?<!\w)/[a-z_]+", " ", text)                                   # /commands
-    text = re.sub(r"\S+\.(?:jsonl|json|csv|tsv|txt|md|pdf|docx|png|zip)\b", " ", text)  # file names
-    text = re.sub(r'"[^"\n]*"', " ", text)                                          # "question", "messages"
-    text = re.sub(r"\d+(?:[.,]\d+)?\s?(?:[KMG]B|ms)\b", " ", text)                  # numbers with units
-    return [word for word in re.findall(r"[A-Za-z]+", text) if word not in NAMES]
 
 
 def test_a_russian_conversation_has_no_english_words(bot):

@@ -4,7 +4,7 @@
 // queries, true results for answerCallbackQuery/sendChatAction, setMyCommands/getMyCommands per scope and
 // language_code, edited messages
 // returned by editMessageText, file routes (sendDocument, sendPhoto, getFile, /file/bot...),
-// sendMessageDraft, short long-polling on getUpdates, and a /userDocument route for the test user.
+// sendMessageDraft (kept for tests to read; /refuseDrafts makes it 404 like an older server), short long-polling on getUpdates, and a /userDocument route for the test user.
 'use strict';
 
 const http = require('http');
@@ -100,9 +100,14 @@ api.all('/sendMessage', (req, res) => {
   if (String(req.body.text).length > 4096) return res.fail(400, 'Bad Request: message is too long');
   res.ok(botMessageResult(tg.addBotMessage(req.body, req.params.token)));
 });
+const refusingDrafts = new Set(); // tokens whose server acts as one before Bot API 9.3 (no sendMessageDraft)
 api.all('/sendMessageDraft', (req, res) => {
-  drafts.push({ token: req.params.token, chat_id: Number(req.body.chat_id), draft_id: Number(req.body.draft_id),
-    text: req.body.text, time: Date.now() });
+  if (refusingDrafts.has(req.params.token)) return res.fail(404, 'Not Found');
+  const draftId = Number(req.body.draft_id);
+  if (!Number.isInteger(draftId) || draftId === 0) return res.fail(400, 'Bad Request: draft_id must be non-zero');
+  if (String(req.body.text || '').length > 4096) return res.fail(400, 'Bad Request: text is too long');
+  drafts.push({ token: req.params.token, chat_id: Number(req.body.chat_id), draft_id: draftId,
+    text: req.body.text || '', time: Date.now() });
   res.ok(true);
 });
 function editRoute(kind) {
@@ -216,6 +221,10 @@ front.post('/userDocument', (req, res) => {
   res.ok(info);
 });
 front.post('/getDrafts', (req, res) => res.ok(drafts.filter((d) => d.token === req.body.token)));
+front.post('/refuseDrafts', (req, res) => {
+  if (req.body.refuse) refusingDrafts.add(req.body.token); else refusingDrafts.delete(req.body.token);
+  res.ok(true);
+});
 front.post('/getBotFile', (req, res) => {
   const f = files.get(String(req.body.file_id));
   if (!f) return res.fail(404, 'no such file');

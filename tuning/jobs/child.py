@@ -12,7 +12,7 @@ import time
 import traceback
 
 from tuning.distributed import die_with_parent
-from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR
+from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, domain_failure
 
 log = logging.getLogger("tuning.jobs.child")
 
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     except (TuningError, StorageError) as exc:
         log.error("job #%s cannot run: %s", job.id, exc)
-        store.transition_job(job.id, from_states=("running",), error=str(exc))
+        store.transition_job(job.id, from_states=("running",), error=str(exc),
+                             result={**(job.result or {}), "failure": domain_failure(exc)})
         return EXIT_USER_ERROR
     except Exception as exc:  # noqa: BLE001 - anything else is retried by the worker
         traceback.print_exc()

@@ -199,7 +199,8 @@ def training_spec(store: Store, job: Job, *, default_base_model: str, auto_promo
     # Test items stay in: train() drops every group that holds a test question, variations included.
     items = items_from_store(store, assistant.id)
     if not any(i.split != "test" for i in items):
-        raise JobError(f"assistant {assistant.name!r} has no approved training examples")
+        raise JobError(f"assistant {assistant.name!r} has no approved training examples",
+                       code="no_training_examples", params={"name": assistant.name})
     incumbent = None
     if auto_promote and assistant.active_version_id:
         active = store.get_model_version(assistant.active_version_id)
@@ -219,7 +220,8 @@ def eval_spec(store: Store, job: Job, *, default_base_model: str) -> dict:
     params = job.params or {}
     test_items = store.list_examples(assistant.id, status="approved", split="test")
     if not test_items:
-        raise JobError(f"assistant {assistant.name!r} has no approved test examples to evaluate on")
+        raise JobError(f"assistant {assistant.name!r} has no approved test examples to evaluate on",
+                       code="no_test_examples", params={"name": assistant.name})
     version_id = params.get("version_id") or assistant.active_version_id
     version = store.get_model_version(version_id) if version_id else None
     return {"kind": "eval", "job_id": job.id, "assistant_id": assistant.id, "attempt": job.attempts,

@@ -24,6 +24,13 @@ class JobError(TuningError):
     """A job cannot be created, cancelled or run as asked."""
 
 
+def domain_failure(exc: BaseException) -> dict:
+    """A TuningError or StorageError that failed a job, as its result["failure"]: the error's own code and
+    params (the bot's catalogue key is "error_<code>"), so that a front end words it in its user's language."""
+    return {"code": "domain", "params": {}, "error": {"code": getattr(exc, "code", ""),
+                                                     "params": dict(getattr(exc, "params", {}) or {})}}
+
+
 def new_worker_id() -> str:
     """host:pid:random, so a worker on the same host can tell whether the owner is still alive."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -146,7 +153,9 @@ def recover_stale(store: Store, *, stale_after_s: float = 60.0, exclude_worker: 
         if job.attempts >= job.max_attempts:
             ok = store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
                                       pid=None, error=f"its worker died during attempt {job.attempts} of "
-                                                      f"{job.max_attempts}; giving up")
+                                                      f"{job.max_attempts}; giving up",
+                                      result={**(job.result or {}), "failure": {
+                                          "code": "worker_died", "params": {}, "attempts": job.attempts}})
         else:
             ok = store.transition_job(job.id, from_states=("running",), status="queued", pid=None,
                                       worker_id=None, devices=None,

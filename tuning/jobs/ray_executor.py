@@ -159,6 +159,10 @@ class RayRun:
     def reason(self, code: int) -> str:
         return self.error or ("stopped before the end" if code == EXIT_STOPPED else f"ended with code {code}")
 
+    def failure(self, code: int) -> dict:
+        """The reason as a catalogue code; the task's own error text stays in `error` and the job log."""
+        return {"code": "ray_task", "params": {}}
+
     def complete(self, store: Store, job: Job) -> None:
         """Record the task's result like the local child does before exiting 0."""
         result = executors.record_outcome(store, job, self.answer["outcome"], auto_promote=self.executor.auto_promote,

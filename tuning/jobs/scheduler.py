@@ -22,6 +22,15 @@ def zone(name: str) -> ZoneInfo:
         raise JobError(f"unknown timezone {name!r}; use a name like Europe/Moscow") from None
 
 
+def next_clock_time(hour: int, minute: int, *, timezone: str, now: dt.datetime | None = None) -> dt.datetime:
+    """The next hour:minute on the clock of `timezone` (today, else tomorrow), as an aware datetime: one rule
+    for the CLI's `--at HH:MM` and the bot's "pick a time" and "tonight"."""
+    tz = zone(timezone)
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(tz)
+    when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return when if when > now else when + dt.timedelta(days=1)
+
+
 def parse_quiet_hours(text: str) -> tuple[dt.time, dt.time] | None:
     """'22:00-06:00' -> (22:00, 06:00); '' -> None."""
     if not text:

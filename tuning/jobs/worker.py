@@ -21,7 +21,7 @@ from storage import Job, Store, open_db
 from storage.store import utcnow
 from tuning.jobs import events
 from tuning.jobs.executors import PORTABLE_KINDS, job_key
-from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, prune_workers, recover_stale
+from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, domain_failure, new_worker_id, prune_workers, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ def describe_exit(code: int, log_path: Path | None = None) -> str:
     return f"exited with code {code}{tail}"
 
 
+def exit_failure(code: int) -> dict:
+    """What describe_exit says, for a front end to word in its user's language: {"code", "params"}, where the
+    bot's catalogue key is "jobfail_<code>" (the log's last line stays in the log and in `error`)."""
+    if code < 0:
+        if -code == signal.SIGKILL:
+            return {"code": "killed_oom", "params": {}}
+        return {"code": "killed_signal", "params": {"signal": -code}}
+    return {"code": "exit_code", "params": {"code": code}}
+
+
 @dataclass
 class _Child:
     """A job running in a local subprocess (tuning.jobs.ray_executor.RayRun has the same interface)."""
@@ -118,6 +128,9 @@ class _Child:
 
     def reason(self, code: int) -> str:
         return describe_exit(code, self.log_path)
+
+    def failure(self, code: int) -> dict:
+        return exit_failure(code)
 
     def complete(self, store: Store, job: Job) -> None:
         """Nothing to do: the child wrote the result before exiting 0."""
@@ -377,12 +390,13 @@ class Worker:
             run = self._ray.launch(store, job, log_path=log_path)
         except TuningError as exc:  # bad data or settings: retrying cannot help
             store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
-                                 error=str(exc))
+                                 error=str(exc), result={**(job.result or {}), "failure": domain_failure(exc)})
             self._publish("state", store.get_job(job.id))
             return
         except Exception as exc:  # noqa: BLE001 - the cluster hiccuped: like a crash, retried
             log.exception("job #%s could not be submitted to Ray", job.id)
-            self._retry_or_fail(store, job, f"could not be submitted to Ray ({type(exc).__name__}: {exc})")
+            self._retry_or_fail(store, job, f"could not be submitted to Ray ({type(exc).__name__}: {exc})",
+                                {"code": "ray_submit", "params": {}})
             return
         self._children[job.id] = run
         log.info("job #%s (%s) submitted to Ray", job.id, job.kind)
@@ -424,8 +438,9 @@ class Worker:
                                      finished_at=store.now(), error=job.error or child.reason(code))
                 self._publish("state", store.get_job(job_id))
             else:
-                reason = "stopped before the end" if code == EXIT_STOPPED else child.reason(code)
-                self._retry_or_fail(store, job, reason)
+                stopped = code == EXIT_STOPPED
+                self._retry_or_fail(store, job, "stopped before the end" if stopped else child.reason(code),
+                                    {"code": "stopped", "params": {}} if stopped else child.failure(code))
 
     def _complete(self, store: Store, job: Job, child) -> None:
         """Record the result (a Ray task's; a local child wrote its own) and mark the job succeeded."""
@@ -433,7 +448,8 @@ class Worker:
             child.complete(store, job)
         except Exception as exc:  # noqa: BLE001 - e.g. the database is locked: retry the job like a crash
             log.exception("job #%s: recording its result failed", job.id)
-            self._retry_or_fail(store, store.get_job(job.id), f"its result could not be recorded ({exc})")
+            self._retry_or_fail(store, store.get_job(job.id), f"its result could not be recorded ({exc})",
+                                {"code": "not_recorded", "params": {}})
             return
         self._finish(store, job.id, child)
 
@@ -443,13 +459,16 @@ class Worker:
         log.info("job #%s succeeded", job_id)
         self._publish("state", store.get_job(job_id))
 
-    def _retry_or_fail(self, store: Store, job: Job, reason: str) -> None:
+    def _retry_or_fail(self, store: Store, job: Job, reason: str, failure: dict) -> None:
+        """Queue the job for another attempt, or fail it with `reason` (English, for logs and the CLI) and
+        `failure` (result["failure"]: the same as a catalogue code, for the bot to word in Russian or English)."""
         if job.attempts < job.max_attempts:
             store.transition_job(job.id, from_states=("running",), status="queued", pid=None, worker_id=None,
                                  devices=None, error=f"attempt {job.attempts} of {job.max_attempts} {reason}; retrying")
             log.warning("job #%s attempt %s %s; requeued", job.id, job.attempts, reason)
         else:
             store.transition_job(job.id, from_states=("running",), status="failed", pid=None,
-                                 finished_at=store.now(), error=f"{reason} (after {job.attempts} attempts)")
+                                 finished_at=store.now(), error=f"{reason} (after {job.attempts} attempts)",
+                                 result={**(job.result or {}), "failure": {**failure, "attempts": job.attempts}})
             log.error("job #%s failed: %s", job.id, reason)
         self._publish("state", store.get_job(job.id))

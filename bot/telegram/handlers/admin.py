@@ -5,28 +5,36 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import time
 import zipfile
 from pathlib import Path
 
 from telegram import InputFile, Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, button_invalid, callback_match, lang_of, private_only, reply, requires, store_of,
-                                 tr, with_thread_store)
+from bot.telegram.common import (ID, app_of, button_invalid, callback_match, error_reason, lang_of, private_only, reply,
+                                 requires, store_of, tr, with_thread_store)
 from bot.telegram.texts import labelled_counts
+from tuning.errors import TuningError
 
 EXPORT_FORMATS = ("jsonl", "openai")
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
 EXPORT_BUTTON = re.compile(rf"xp:({'|'.join(EXPORT_FORMATS)})")
+MODEL_EXPORT_BUTTON = re.compile(r"xm:gguf")
+TELEGRAM_FILE_LIMIT = 50 * 1024 * 1024  # what a bot may send (the Bot API's limit for documents)
+EXPORT_PROBES = 20
 REVOKE_BUTTON = re.compile(rf"ak:({ID}):({ID})")  # assistant, key
 
 
 @private_only
 @requires("expert")
 async def export(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
-    """Choose the dataset format; the active adapter comes along."""
-    await reply(update, tr(update, context, "export_choose"),
-                buttons=[[("JSONL", "xp:jsonl"), ("OpenAI", "xp:openai")]])
+    """Choose the dataset format (the active adapter comes along); owners may also export the active version
+    for llama.cpp and Ollama."""
+    rows = [[("JSONL", "xp:jsonl"), ("OpenAI", "xp:openai")]]
+    if role == "owner" and assistant.active_version_id:
+        rows.append([(tr(update, context, "btn_export_gguf"), "xm:gguf")])
+    await reply(update, tr(update, context, "export_choose"), buttons=rows)
 
 
 def adapter_zip(folder: str | Path) -> bytes:
@@ -65,6 +73,61 @@ async def export_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assi
                 caption=tr(update, context, "export_adapter", id=version.id, base=version.base_model))
             return
     await reply(update, tr(update, context, "export_no_adapter"))
+
+
+@private_only
+@requires("owner")
+async def export_model_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
+    """The active version for llama.cpp and Ollama, checked on probe questions before it is sent: the GGUF
+    adapter with a Modelfile (small enough for Telegram); the merged GGUF stays on the server."""
+    from tuning.artifacts import local_dir
+    from tuning.export import Probe, export_model
+
+    if callback_match(update, MODEL_EXPORT_BUTTON) is None:
+        await button_invalid(update, context)
+        return
+    store, settings = store_of(context), app_of(context).settings
+    if not assistant.active_version_id:
+        await reply(update, tr(update, context, "export_no_adapter"))
+        return
+    version = store.get_model_version(assistant.active_version_id)
+    pool = (store.list_examples(assistant.id, status="approved", split="test")
+            or store.list_examples(assistant.id, status="approved"))[:EXPORT_PROBES]
+    probes = [Probe(e.question, tuple(e.must_contain or ())) for e in pool]
+    await reply(update, tr(update, context, "export_gguf_started", id=version.id, n=len(probes)))
+    out = settings.data_dir / "exports" / f"{assistant.id}-v{version.id}-{int(time.time())}"
+    try:
+        report = await asyncio.to_thread(
+            export_model, local_dir(version.adapter_path, cache_dir=settings.models_cache),
+            base_model=version.base_model or assistant.base_model or settings.base_model, out_dir=out, fmt="ollama",
+            probes=probes, system_prompt=assistant.system_prompt or "", cache_dir=settings.models_cache)
+    except TuningError as exc:
+        await reply(update, tr(update, context, "export_gguf_unavailable", reason=error_reason(exc, lang_of(update, context))))
+        return
+    lines = [tr(update, context, "export_gguf_check", artifact=c.artifact.split()[0], same=c.same, n=report.probes)
+             for c in report.checks]
+    if report.flagged:
+        lines.append(tr(update, context, "export_gguf_flagged"))
+    data = await asyncio.to_thread(_gguf_zip, out)
+    size_mb = round((out / "model.gguf").stat().st_size / 2 ** 20)
+    caption = tr(update, context, "export_gguf_done", id=version.id, checks="\n".join(lines), size=size_mb,
+                 path=str(out / "model.gguf"))
+    if len(data) > TELEGRAM_FILE_LIMIT:
+        await reply(update, caption + "\n\n" + tr(update, context, "export_gguf_too_big", path=str(out)))
+        return
+    await update.effective_chat.send_document(
+        InputFile(io.BytesIO(data), filename=f"{assistant.name}-v{version.id}-gguf.zip"))
+    await reply(update, caption)
+
+
+def _gguf_zip(folder: Path) -> bytes:
+    """The parts of an Ollama export that fit a message: the GGUF adapter, its Modelfile, the check's report."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in ("adapter.gguf", "Modelfile.adapter", "export_report.json"):
+            if (folder / name).exists():
+                zf.write(folder / name, name)
+    return buf.getvalue()
 
 
 @private_only
@@ -137,5 +200,6 @@ def handlers() -> list:
         CommandHandler("apikeys", apikeys),
         CommandHandler("stats", stats),
         CallbackQueryHandler(export_button, pattern=r"^xp:"),
+        CallbackQueryHandler(export_model_button, pattern=r"^xm:"),
         CallbackQueryHandler(revoke_button, pattern=r"^ak:"),
     ]

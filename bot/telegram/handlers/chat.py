@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, MAX_MESSAGE, app_of, awaiting, button_invalid, callback_match, keyboard, reply,
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, callback_match, keyboard, reply,
                                  requires, role_at_least, short, store_of, tr, with_thread_store)
+from bot.telegram.streaming import AnswerStream
 from storage import DuplicateExample, NotFound, StorageError
 
 log = logging.getLogger("tunebot.telegram")
-EDIT_EVERY_S = 1.5  # streamed answers are edited at most this often (Telegram allows ~1 edit/s per chat)
 MAX_SOURCES = 20  # listed under 📚; retrieval gives far fewer
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
 FEEDBACK_BUTTON = re.compile(rf"fb:([ude]):({ID})")
@@ -83,26 +82,20 @@ async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, sess
 
     await update.effective_chat.send_action("typing")
     producer = asyncio.create_task(with_thread_store(context, produce))
-    message = await update.effective_chat.send_message("…" if ready else tr(update, context, "chat_loading_model"))
-    text, last_edit = "", time.monotonic()
+    stream = AnswerStream(context.bot, update.effective_chat, context.bot_data, drafts=app.settings.telegram_drafts,
+                          draft_id=update.message.message_id,
+                          placeholder="…" if ready else tr(update, context, "chat_loading_model"))
+    await stream.start()
+    text = ""
     while (piece := await pieces.get()) is not None:
         text += piece
-        if time.monotonic() - last_edit >= EDIT_EVERY_S and text.strip() and len(text) < MAX_MESSAGE:
-            await message.edit_text(text + " …")
-            last_edit = time.monotonic()
+        await stream.grow(text)
     answer = await producer  # raises what the generation raised; the error handler reports it
     session["conversation_id"] = answer.conversation_id
     rows = answer_buttons(answer, expert=role_at_least(role, "expert"))
-    buttons = keyboard(rows) if rows else None
     abstained = getattr(answer, "abstained", False)
     final = answer.text or tr(update, context, "chat_abstain" if abstained else "chat_empty_answer")
-    if len(final) > MAX_MESSAGE:
-        await message.edit_text(final[:MAX_MESSAGE])
-        await reply(update, final[MAX_MESSAGE:])
-        if buttons:
-            await update.effective_chat.send_message("⬆️", reply_markup=buttons)
-    else:
-        await message.edit_text(final, reply_markup=buttons)
+    await stream.finish(final, keyboard(rows) if rows else None)
 
 
 def answer_buttons(answer, *, expert: bool) -> list[list[tuple[str, str]]]:

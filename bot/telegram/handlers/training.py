@@ -12,6 +12,7 @@ from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_ob
                                  requires, store_of, tr, with_thread_store)
 from bot.telegram.progress import render_progress
 from bot.telegram.texts import label, labelled_counts
+from tuning.jobs.scheduler import next_clock_time
 from storage import StorageError
 from storage.store import fmt_time
 
@@ -110,19 +111,16 @@ async def train_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assis
     choice = match.group(1)
     if choice == "pick":
         awaiting(context, "train_time", assistant_id=assistant.id)
-        await reply(update, tr(update, context, "train_pick_ask"))
+        await reply(update, tr(update, context, "train_pick_ask", tz=app_of(context).settings.timezone))
         return
     at = None
-    if choice == "night":
-        now = dt.datetime.now(dt.timezone.utc)
-        at = now.replace(hour=TONIGHT_HOUR, minute=0, second=0, microsecond=0)
-        if at <= now:
-            at += dt.timedelta(days=1)
+    if choice == "night":  # on the server's clock (the timezone setting), as `tunebot train --at` reads times
+        at = next_clock_time(TONIGHT_HOUR, 0, timezone=app_of(context).settings.timezone)
     await _start_job(update, context, assistant, at)
 
 
 async def train_time_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
-    """A time like 23:30 (UTC, today or tomorrow) for the training."""
+    """A time like 23:30 (on the clock of the timezone setting, today or tomorrow) for the training."""
     match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", update.message.text or "")
     if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
         awaiting(context, "train_time", **{k: v for k, v in pending.items() if k != "kind"})
@@ -132,10 +130,7 @@ async def train_time_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
     if store.role_of(pending["assistant_id"], update.effective_user.id) not in ("owner", "expert"):
         await reply(update, tr(update, context, "not_member"))
         return
-    now = dt.datetime.now(dt.timezone.utc)
-    at = now.replace(hour=int(match.group(1)), minute=int(match.group(2)), second=0, microsecond=0)
-    if at <= now:
-        at += dt.timedelta(days=1)
+    at = next_clock_time(int(match.group(1)), int(match.group(2)), timezone=app_of(context).settings.timezone)
     await _start_job(update, context, store.get_assistant(pending["assistant_id"]), at)
 
 

@@ -1,0 +1,101 @@
+"""`tunebot export-model`: a tuned version (or a `train --out` folder) as adapter, merged, GGUF or Ollama, checked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PROBES = 40
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from tuning.export import FORMATS
+
+    exp = subparsers.add_parser(
+        "export-model", help="export a tuned model (adapter, merged, GGUF, Ollama), checked before it is handed over",
+        description="Write a model version as the peft adapter, merged safetensors, a GGUF file (the LoRA folded "
+                    "into the base GGUF, and the LoRA as a GGUF adapter), or an Ollama folder (GGUF + Modelfile). "
+                    "The export is then loaded in its runtime (transformers or llama.cpp) and asked probe questions "
+                    "(the version's test questions, else its examples); the report says on how many it answers "
+                    "exactly as the tuned model does, and flags one that does not.")
+    which = exp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--assistant", metavar="NAME", help="an assistant (its active version unless --version)")
+    which.add_argument("--model", metavar="DIR", help="a folder written by `tunebot train --data … --out DIR`")
+    exp.add_argument("--version", type=int, metavar="ID", help="the version to export (with --assistant)")
+    exp.add_argument("--format", required=True, choices=FORMATS)
+    exp.add_argument("-o", "--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    exp.add_argument("--quant", default="q8_0", choices=("q8_0", "f16", "q4_1", "q4_0", "same"),
+                     help="GGUF type of the weights the LoRA changes (default q8_0: the others keep the base's)")
+    exp.add_argument("--probes", type=int, default=PROBES, metavar="N",
+                     help=f"probe questions to check the export on (default {PROBES}; 0: no check)")
+    exp.add_argument("--json", action="store_true", help="print the report as JSON")
+    exp.set_defaults(func=cmd_export_model)
+
+
+def _version_source(app, args):
+    """(adapter folder, base model, system prompt, probes) of an assistant's version."""
+    from bot.cli import CommandError
+    from tuning.artifacts import local_dir
+    from tuning.export import Probe
+
+    store = app.store
+    assistant = store.assistant_by_name(args.assistant)  # NotFound says what to do
+    version_id = args.version or assistant.active_version_id
+    if not version_id:
+        raise CommandError(f"{assistant.name} has no active version: train one, or name it with --version ID")
+    version = store.get_model_version(version_id)
+    if version.assistant_id != assistant.id:
+        raise CommandError(f"version #{version_id} is not {assistant.name}'s; see `tunebot versions --assistant "
+                           f"{assistant.name}`")
+    tests = store.list_examples(assistant.id, status="approved", split="test")
+    pool = tests or store.list_examples(assistant.id, status="approved")
+    probes = [Probe(e.question, tuple(e.must_contain or ())) for e in pool[:args.probes]]
+    return (local_dir(version.adapter_path, cache_dir=app.settings.models_cache),
+            version.base_model or assistant.base_model or app.settings.base_model,
+            assistant.system_prompt or "", probes)
+
+
+def _folder_source(app, args):
+    """The same for a `train --data … --out DIR` folder: its base model, system prompt and trained questions."""
+    from bot.cli import CommandError
+    from tuning.export import Probe
+
+    folder = Path(args.model)
+    config = folder / "train_config.json"
+    if not config.exists():
+        raise CommandError(f"{folder} has no train_config.json: not a folder written by `tunebot train --out`")
+    snapshot = json.loads(config.read_text())
+    probes = []
+    pool = folder / "fewshot_pool.jsonl"
+    if pool.exists():
+        for line in pool.read_text(encoding="utf-8").splitlines():
+            if line.strip() and len(probes) < args.probes:
+                probes.append(Probe(json.loads(line)["question"]))
+    return folder, snapshot["config"]["base_model"], snapshot.get("system_prompt", ""), probes
+
+
+def cmd_export_model(args, app) -> int:
+    from bot.cli import CommandError
+    from tuning.export import export_model
+
+    if args.probes < 0:
+        raise CommandError("--probes must be 0 or more")
+    if args.version and not args.assistant:
+        raise CommandError("--version goes with --assistant")
+    adapter, base_model, system_prompt, probes = (_version_source if args.assistant else _folder_source)(app, args)
+    report = export_model(adapter, base_model=base_model, out_dir=args.out, fmt=args.format, probes=probes,
+                          system_prompt=system_prompt, cache_dir=app.settings.models_cache, quant=args.quant)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({**asdict(report), "flagged": report.flagged}, ensure_ascii=False))
+    else:
+        print(report.summary())
+        if report.note:
+            print(report.note)
+        for check in report.checks:
+            for d in check.disagreements[:2]:
+                print(f"  {check.artifact} differs on {d['question']!r}\n    tuned:  {d['torch'][:120]!r}\n"
+                      f"    export: {d['export'][:120]!r}")
+    return 3 if report.flagged else 0
