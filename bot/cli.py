@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from bot.config import SettingsError, load_settings
+from tuning import exitcodes
 
 # Each module defines `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`;
 # a command function takes (args, app) and returns an exit code.
@@ -20,7 +21,7 @@ COMMAND_MODULES = [
     "bot.cli_export",
 ]
 
-EXIT_USAGE = 2
+EXIT_USAGE = exitcodes.USAGE
 
 
 class CommandError(Exception):

@@ -9,7 +9,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-EXIT_SKIPPED_LINES = 1
+from tuning import exitcodes
+
+EXIT_SKIPPED_LINES = exitcodes.INCOMPLETE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

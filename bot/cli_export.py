@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tuning import exitcodes
+
 PROBES = 40
 
 
@@ -98,4 +100,4 @@ def cmd_export_model(args, app) -> int:
             for d in check.disagreements[:2]:
                 print(f"  {check.artifact} differs on {d['question']!r}\n    tuned:  {d['torch'][:120]!r}\n"
                       f"    export: {d['export'][:120]!r}")
-    return 3 if report.flagged else 0
+    return exitcodes.FLAGGED if report.flagged else exitcodes.OK

@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tuning import exitcodes
 from tuning.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
-EXIT_CANCELLED = 3
-EXIT_TRAINING_ERROR = 2
+EXIT_CANCELLED = exitcodes.STOPPED  # a rank stopped by SIGTERM or its launcher's death (resumable)
+EXIT_TRAINING_ERROR = exitcodes.USER_ERROR  # a rank's TrainingError: the data or settings, not retried
 BUCKET_NUMEL = 16 * 1024 * 1024  # gradients are all-reduced in flat buckets of at most this many values
 SPEC_NAME = ".data_parallel_spec.json"
 

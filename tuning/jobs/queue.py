@@ -10,14 +10,15 @@ import uuid
 
 from storage import Job, Store
 from storage.store import fmt_time
+from tuning import exitcodes
 from tuning.errors import TuningError
 from tuning.jobs.events import TERMINAL
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("scheduled", "queued", "running")
-EXIT_USER_ERROR = 3  # exit code of a job process that cannot succeed as asked (bad data, settings): no retry
-EXIT_STOPPED = 4  # stopped early (SIGTERM, cancelled, worker gone): the worker decides what is next
+EXIT_USER_ERROR = exitcodes.USER_ERROR  # a job process that cannot succeed as asked (bad data, settings): no retry
+EXIT_STOPPED = exitcodes.STOPPED  # stopped early (SIGTERM, cancelled, worker gone): the worker decides what is next
 
 
 class JobError(TuningError):

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 from storage import Job, Store
+from tuning import exitcodes
 from tuning.jobs import executors
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR
 
 log = logging.getLogger(__name__)
 
-EXIT_TASK_DIED = 1  # like a crashed local child: retried while attempts are left
+EXIT_TASK_DIED = exitcodes.INCOMPLETE  # like a crashed local child: retried while attempts are left
 
 
 class JobChannel:
