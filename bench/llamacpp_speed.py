@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 TARGETS = {"decode_ratio_1_client": 4.0, "decode_ratio_8_clients": 4.0, "ttft_ms": 100, "switch_ms": 10,
-           "identical_share": 0.95, "accuracy_gap_points": 2, "export_s": 60}
+           "identical_share": 0.95, "accuracy_gap_points": 2, "export_s": 60,
+           "torch_eight_adapters_ttft_ratio": 3.0, "llamacpp_eight_adapters_ttft_ratio": 3.0}
 
 
 def note(text: str) -> None:
@@ -54,6 +55,15 @@ def clients(engine, n: int, questions, *, adapter, max_new_tokens: int) -> dict:
     wall = time.perf_counter() - start
     tokens = sum(a.n_tokens for a in results)
     return {"clients": n, "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+
+
+def first_tokens(engine, questions, adapters, *, max_new_tokens: int) -> dict:
+    """8 clients at once, each on its own adapter: p50 time to first token, beside one client's alone."""
+    alone = median([engine.answer(questions[0], adapter_dir=adapters[0], max_new_tokens=max_new_tokens).ttft_ms
+                    for _ in range(3)])
+    pending = [engine.submit([{"role": "user", "content": q}], adapter_dir=a, max_new_tokens=max_new_tokens)
+               for q, a in zip(questions, adapters)]
+    return {"alone": alone, "p50": median([g.result().ttft_ms for g in pending])}
 
 
 def probe_answers(engine, probes, *, adapter, max_new_tokens: int) -> list[str]:
@@ -125,6 +135,7 @@ def main() -> int:
             questions = [m[-1]["content"] for m in probes[:8]]
             one = [clients(engine, 1, [q], adapter=version, max_new_tokens=n_tok) for q in questions[:4]]
             eight = clients(engine, 8, questions, adapter=version, max_new_tokens=n_tok)
+            many = first_tokens(engine, questions, adapters[:8], max_new_tokens=n_tok)
             note(f"{name}: probes next")
             t0 = time.perf_counter()
             answers[name] = probe_answers(engine, probes, adapter=version, max_new_tokens=n_tok)
@@ -135,6 +146,8 @@ def main() -> int:
                 "decode_tokens_per_s": median([a.tokens_per_s for a in ttft]),
                 "one_client_tokens_per_s": median([r["tokens_per_s"] for r in one]),
                 "eight_clients_tokens_per_s": eight["tokens_per_s"],
+                "eight_adapters_ttft_ms_p50": many["p50"], "one_client_ttft_ms": many["alone"],
+                "eight_adapters_ttft_ratio": round(many["p50"] / many["alone"], 1),
                 "adapter_first_use_ms": median(first_ms), "switch_ms": median(switch_ms),
                 "switch_ms_max": round(max(switch_ms), 1), "resident_adapters": args.adapters,
                 "probes_s": round(probes_s, 1),
@@ -154,6 +167,8 @@ def main() -> int:
         "identical_share": round(same / len(probes), 4), "identical": same,
         "accuracy_gap_points": round(100 * abs(c["must_contain_accuracy"] - t["must_contain_accuracy"]), 1),
         "export_s": round(export_s, 1), "targets": TARGETS,
+        "torch_eight_adapters_ttft_ratio": t["eight_adapters_ttft_ratio"],
+        "llamacpp_eight_adapters_ttft_ratio": c["eight_adapters_ttft_ratio"],
         "differing_examples": [{"question": r.question, "torch": a, "llamacpp": b}
                                for r, a, b in zip(held_out, answers["torch"], answers["llamacpp"]) if a != b][:5]})
     higher = {"decode_ratio_1_client", "decode_ratio_8_clients", "identical_share"}

@@ -365,3 +365,21 @@ def test_a_vanishing_temperature_answers_greedily_instead_of_failing(engine):
     greedy = engine.submit(messages, max_new_tokens=6).result()
     tiny = engine.submit(messages, max_new_tokens=6, temperature=3.7e-100).result()  # found by the API fuzz
     assert tiny.text == greedy.text
+
+
+def test_requests_of_other_adapters_are_decoded_in_turns_not_after_a_long_batch(tiny_model_dir, adapters):
+    """A long answer on one adapter no longer holds up the others: each adapter's batch gets a decode step in
+    turn, so a request on another adapter (or the base model) has its first token while the long one runs,
+    and every answer is still exactly the one-at-a-time answer."""
+    eng = Engine(tiny_model_dir, max_new_tokens=8)
+    try:
+        asks = [("Hi", adapters[1]), ("Hello", None), ("Pianos?", adapters[2])]
+        alone = {k: eng.submit(prepare_messages(k[0]), adapter_dir=k[1]).result().text for k in asks}
+        story = eng.submit(prepare_messages("Tell me a long story."), adapter_dir=adapters[0], max_new_tokens=300)
+        others = [eng.submit(prepare_messages(q), adapter_dir=a) for q, a in asks]
+        answers = [g.result() for g in others]
+        assert story.finished_at is None or all(g.finished_at < story.finished_at for g in others)
+        assert [a.text for a in answers] == [alone[k] for k in asks]
+        assert story.result().n_tokens > 8 and all(g.first_token_at < story.finished_at for g in others)
+    finally:
+        eng.close()

@@ -284,3 +284,4 @@ def test_requests_of_one_adapter_decode_together_and_answer_as_alone(model_cache
         assert engine.largest_batch >= 2
     finally:
         engine.close()
+

@@ -332,6 +332,7 @@ class Engine(SubmittingEngine):
         self._adapters: OrderedDict[str, str] = OrderedDict()  # resolved folder -> peft adapter name
         self._names = itertools.count()
         self._active: str | None = None  # None: the base model
+        self._current: _Batch | None = None  # the batch whose adapter the LoRA layers point at
         self._lora_layers: list | None = None  # peft's LoRA layers, found once per set of loaded adapters
         self._aux = False  # some adapter has modules_to_save: switch with peft's own set_adapter
         self.stop_ids: set[int] = set()
@@ -430,27 +431,29 @@ class Engine(SubmittingEngine):
 
     # ----------------------------------------------------- inference thread
     def _serve(self) -> None:
-        """Take queued requests, start a batch with the oldest, let requests of its adapter join, decode."""
+        """Take queued requests into batches, one per adapter (or the base model), and decode them in turns: one
+        step of each batch in round-robin, switching adapters between steps, so that 8 clients on 8 adapters
+        all get their first tokens at once instead of waiting for each other's batch to run to its end."""
         import torch
 
         pending: deque[Generation] = deque()
-        closing, batch = False, None
+        closing, batches, turn = False, [], 0
         with torch.inference_mode():
             while True:
                 # Once close() asked to stop, never block again: finish what is queued, then return.
-                closing = self._take_requests(pending, block=batch is None and not pending and not closing) or closing
-                if batch is None:
-                    if not pending:
-                        if closing:
-                            return
-                        continue
-                    batch = self._start_batch(pending.popleft())
-                    if batch is None:
-                        continue
-                    self._admit(batch, pending, starting=True)
-                else:
-                    self._admit(batch, pending, starting=False)
+                block = not batches and not pending and not closing
+                closing = self._take_requests(pending, block=block) or closing
+                if not batches and not pending:
+                    if closing:
+                        return
+                    continue
+                self._admit(batches, pending)
+                if not batches:
+                    continue
+                turn %= len(batches)
+                batch = batches[turn]
                 try:
+                    self._activate(batch)
                     if batch.rows:
                         self._step(batch)
                 except Exception as exc:
@@ -459,10 +462,18 @@ class Engine(SubmittingEngine):
                         if row.generation.finished_at is None:
                             row.generation._finish(InferenceError(f"generation failed: {exc}"))
                     batch.rows = []
-                if not batch.rows:
+                if batch.rows:
+                    turn += 1
+                else:
                     with torch.inference_mode(False):
                         batch.context.close()
-                    batch = None
+                    batches.pop(turn)
+
+    @property
+    def _max_batches(self) -> int:
+        """Adapters decoded in turns at once: all resident (none evicted under a running batch); one when an
+        adapter has modules_to_save (peft's own context switches those, and it cannot be interleaved)."""
+        return 1 if self._aux else max(1, min(self.adapter_cache_size, 8))
 
     def _take_requests(self, pending: deque, *, block: bool) -> bool:
         """Move queued requests to pending (waiting for one if block); True when close() asked to stop."""
@@ -478,21 +489,28 @@ class Engine(SubmittingEngine):
         except queue.Empty:
             return closing
 
+    def _activate(self, batch: _Batch) -> None:
+        """Point the LoRA layers at the batch's adapter (a resident one: a few ms), unless they already are."""
+        if self._current is batch:
+            return
+        import torch
+
+        with torch.inference_mode(False):  # adapter weights stay ordinary tensors (peft toggles their grads)
+            if batch.adapter_dir:
+                self._use_adapter(batch.adapter_dir)
+            else:
+                self._use_base(batch)
+        self._current = batch
+
     def _start_batch(self, generation: Generation) -> _Batch | None:
         """A batch on the request's adapter with the request in it (None when it was cancelled or failed)."""
         if generation.cancelled.is_set():
             self.cancellations += 1
             generation._finish()
             return None
-        import torch
-
         batch = _Batch(generation.adapter_dir)
         try:
-            with torch.inference_mode(False):  # adapter weights stay ordinary tensors (peft toggles their grads)
-                if generation.adapter_dir:
-                    self._use_adapter(generation.adapter_dir)
-                else:
-                    self._use_base(batch)
+            self._activate(batch)
         except TuningError as exc:  # reported to the waiting caller, the thread keeps serving
             log.warning("request failed: %s", exc)
             generation._finish(exc)
@@ -504,21 +522,31 @@ class Engine(SubmittingEngine):
         self._join(batch, generation)
         return batch
 
-    def _admit(self, batch: _Batch, pending: deque, *, starting: bool) -> None:
-        """Pending requests of the batch's adapter join it; once another adapter waits, the batch only drains."""
-        if not pending or not self._batchable:
-            return
-        if not starting and any(g.adapter_dir != batch.adapter_dir for g in pending):
-            return
-        for generation in [g for g in pending if g.adapter_dir == batch.adapter_dir]:
-            if len(batch.rows) >= self.max_batch_size:
-                break
-            pending.remove(generation)
+    def _admit(self, batches: list[_Batch], pending: deque) -> None:
+        """Waiting requests join the batch of their adapter while it has room, or start one while fewer than
+        _max_batches run; the others wait for a batch to finish."""
+        for generation in list(pending):
             if generation.cancelled.is_set():
+                pending.remove(generation)
                 self.cancellations += 1
                 generation._finish()
-            else:
+                continue
+            batch = next((b for b in batches if b.adapter_dir == generation.adapter_dir and b.rows
+                          and self._batchable and len(b.rows) < self.max_batch_size), None)
+            if batch is not None:
+                pending.remove(generation)
+                try:
+                    self._activate(batch)
+                except Exception as exc:  # noqa: BLE001 - this request fails; the thread keeps serving
+                    log.exception("adapter switch failed")
+                    generation._finish(exc if isinstance(exc, TuningError) else InferenceError(str(exc)))
+                    continue
                 self._join(batch, generation)
+            elif len(batches) < self._max_batches:
+                pending.remove(generation)
+                batch = self._start_batch(generation)
+                if batch is not None:
+                    batches.append(batch)
 
     def _forward(self, **inputs):
         if self._logits_to_keep:

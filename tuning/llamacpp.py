@@ -137,6 +137,9 @@ class LlamaCppEngine(SubmittingEngine):
             trained = int(llm._model.n_ctx_train() or self.n_ctx)
             self.context_length = min(self.n_ctx, trained)
             params = llama_cpp.llama_context_default_params()
+            for name in ("flash_attn_type", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"):
+                setattr(params, name, getattr(llm.context_params, name))  # as llama-cpp-python sets them (the
+                # defaults, flash attention "auto" among them, made a decode step 3-100× slower here)
             params.n_ctx = self._n_cells = max(KV_CELLS, self.context_length)
             params.n_batch = params.n_ubatch = N_BATCH
             params.n_seq_max = MAX_BATCH
@@ -207,7 +210,9 @@ class LlamaCppEngine(SubmittingEngine):
     def _serve(self) -> None:
         """Take queued requests; those of the active adapter (or the base model) decode together, one token per
         sequence per llama_decode call, each in its own sequence of the shared KV cache; the next adapter's
-        requests start when the batch has drained."""
+        requests start when the batch has drained. (Switching adapters between steps, as the torch engine does,
+        is not done here: llama.cpp re-plans its compute graph after a change of adapters, which made every
+        interleaved step seconds long in bench/llamacpp_speed.py.)"""
         pending: deque[Generation] = deque()
         rows: list[_Row] = []
         stopping = False
@@ -373,9 +378,9 @@ class LlamaCppEngine(SubmittingEngine):
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), row.seq, -1, -1)
 
     # -------------------------------------------------------------- adapters
-    def _switch(self, adapter_dir: str | None) -> None:
-        """Set the request's adapter on the context (converting and loading it on first use); called only
-        between batches, when no sequence is decoding."""
+    def _switch(self, adapter_dir: str | None, *, keep: set = frozenset()) -> None:
+        """Set the adapter on the context (converting and loading it on first use, never evicting one in
+        `keep`), between llama_decode calls: each sequence's KV cache stays its own adapter's."""
         if adapter_dir == self._active:
             if adapter_dir is not None:
                 self._adapters.move_to_end(adapter_dir)
@@ -386,7 +391,7 @@ class LlamaCppEngine(SubmittingEngine):
         if adapter_dir is None:
             code = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
-            adapter = self._adapters.get(adapter_dir) or self._load_adapter(adapter_dir)
+            adapter = self._adapters.get(adapter_dir) or self._load_adapter(adapter_dir, keep=keep)
             self._adapters.move_to_end(adapter_dir)
             code = llama_cpp.llama_set_adapters_lora(self._ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter),
                                                       1, (ctypes.c_float * 1)(1.0))
@@ -413,17 +418,19 @@ class LlamaCppEngine(SubmittingEngine):
                 raise AdapterLoadError(f"the adapter cannot be used by llama.cpp: {exc}") from exc
         return target
 
-    def _load_adapter(self, adapter_dir: str):
+    def _load_adapter(self, adapter_dir: str, *, keep: set = frozenset()):
         import llama_cpp
 
         # A folder is a peft adapter (converted once); a .gguf file is a GGUF adapter already (an export's).
         path = Path(adapter_dir) if adapter_dir.endswith(".gguf") else self.adapter_gguf(adapter_dir)
         while len(self._adapters) >= self.adapter_cache_size:
-            # Nothing on the context may point at an adapter being freed.
+            # Nothing on the context may point at an adapter being freed, nor a running request use it.
+            old = next((a for a in self._adapters if a not in keep), None)
+            if old is None:
+                raise AdapterLoadError("too many adapters in use at once for TUNEBOT_ADAPTER_CACHE_SIZE")
             llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
             self._active = None
-            old, pointer = self._adapters.popitem(last=False)
-            llama_cpp.llama_adapter_lora_free(pointer)
+            llama_cpp.llama_adapter_lora_free(self._adapters.pop(old))
             self.adapter_evictions += 1
             log.debug("adapter %s evicted", old)
         adapter = llama_cpp.llama_adapter_lora_init(self.model.model, str(path).encode())
