@@ -268,20 +268,19 @@ def report_files(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir()]
 
 
-def test_requests_of_one_adapter_decode_together_and_answer_as_alone(model_cache, all_adapter):
+def test_requests_submitted_together_answer_as_alone(model_cache, all_adapter):
     from tuning.llamacpp import LlamaCppEngine
     from tuning.prompts import build_messages
 
     engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, max_new_tokens=16, n_threads=2)
     try:
         alone = {q: engine.answer(q, adapter_dir=all_adapter).text for q in QUESTIONS}
-        # Submitted together (ctypes lets this thread run while llama.cpp decodes): they join one batch, each in
-        # its own sequence of the KV cache, and a base-model request waits for the adapter's batch to drain.
+        # Submitted together: decoded one after the other, the KV cache of a shared prompt prefix reused only
+        # under the same adapter (a base-model request after them gets its own answer, not the adapter's).
         together = [engine.submit(build_messages(q), adapter_dir=all_adapter) for q in QUESTIONS * 2]
         base = engine.submit(build_messages(QUESTIONS[0]))
         assert [g.result().text for g in together] == [alone[q] for q in QUESTIONS * 2]
         assert base.result().text == engine.answer(QUESTIONS[0]).text
-        assert engine.largest_batch >= 2
     finally:
         engine.close()
 

@@ -3,9 +3,12 @@ converted once to a GGUF adapter and switched per request, with the same chat te
 Generation records (text pieces, token log-probabilities, early alternatives) as the torch Engine.
 
 Prompts are encoded with the model's transformers tokenizer and chat template, exactly as in training and in
-the torch engine; llama.cpp gets token ids. Like the torch engine, one thread decodes: the requests of one
-adapter (or of the base model) together, up to MAX_BATCH, each in its own sequence of one shared KV cache, one
-token per sequence per llama_decode call; a request for another adapter starts when that batch has drained.
+the torch engine; llama.cpp gets token ids. One llama.cpp context decodes one request at a time on its own
+thread, reusing the KV cache of the previous prompt's common prefix (the system prompt) while the adapter stays
+the same. Measured against decoding up to 8 requests together in 8 sequences of one KV cache
+(bench/llamacpp_speed.py, this machine): that version was slower for one client (40 against 56 tokens/s, first
+token 174 against 17 ms, no prefix reuse) and barely faster for 8 (58 against 53 tokens/s), so it was not kept;
+interleaving adapters per step was worse still (llama.cpp re-plans its graph after every change of adapters).
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ import queue
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
 
 from tuning.errors import ModelLoadError
@@ -28,22 +30,7 @@ from tuning.inference import (ALTERNATIVE_STEPS, ALTERNATIVES, MIN_TEMPERATURE, 
                               ContextLengthExceeded, Generation, InferenceError, SubmittingEngine, _Detokenizer)
 
 log = logging.getLogger(__name__)
-MAX_CONTEXT = 4096  # the longest prompt + answer of one request (the model's own window when that is smaller)
-MAX_BATCH = 8  # requests decoded together, each in its own sequence of one KV cache
-KV_CELLS = 8192  # the KV cache the sequences share (a request waits while the active ones have reserved it)
-N_BATCH = 512  # prompt tokens per llama_decode call
-
-
-@dataclass
-class _Row:
-    """A request being decoded: its sequence in the KV cache, the next position, the cells it reserved."""
-
-    generation: Generation
-    seq: int
-    reserved: int
-    detok: object
-    pos: int = 0
-    last: int = 0
+MAX_CONTEXT = 4096  # the KV cache llama.cpp allocates (the model's own window when that is smaller)
 
 
 def base_gguf(spec: str) -> Path:
@@ -84,12 +71,7 @@ class LlamaCppEngine(SubmittingEngine):
         self.top_k = 0
         self._adapters: OrderedDict[str, object] = OrderedDict()  # resolved folder -> llama_adapter_lora_p
         self._active: str | None = None  # the adapter set on the context (None: the base model)
-        self._ctx = None  # our llama_context: MAX_BATCH sequences over one KV cache
-        self._batch = None  # a reusable llama_batch
-        self._n_cells = KV_CELLS
-        self._n_vocab = 0
-        self._rng = None
-        self.largest_batch = 0
+        self._cached: list[int] = []  # tokens whose KV the context holds, under the active adapter
         self.adapter_loads = 0
         self.adapter_evictions = 0
         self.cancellations = 0
@@ -127,33 +109,9 @@ class LlamaCppEngine(SubmittingEngine):
             self.stop_ids = {i for i in (*configured, tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
                              if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
             self.top_k = int(config.top_k or 0)
-            import llama_cpp
-            import numpy as np
-
-            # The Llama object loads the model (its own one-sequence context stays unused and small); decoding
-            # runs on a context of our own with MAX_BATCH sequences.
-            llm = Llama(model_path=str(path), n_ctx=64, n_threads=self.n_threads, n_batch=64, logits_all=False,
-                        verbose=False)
-            trained = int(llm._model.n_ctx_train() or self.n_ctx)
-            self.context_length = min(self.n_ctx, trained)
-            params = llama_cpp.llama_context_default_params()
-            for name in ("flash_attn_type", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"):
-                setattr(params, name, getattr(llm.context_params, name))  # as llama-cpp-python sets them (the
-                # defaults, flash attention "auto" among them, made a decode step 3-100× slower here)
-            params.n_ctx = self._n_cells = max(KV_CELLS, self.context_length)
-            params.n_batch = params.n_ubatch = N_BATCH
-            params.n_seq_max = MAX_BATCH
-            params.kv_unified = True
-            params.n_threads = params.n_threads_batch = self.n_threads
-            params.no_perf = True
-            ctx = llama_cpp.llama_init_from_model(llm.model, params)
-            if not ctx:
-                llm.close()
-                raise ModelLoadError(f"llama.cpp could not make a context for {path.name}")
-            self._ctx = ctx
-            self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-            self._n_vocab = llm.n_vocab()
-            self._rng = np.random.default_rng()
+            llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=512,
+                        logits_all=False, verbose=False)
+            self.context_length = min(int(llm.n_ctx()), int(llm._model.n_ctx_train() or llm.n_ctx()))
             self.tokenizer = tok
             self.model = llm
 
@@ -167,15 +125,13 @@ class LlamaCppEngine(SubmittingEngine):
             if self.model is not None:
                 import llama_cpp
 
-                llama_cpp.llama_batch_free(self._batch)
-                llama_cpp.llama_free(self._ctx)
-                self._ctx = self._batch = None
+                llama_cpp.llama_set_adapters_lora(self.model.ctx, None, 0, None)
                 for adapter in self._adapters.values():
                     llama_cpp.llama_adapter_lora_free(adapter)
                 self._adapters.clear()
                 self.model.close()
                 self.model = None
-                self._active = None
+                self._active, self._cached = None, []
 
     # ------------------------------------------------------------- requests
     def submit(self, messages: list[dict], *, adapter_dir: str | Path | None = None,
@@ -208,179 +164,89 @@ class LlamaCppEngine(SubmittingEngine):
 
     # ------------------------------------------------------ decoding thread
     def _serve(self) -> None:
-        """Take queued requests; those of the active adapter (or the base model) decode together, one token per
-        sequence per llama_decode call, each in its own sequence of the shared KV cache; the next adapter's
-        requests start when the batch has drained. (Switching adapters between steps, as the torch engine does,
-        is not done here: llama.cpp re-plans its compute graph after a change of adapters, which made every
-        interleaved step seconds long in bench/llamacpp_speed.py.)"""
-        pending: deque[Generation] = deque()
-        rows: list[_Row] = []
-        stopping = False
         while True:
-            if not rows and not pending and not stopping:
-                item = self._requests.get()
-                stopping = item is None
-                if item is not None:
-                    pending.append(item)
-            while True:  # whatever else has arrived
-                try:
-                    item = self._requests.get_nowait()
-                except queue.Empty:
-                    break
-                stopping = stopping or item is None
-                if item is not None:
-                    pending.append(item)
-            if not rows and not pending:
-                if stopping:
-                    return
-                continue
-            if not rows:
-                try:
-                    self._switch(pending[0].adapter_dir)
-                except Exception as exc:  # noqa: BLE001 - that request gets the error; others go on
-                    pending.popleft()._finish(exc if isinstance(exc, InferenceError) else InferenceError(str(exc)))
-                    continue
-            self._admit(rows, pending)
-            if rows:
-                self._step(rows)
-
-    def _admit(self, rows: list["_Row"], pending: deque) -> None:
-        """Start the waiting requests of the active adapter while sequences and KV cells are free."""
-        for generation in [g for g in pending if g.adapter_dir == self._active]:
-            if len(rows) >= MAX_BATCH:
+            generation = self._requests.get()
+            if generation is None:
                 return
-            need = generation.prompt_tokens + generation.max_new_tokens
-            if rows and sum(r.reserved for r in rows) + need > self._n_cells:
-                return  # it waits for a sequence to finish
-            pending.remove(generation)
             if generation.cancelled.is_set():
                 self.cancellations += 1
                 generation._finish()
                 continue
-            seq = min(set(range(MAX_BATCH)) - {r.seq for r in rows})
-            row = _Row(generation, seq, need, _Detokenizer(self.tokenizer))
             try:
-                self._prefill(row)
-            except Exception as exc:  # noqa: BLE001
-                self._free(row)
+                self._switch(generation.adapter_dir)
+                self._decode(generation)
+            except Exception as exc:  # noqa: BLE001 - the request gets the error; the thread serves the next
+                self._cached = []
                 generation._finish(exc if isinstance(exc, InferenceError) else InferenceError(str(exc)))
-                continue
-            if not self._accept(row, self._choose(self._logits(-1), generation)):
-                rows.append(row)
-            self.largest_batch = max(self.largest_batch, len(rows))
 
-    def _prefill(self, row: "_Row") -> None:
-        """The prompt into the row's sequence, in chunks; logits of its last token only."""
-        import llama_cpp
-
-        ids = list(row.generation.input_ids)
-        for start in range(0, len(ids), N_BATCH):
-            chunk = ids[start:start + N_BATCH]
-            self._fill([(t, start + i, row.seq, start + i == len(ids) - 1) for i, t in enumerate(chunk)])
-            if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
-                raise InferenceError("llama.cpp could not take the prompt (its context is full)")
-        row.pos = len(ids)
-
-    def _step(self, rows: list["_Row"]) -> None:
-        """One token for every row in one llama_decode call; finished rows leave the batch."""
-        import llama_cpp
-
-        self._fill([(row.last, row.pos, row.seq, True) for row in rows])
-        if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
-            for row in rows:
-                self._free(row)
-                row.generation._finish(InferenceError("llama.cpp ran out of context for this batch"))
-            rows.clear()
-            return
-        done = []
-        for i, row in enumerate(rows):
-            row.pos += 1
-            if self._accept(row, self._choose(self._logits(i), row.generation)):
-                done.append(row)
-        for row in done:
-            rows.remove(row)
-
-    def _fill(self, tokens: list[tuple[int, int, int, bool]]) -> None:
-        """(token, position, sequence, wants logits) into the reusable llama_batch."""
-        batch = self._batch
-        batch.n_tokens = len(tokens)
-        for i, (token, pos, seq, logits) in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = logits
-
-    def _logits(self, i: int):
+    def _logits(self):
         import llama_cpp
         import numpy as np
 
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx, i)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        pointer = llama_cpp.llama_get_logits_ith(self.model.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),)).astype(np.float64)
 
-    def _choose(self, logits, generation: Generation) -> int:
-        """The next token (greedy, or sampled with the request's temperature), with its log-probability and,
-        early on, the likeliest alternatives (a grounded answer's citation is read from them)."""
+    def _eval(self, tokens: list[int]) -> None:
+        """Feed tokens after the cached prefix they share (at least one is evaluated, for fresh logits)."""
+        llm = self.model
+        common = 0
+        for a, b in zip(self._cached, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)
+        llm.n_tokens = common
+        self._cached = self._cached[:common]
+        llm.eval(tokens[common:])
+        self._cached += tokens[common:]
+
+    def _decode(self, generation: Generation) -> None:
         import numpy as np
 
-        top = float(logits.max())
-        logprobs = logits - (top + float(np.log(np.exp(logits - top).sum())))
-        token = int(logits.argmax())
-        if generation.temperature >= MIN_TEMPERATURE:
-            scores = logits.astype(np.float64) / generation.temperature
-            if 0 < self.top_k < scores.shape[0]:
-                kth = np.partition(scores, -self.top_k)[-self.top_k]
-                scores = np.where(scores < kth, -np.inf, scores)
-            probs = np.exp(scores - scores.max())
-            token = int(self._rng.choice(scores.shape[0], p=probs / probs.sum()))
-        generation._chosen_logprob = float(logprobs[token])
-        if len(generation.alternatives) < ALTERNATIVE_STEPS:
-            best = np.argpartition(-logprobs, ALTERNATIVES)[:ALTERNATIVES]
-            best = best[np.argsort(-logprobs[best])]
-            generation._step_alternatives = tuple((self.tokenizer.decode([int(t)]), float(logprobs[t])) for t in best)
-        return token
-
-    def _accept(self, row: "_Row", token: int) -> bool:
-        """Stream a chosen token; True when the row is finished (end of turn, token limit, cancelled)."""
-        generation = row.generation
-        if token in self.stop_ids:
-            generation.stopped = True
-            return self._end(row)
-        generation.n_tokens += 1
-        generation.token_ids.append(token)
-        generation.token_logprobs.append(generation._chosen_logprob)
-        if len(generation.alternatives) < ALTERNATIVE_STEPS:
-            generation.alternatives.append(generation._step_alternatives)
-        piece = row.detok.push(token)
+        rng = np.random.default_rng()
+        detok = _Detokenizer(self.tokenizer)
+        self._eval(list(generation.input_ids))
+        while True:
+            logits = self._logits()
+            shifted = logits - logits.max()
+            logprobs = shifted - np.log(np.exp(shifted).sum())
+            token = int(logits.argmax())
+            if generation.temperature >= MIN_TEMPERATURE:
+                scores = logits / generation.temperature
+                if 0 < self.top_k < scores.shape[0]:
+                    kth = np.partition(scores, -self.top_k)[-self.top_k]
+                    scores = np.where(scores < kth, -np.inf, scores)
+                probs = np.exp(scores - scores.max())
+                token = int(rng.choice(scores.shape[0], p=probs / probs.sum()))
+            if token in self.stop_ids:
+                generation.stopped = True
+                break
+            if len(generation.alternatives) < ALTERNATIVE_STEPS:
+                top = np.argsort(-logprobs)[:ALTERNATIVES]
+                generation.alternatives.append(tuple((self.tokenizer.decode([int(t)]), float(logprobs[t])) for t in top))
+            generation.n_tokens += 1
+            generation.token_ids.append(token)
+            generation.token_logprobs.append(float(logprobs[token]))
+            piece = detok.push(token)
+            if piece:
+                generation._emit(piece)
+            elif generation.first_token_at is None:
+                generation.first_token_at = time.perf_counter()
+            if generation.n_tokens >= generation.max_new_tokens or generation.cancelled.is_set():
+                break
+            self.model.eval([token])
+            self._cached.append(token)
+        if generation.cancelled.is_set():
+            self.cancellations += 1
+        piece = detok.flush()
         if piece:
             generation._emit(piece)
-        elif generation.first_token_at is None:
-            generation.first_token_at = time.perf_counter()
-        row.last = token
-        if generation.n_tokens >= generation.max_new_tokens or generation.cancelled.is_set():
-            return self._end(row)
-        return False
-
-    def _end(self, row: "_Row") -> bool:
-        if row.generation.cancelled.is_set():
-            self.cancellations += 1
-        piece = row.detok.flush()
-        if piece:
-            row.generation._emit(piece)
-        self._free(row)
-        row.generation._finish()
-        return True
-
-    def _free(self, row: "_Row") -> None:
-        """Forget the row's sequence in the KV cache (its number is free again)."""
-        import llama_cpp
-
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), row.seq, -1, -1)
+        generation._finish()
 
     # -------------------------------------------------------------- adapters
-    def _switch(self, adapter_dir: str | None, *, keep: set = frozenset()) -> None:
-        """Set the adapter on the context (converting and loading it on first use, never evicting one in
-        `keep`), between llama_decode calls: each sequence's KV cache stays its own adapter's."""
+    def _switch(self, adapter_dir: str | None) -> None:
+        """Set the request's adapter on the context (converting and loading it on first use); the KV cache of
+        another adapter's prompt is not reused."""
         if adapter_dir == self._active:
             if adapter_dir is not None:
                 self._adapters.move_to_end(adapter_dir)
@@ -389,15 +255,15 @@ class LlamaCppEngine(SubmittingEngine):
 
         started = time.perf_counter()
         if adapter_dir is None:
-            code = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+            code = llama_cpp.llama_set_adapters_lora(self.model.ctx, None, 0, None)
         else:
-            adapter = self._adapters.get(adapter_dir) or self._load_adapter(adapter_dir, keep=keep)
+            adapter = self._adapters.get(adapter_dir) or self._load_adapter(adapter_dir)
             self._adapters.move_to_end(adapter_dir)
-            code = llama_cpp.llama_set_adapters_lora(self._ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter),
+            code = llama_cpp.llama_set_adapters_lora(self.model.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter),
                                                       1, (ctypes.c_float * 1)(1.0))
         if code != 0:
             raise AdapterLoadError(f"llama.cpp could not apply the adapter (code {code})")
-        self._active = adapter_dir
+        self._active, self._cached = adapter_dir, []
         self.last_switch_ms = (time.perf_counter() - started) * 1000
 
     def adapter_gguf(self, adapter_dir: str) -> Path:
@@ -418,19 +284,17 @@ class LlamaCppEngine(SubmittingEngine):
                 raise AdapterLoadError(f"the adapter cannot be used by llama.cpp: {exc}") from exc
         return target
 
-    def _load_adapter(self, adapter_dir: str, *, keep: set = frozenset()):
+    def _load_adapter(self, adapter_dir: str):
         import llama_cpp
 
         # A folder is a peft adapter (converted once); a .gguf file is a GGUF adapter already (an export's).
         path = Path(adapter_dir) if adapter_dir.endswith(".gguf") else self.adapter_gguf(adapter_dir)
         while len(self._adapters) >= self.adapter_cache_size:
-            # Nothing on the context may point at an adapter being freed, nor a running request use it.
-            old = next((a for a in self._adapters if a not in keep), None)
-            if old is None:
-                raise AdapterLoadError("too many adapters in use at once for TUNEBOT_ADAPTER_CACHE_SIZE")
-            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
-            self._active = None
-            llama_cpp.llama_adapter_lora_free(self._adapters.pop(old))
+            # Nothing on the context may point at an adapter being freed.
+            llama_cpp.llama_set_adapters_lora(self.model.ctx, None, 0, None)
+            self._active, self._cached = None, []
+            old, pointer = self._adapters.popitem(last=False)
+            llama_cpp.llama_adapter_lora_free(pointer)
             self.adapter_evictions += 1
             log.debug("adapter %s evicted", old)
         adapter = llama_cpp.llama_adapter_lora_init(self.model.model, str(path).encode())
