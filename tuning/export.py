@@ -150,12 +150,9 @@ def _answers(engine, probes: Sequence[Probe], *, system_prompt: str, adapter_dir
 
 def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Path, fmt: str,
                  probes: Sequence[Probe] = (), system_prompt: str = "", cache_dir: str | Path | None = None,
-                 quant: str = "q8_0", max_new_tokens: int = 48, reference: Sequence[str] | None = None) -> ExportReport:
-    """Write `fmt` into out_dir, check it on `probes` against the torch engine, and save export_report.json.
-
-    `reference`: the torch engine's answers to the probes when the caller has them already."""
+                 quant: str = "q8_0", max_new_tokens: int = 48) -> ExportReport:
+    """Write `fmt` into out_dir, check it on `probes` against the torch engine, and save export_report.json."""
     from tuning.inference import Engine
-    from tuning.models import load_tokenizer
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -167,7 +164,6 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
         raise ExportError(f"{out} is not empty: choose a new folder, so that nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(base_model, cache_dir=cache_dir)
     note = ""
     if fmt == "adapter":
         for name in ADAPTER_FILES:
@@ -180,12 +176,13 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
         _write_merged(adapter_dir, base_model, out, cache_dir=cache_dir)
         targets = [("merged model", "transformers", Engine(str(out)), None)]
     else:
-        targets, note = _write_gguf(adapter_dir, base_model, out, fmt, tokenizer=tokenizer,
-                                                   system_prompt=system_prompt, cache_dir=cache_dir, quant=quant)
+        targets, note = _write_gguf(adapter_dir, base_model, out, fmt, system_prompt=system_prompt,
+                                    cache_dir=cache_dir, quant=quant)
     seconds_written = time.perf_counter() - started
     checks: list[Check] = []
+    reference: list[str] = []
     try:
-        if probes and reference is None:
+        if probes:
             torch_engine = Engine(base_model, cache_dir=cache_dir)
             try:
                 reference = _answers(torch_engine, probes, system_prompt=system_prompt,
@@ -200,12 +197,12 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
     finally:
         for _, _, engine, _ in targets:
             engine.close()
-    report = ExportReport(format=fmt, path=str(out), files=[], probes=len(probes),
-                          reference_accuracy=_accuracy(probes, reference or []), checks=checks,
+    files = sorted({p.name for p in out.iterdir()} | {"export_report.json"})
+    report = ExportReport(format=fmt, path=str(out), files=files, probes=len(probes),
+                          reference_accuracy=_accuracy(probes, reference), checks=checks,
                           seconds=round(seconds_written, 1), note=note)
     (out / "export_report.json").write_text(json.dumps({**asdict(report), "flagged": report.flagged}, indent=2,
                                                        ensure_ascii=False))
-    report.files = sorted(p.name for p in out.iterdir())
     return report
 
 
@@ -234,8 +231,8 @@ def _write_merged(adapter_dir: Path, base_model: str, out: Path, *, cache_dir) -
     tokenizer.save_pretrained(out)
 
 
-def _write_gguf(adapter_dir: Path, base_model: str, out: Path, fmt: str, *, tokenizer, system_prompt: str,
-                cache_dir, quant: str):
+def _write_gguf(adapter_dir: Path, base_model: str, out: Path, fmt: str, *, system_prompt: str, cache_dir,
+                quant: str):
     """model.gguf (merged) and adapter.gguf (for the original base GGUF), each checked in llama.cpp; for ollama
     a Modelfile too, whose template is checked to render the prompt exactly as the chat template does."""
     from tuning.llamacpp import LlamaCppEngine, base_gguf
@@ -256,6 +253,7 @@ def _write_gguf(adapter_dir: Path, base_model: str, out: Path, fmt: str, *, toke
                (f"adapter.gguf on {base.name}", "llama.cpp", pair, str(out / "adapter.gguf"))]
     if fmt == "ollama":
         engine.load()
+        tokenizer = engine.tokenizer  # the base model's, the one it was trained with
         stops = sorted({tokenizer.convert_ids_to_tokens(i) for i in engine.stop_ids})
         (out / "Modelfile").write_text(modelfile(tokenizer, gguf_name="model.gguf", system_prompt=system_prompt,
                                                  stop_tokens=stops))

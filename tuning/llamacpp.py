@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import logging
 import os
 import queue
@@ -82,7 +81,6 @@ class LlamaCppEngine(SubmittingEngine):
         self._thread: threading.Thread | None = None
         self._submitted: weakref.WeakSet[Generation] = weakref.WeakSet()
         self._submitted_lock = threading.Lock()
-        self._ids = itertools.count()
 
     # ---------------------------------------------------------------- setup
     def load(self) -> None:
