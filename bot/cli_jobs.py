@@ -388,7 +388,7 @@ def cmd_rollback(args: argparse.Namespace, app) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace, app) -> int:
-    from storage.store import parse_time
+    from storage.common import parse_time
     from tuning.jobs import new_examples_since_active, next_fire, set_policy
 
     store = app.store

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from storage import InvalidValue, NotFound, Store, open_db
-from storage.store import API_KEY_TOUCH_S, utcnow
+from storage.common import API_KEY_TOUCH_S, utcnow
 
 
 class HookedClock:

@@ -11,7 +11,7 @@ from storage import (
     MIGRATIONS, DuplicateExample, InvalidValue, NewExample, NotFound, Store, migrate, normalize_question, open_db,
     question_hash,
 )
-from storage.store import fmt_time, hash_api_key, parse_time
+from storage.common import fmt_time, hash_api_key, parse_time
 
 
 class Clock:

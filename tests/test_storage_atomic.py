@@ -18,7 +18,7 @@ import pytest
 import sqlite_utils
 
 from storage import NewExample, Store, migrate, open_db
-from storage.store import parse_time
+from storage.common import parse_time
 
 NOW = parse_time("2026-03-01 10:00:00")
 KILLED = 77

@@ -9,7 +9,7 @@ import socket
 import uuid
 
 from storage import Job, Store
-from storage.store import fmt_time
+from storage.common import fmt_time
 from tuning import exitcodes
 from tuning.errors import TuningError
 from tuning.jobs.events import TERMINAL

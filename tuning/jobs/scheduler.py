@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.cron import CronTrigger
 
 from storage import Job, Store
-from storage.store import parse_time
+from storage.common import parse_time
 from tuning.jobs.queue import JobError, enqueue_training
 
 log = logging.getLogger(__name__)

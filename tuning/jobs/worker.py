@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from storage import Job, Store, open_db
-from storage.store import utcnow
+from storage.common import utcnow
 from tuning.jobs import events
 from tuning.jobs.executors import PORTABLE_KINDS, job_key
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, domain_failure, new_worker_id, prune_workers, recover_stale

@@ -15,7 +15,7 @@ from bot.telegram.common import (ID, app_of, button_invalid, callback_match, cur
 from bot.telegram.texts import LANGUAGES
 from storage import StorageError
 from storage.records import ROLES
-from storage.store import INVITE_MAX_USES, INVITE_TTL_HOURS
+from storage.common import INVITE_MAX_USES, INVITE_TTL_HOURS
 from tuning.models import display_name
 
 CREATE_NAME, CREATE_DESCRIPTION, CREATE_PROMPT, CREATE_MODEL = range(4)

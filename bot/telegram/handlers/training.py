@@ -14,7 +14,7 @@ from bot.telegram.progress import render_progress
 from bot.telegram.texts import label, labelled_counts
 from tuning.jobs.scheduler import next_clock_time
 from storage import StorageError
-from storage.store import fmt_time
+from storage.common import fmt_time
 
 TOKENS_PER_S_CPU = 200  # first guess before any run of a model here: the bundled model on 2 cores (DESIGN.md)
 TONIGHT_HOUR = 2
