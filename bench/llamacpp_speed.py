@@ -91,8 +91,8 @@ def main() -> int:
     from tuning.evaluate import contains_all
     from tuning.export import export_model
     from tuning.formats import read_examples
-    from tuning.inference import Engine
-    from tuning.llamacpp import LlamaCppEngine
+    from tuning.answering.engine import Engine
+    from tuning.answering.llamacpp import LlamaCppEngine
     from tuning.models import materialize
     from tuning.prompts import build_messages
     from tuning.retrieval import Retriever, docs_from_pairs

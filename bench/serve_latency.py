@@ -100,7 +100,7 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tuning.inference import Engine
+    from tuning.answering.engine import Engine
     from tuning.models import materialize
 
     model_dir = materialize(args.base_model, args.cache_dir)

@@ -114,17 +114,17 @@ class App:
             return self.engine_factory(base_model)
         s = self.settings
         if s.inference_backend == "openai":
-            from tuning.inference import RemoteEngine
+            from tuning.answering.remote import RemoteEngine
 
             return RemoteEngine(s.inference_base_url, api_key=s.openai_api_key, model=base_model,
                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature)
         if s.inference_backend == "llamacpp":
-            from tuning.llamacpp import LlamaCppEngine
+            from tuning.answering.llamacpp import LlamaCppEngine
 
             return LlamaCppEngine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
                                   max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                   n_threads=s.torch_threads)
-        from tuning.inference import Engine
+        from tuning.answering.engine import Engine
 
         return Engine(base_model, cache_dir=s.models_cache, adapter_cache_size=s.adapter_cache_size,
                       max_new_tokens=s.max_new_tokens, temperature=s.temperature)

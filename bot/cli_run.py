@@ -34,7 +34,7 @@ def _start_api(app):
     import uvicorn
 
     from storage import Store, open_db
-    from tuning.api import create_api_app
+    from tuning.answering.api import create_api_app
 
     s = app.settings
 

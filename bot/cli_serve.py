@@ -81,7 +81,7 @@ def cmd_serve(args, app) -> int:
     """Load the base model, then serve the API until interrupted."""
     import uvicorn
 
-    from tuning.api import create_api_app
+    from tuning.answering.api import create_api_app
 
     host = args.host or app.settings.api_host
     port = args.port if args.port is not None else (app.settings.api_port or 8000)
@@ -143,7 +143,7 @@ def _engine_for(app, assistant):
 
 
 def _answer_line(app, engine, assistant, question: str, args, out) -> None:
-    from tuning.inference import answer_question, compare_answers
+    from tuning.answering.service import answer_question, compare_answers
 
     if args.json:
         if args.compare:
@@ -336,7 +336,7 @@ def cmd_demo(args, app) -> int:
     store.update_assistant(assistant.id, description=f"{description}: "
                                                      f"{json.dumps({m: v['accuracy'] for m, v in result['modes'].items()})}")
     print("5/5 what a customer gets (auto mode: grounded answers with their sources, \"I don't know\" when unsure)")
-    from tuning.inference import answer_question
+    from tuning.answering.service import answer_question
 
     samples = [r.question for r in held_out[:2]] + out_of_scope[:1]
     try:

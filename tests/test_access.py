@@ -112,7 +112,7 @@ def test_the_api_writes_last_used_at(store, assistant):
     from openai import OpenAI
 
     from inference_helpers import ServerThread
-    from tuning.api import create_api_app
+    from tuning.answering.api import create_api_app
 
     record, key = store.create_api_key(assistant.id)
     with ServerThread(create_api_app(store, None)) as server:

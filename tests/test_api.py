@@ -11,8 +11,9 @@ import pytest
 from openai import OpenAI
 
 from inference_helpers import ServerThread, make_random_adapter, make_random_model_like
-from tuning.api import create_api_app
-from tuning.inference import Engine, RemoteEngine
+from tuning.answering.api import create_api_app
+from tuning.answering.engine import Engine
+from tuning.answering.remote import RemoteEngine
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_each_assistant_is_answered_by_the_engine_of_its_base_model(store, engin
 def test_unsure_answers_say_so_and_reach_the_experts(store, engine, tiny_model_dir, tmp_path):
     """A grounded version: a question unlike every example is "I don't know" (never an invented fact), recorded
     as abstained and queued as an unanswered item; a close question is answered and cites its source."""
-    from tuning.answer_service import ABSTAIN_TEXT
+    from tuning.answering.service import ABSTAIN_TEXT
     from tuning.grounding import Grounding
     from tuning.retrieval import AssistantIndexes
 

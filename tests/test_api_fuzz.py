@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from inference_helpers import ServerThread, make_random_adapter
 from storage import Store, open_db
-from tuning.api import create_api_app
-from tuning.inference import Engine
+from tuning.answering.api import create_api_app
+from tuning.answering.engine import Engine
 
 OK = {200, 400, 401, 403, 404, 413}
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from inference_helpers import ServerThread, make_random_adapter
-from tuning.api import create_api_app
-from tuning.inference import Engine
+from tuning.answering.api import create_api_app
+from tuning.answering.engine import Engine
 
 CLIENTS = 8
 SECONDS = 15
@@ -118,7 +118,7 @@ def _settle(engine) -> None:
 
 
 def test_mixed_load_gives_no_server_errors_and_leaves_nothing_behind(api, store):
-    from tuning.inference import Generation
+    from tuning.answering.requests import Generation
 
     auth = {"Authorization": f"Bearer {api['key']}"}
     engine = api["engine"]

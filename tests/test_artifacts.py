@@ -66,7 +66,7 @@ def test_local_dir_caches_a_remote_folder_once(tmp_path, memory_url):
 
 def test_a_training_job_writes_to_a_remote_store_and_the_engine_loads_the_adapter(store, assistant, tmp_path,
                                                                                  memory_url, tiny_model_dir):
-    from tuning.inference import Engine
+    from tuning.answering.engine import Engine
 
     add_examples(store, assistant.id, 6)
     job = store.create_job("train", assistant_id=assistant.id,

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from train_helpers import fact_items
-from tuning.evaluate import (EvalItem, contains_all, evaluate, markdown_table, normalize, rouge_l,
-                             select_fewshot, token_f1)
+from tuning.answering.service import select_fewshot
+from tuning.evaluate import EvalItem, contains_all, evaluate, markdown_table, normalize, rouge_l, token_f1
 
 
 def test_must_contain_normalizes_case_whitespace_and_nbsp():

@@ -8,10 +8,9 @@ import time
 import pytest
 
 from inference_helpers import make_random_adapter, plain_generate
-from tuning.inference import (
-    Engine, InferenceError, NoActiveVersion, answer_question, compare_answers, plan_answer, prepare_messages,
-    select_fewshot,
-)
+from tuning.answering.engine import Engine
+from tuning.answering.requests import InferenceError, NoActiveVersion, prepare_messages
+from tuning.answering.service import answer_question, compare_answers, plan_answer, select_fewshot
 from tuning.errors import TuningError
 
 QUESTION = "How long does delivery take?"
@@ -246,7 +245,7 @@ def test_engine_records_the_first_tokens_alternatives_as_the_model_scored_them(e
     from transformers import AutoModelForCausalLM
 
     from tuning.generation import encode_prompt
-    from tuning.inference import ALTERNATIVE_STEPS, ALTERNATIVES
+    from tuning.answering.requests import ALTERNATIVES, ALTERNATIVE_STEPS
 
     messages = prepare_messages(QUESTION)
     result = engine.submit(messages, max_new_tokens=8).result()
@@ -294,7 +293,7 @@ def test_a_broken_adapter_is_a_clear_error_and_every_other_model_answers_as_befo
     import torch
 
     from tuning.generation import encode_prompt
-    from tuning.inference import AdapterLoadError
+    from tuning.answering.requests import AdapterLoadError
 
     good = make_random_adapter(untied_model_dir, tmp_path / "good", seed=5)
     broken = _damage(good, tmp_path / "broken", how)
@@ -331,7 +330,7 @@ def test_a_broken_adapter_is_a_clear_error_and_every_other_model_answers_as_befo
 
 
 def test_prompts_longer_than_the_context_window_are_refused_and_answers_stop_at_its_end(tiny_model_dir):
-    from tuning.inference import ContextLengthExceeded
+    from tuning.answering.requests import ContextLengthExceeded
 
     eng = Engine(tiny_model_dir, max_new_tokens=4000)
     eng.load()

@@ -160,8 +160,9 @@ def test_what_llama_cpp_cannot_apply_is_refused_with_a_reason(tmp_path, all_adap
 
 
 def test_the_llamacpp_engine_streams_switches_adapters_and_cancels(model_cache, all_adapter, tmp_path):
-    from tuning.inference import ContextLengthExceeded, Engine
-    from tuning.llamacpp import LlamaCppEngine
+    from tuning.answering.engine import Engine
+    from tuning.answering.requests import ContextLengthExceeded
+    from tuning.answering.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, max_new_tokens=24, n_threads=2, adapter_cache_size=1)
     reference = Engine(BUNDLED, cache_dir=model_cache, max_new_tokens=24)
@@ -199,7 +200,7 @@ def test_the_llamacpp_engine_streams_switches_adapters_and_cancels(model_cache, 
 
 def test_a_gguf_base_is_needed(model_cache):
     from tuning.errors import ModelLoadError
-    from tuning.llamacpp import LlamaCppEngine
+    from tuning.answering.llamacpp import LlamaCppEngine
 
     with pytest.raises(ModelLoadError, match="GGUF base model"):
         LlamaCppEngine("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=model_cache).load()
@@ -269,7 +270,7 @@ def report_files(folder: Path) -> list[str]:
 
 
 def test_requests_submitted_together_answer_as_alone(model_cache, all_adapter):
-    from tuning.llamacpp import LlamaCppEngine
+    from tuning.answering.llamacpp import LlamaCppEngine
     from tuning.prompts import build_messages
 
     engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, max_new_tokens=16, n_threads=2)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tuning.answer_service import FEWSHOT_K, select_fewshot  # noqa: F401  (one selector for chat, API, eval)
+from tuning.answering.service import FEWSHOT_K  # one selector (retrieval) for chat, API and eval
 from tuning.errors import ModelLoadError
 
 MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
@@ -149,13 +149,13 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     """{"n", "modes": {mode: metrics}, "retrieval": recall@k, "out_of_scope": {mode: abstain_rate}}.
 
     Answers go through the same engine, prompts and retriever as chat: the torch Engine (batched), or with
-    backend="llamacpp" the llama.cpp one (tuning.llamacpp), so that both backends are measured the same way.
+    backend="llamacpp" the llama.cpp one (tuning.answering.llamacpp), so that both backends are measured the same way.
     tuned/grounded need adapter_dir; fewshot/lookup/grounded need an index: the one saved beside the adapter
     or one built from `fewshot` pairs. A question whose retrieval confidence is below the adapter's calibrated
     threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
     """
     from tuning.grounding import Grounding, confidence, read_grounded, render_question
-    from tuning.inference import _generated_answer
+    from tuning.answering.requests import generated_answer
     from tuning.prompts import build_messages
 
     items = as_eval_items(items)
@@ -198,14 +198,14 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
 
     def engine_for(mode):
         nonlocal engine
-        from tuning.inference import Engine
+        from tuning.answering.engine import Engine
 
         if mode in NEEDS_ADAPTER and model_dir != base_model:  # a fully fine-tuned model: transformers only
             own_engines.append(Engine(model_dir, cache_dir=cache_dir, max_new_tokens=max_new_tokens))
             return own_engines[-1]
         if engine is None:
             if backend == "llamacpp":
-                from tuning.llamacpp import LlamaCppEngine
+                from tuning.answering.llamacpp import LlamaCppEngine
 
                 engine = LlamaCppEngine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
             else:
@@ -235,20 +235,20 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                 pending = []
                 for q, hits in zip(questions, hits_of):
                     shots = [(h.question, h.answer) for h in reversed(hits[:FEWSHOT_K])] if mode == "fewshot" else ()
-                    text = render_question(q, hits[:k]) if mode == "grounded" else q
+                    text = render_question(q, hits[:k], references=grounding.references) if mode == "grounded" else q
                     messages = build_messages(text, system_prompt=system_prompt, fewshot=shots)
                     pending.append(eng.submit(messages, adapter_dir=adapter if mode in NEEDS_ADAPTER else None,
                                               max_new_tokens=max_new_tokens))
                 answers = []
                 for i, generation in enumerate(pending):
-                    answers.append(_generated_answer(generation.result()))
+                    answers.append(generated_answer(generation.result()))
                     if on_progress:
                         on_progress(mode, i + 1, len(pending))
             abstained = list(abstain)
             if mode == "grounded":  # the citation: the text without it, and the model's own "I don't know"
                 from dataclasses import replace
 
-                from tuning.answer_service import grounded_unsure
+                from tuning.answering.service import grounded_unsure
 
                 read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives,
                                       no_answer_above=grounding.no_answer_above) for a, h in zip(answers, hits_of)]
@@ -282,7 +282,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                                # which retrieved examples hold the right answer
                                "citation": citations[i],
                                "hits_correct": [bool(it.must_contain) and contains_all(h.answer, it.must_contain)
-                                                for h in hits_of[i][:k]]}
+                                                for h in hits_of[i][:k]],
+                               "hit_scores": [round(float(h.score), 4) for h in hits_of[i][:k]]}
                               for i, it in enumerate(items)]
         if oos:
             results["out_of_scope_answers"] = [{"question": q, "confidence": conf[n_in + j],
@@ -291,7 +292,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                                                                        for m in results["modes"]},
                                                 "no_answer_probability": {m: v[n_in + j]
                                                                           for m, v in no_answer_of.items()},
-                                                "citation": citations[n_in + j]}
+                                                "citation": citations[n_in + j],
+                                                "hit_scores": [round(float(h.score), 4) for h in hits_of[n_in + j][:k]]}
                                                for j, q in enumerate(oos)]
     return results
 

@@ -152,7 +152,7 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
                  probes: Sequence[Probe] = (), system_prompt: str = "", cache_dir: str | Path | None = None,
                  quant: str = "q8_0", max_new_tokens: int = 48) -> ExportReport:
     """Write `fmt` into out_dir, check it on `probes` against the torch engine, and save export_report.json."""
-    from tuning.inference import Engine
+    from tuning.answering.engine import Engine
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -235,7 +235,7 @@ def _write_gguf(adapter_dir: Path, base_model: str, out: Path, fmt: str, *, syst
                 quant: str):
     """model.gguf (merged) and adapter.gguf (for the original base GGUF), each checked in llama.cpp; for ollama
     a Modelfile too, whose template is checked to render the prompt exactly as the chat template does."""
-    from tuning.llamacpp import LlamaCppEngine, base_gguf
+    from tuning.answering.llamacpp import LlamaCppEngine, base_gguf
     from tuning.lora_gguf import write_adapter_gguf, write_merged_gguf
 
     try:

@@ -11,7 +11,7 @@ import pytest
 from bot_process import BotProcess
 from inprocess import InProcessBot
 
-from tuning.inference import Engine
+from tuning.answering.engine import Engine
 from tuning.jobs.versions import register_candidate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

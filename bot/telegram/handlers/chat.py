@@ -50,7 +50,7 @@ async def stop(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 async def stream_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, session: dict) -> None:
     """Answer one question in chat mode: generation runs off the event loop; the reply is edited as it grows."""
-    from tuning.inference import answer_question
+    from tuning.answering.service import answer_question
 
     store = store_of(context)
     assistant = store.get_assistant(session["assistant_id"])
@@ -189,7 +189,7 @@ async def compare(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant,
     if not question:
         await reply(update, tr(update, context, "compare_usage"))
         return
-    from tuning.inference import compare_answers
+    from tuning.answering.service import compare_answers
 
     engine = engine_for(context, assistant.base_model or app_of(context).settings.base_model)
     await update.effective_chat.send_action("typing")

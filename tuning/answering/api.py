@@ -17,10 +17,11 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import Store, StorageError, open_db
+from tuning.answering.requests import ContextLengthExceeded, InferenceError
+from tuning.answering.service import (ABSTAIN_TEXT, finish_answer, plan_answer, record_answer,
+                                      streamed_citation)
 from tuning.errors import ModelLoadError, TuningError
-from tuning.answer_service import ABSTAIN_TEXT, finish_answer, plan_answer, record_answer, streamed_citation
 from tuning.grounding import CitationFilter
-from tuning.inference import ContextLengthExceeded, InferenceError
 
 log = logging.getLogger(__name__)
 

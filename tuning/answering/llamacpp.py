@@ -24,9 +24,10 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 
+from tuning.answering.requests import (ALTERNATIVE_STEPS, ALTERNATIVES, MIN_TEMPERATURE, AdapterLoadError,
+                                       ContextLengthExceeded, Detokenizer, Generation, InferenceError,
+                                       SubmittingEngine)
 from tuning.errors import ModelLoadError
-from tuning.inference import (ALTERNATIVE_STEPS, ALTERNATIVES, MIN_TEMPERATURE, AdapterLoadError,
-                              ContextLengthExceeded, Generation, InferenceError, SubmittingEngine, _Detokenizer)
 
 log = logging.getLogger(__name__)
 MAX_CONTEXT = 4096  # the KV cache llama.cpp allocates (the model's own window when that is smaller)
@@ -202,7 +203,7 @@ class LlamaCppEngine(SubmittingEngine):
         import numpy as np
 
         rng = np.random.default_rng()
-        detok = _Detokenizer(self.tokenizer)
+        detok = Detokenizer(self.tokenizer)
         self._eval(list(generation.input_ids))
         while True:
             logits = self._logits()
