@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--answers", action="store_true", help="keep every answer, confidence and log-probability")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--keep", default=None, help="copy each trained adapter to KEEP/<n> (to re-evaluate it)")
     args = parser.parse_args()
 
     from tuning.dataset import TrainItem, add_mutations
@@ -98,6 +99,10 @@ def main() -> None:
                           cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, out_of_scope=oos,
                           include_answers=args.answers)
             eval_s = time.perf_counter() - started
+            if args.keep:
+                import shutil
+
+                shutil.copytree(tmp, Path(args.keep) / str(len(result["settings"])), dirs_exist_ok=True)
         row = {"setting": given, "modes": {m: {"accuracy": v["accuracy"], "f1": v["f1"],
                                                "abstain_rate": v["abstain_rate"]} for m, v in ev["modes"].items()},
                "out_of_scope": ev.get("out_of_scope"), "retrieval": ev.get("retrieval"),
