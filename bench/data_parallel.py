@@ -35,8 +35,8 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from train_throughput import SYSTEM, build_pairs
-    from tuning.dataset import TrainItem
-    from tuning.train import TrainConfig, train
+    from tuning.data.dataset import TrainItem
+    from tuning.training.train import TrainConfig, train
 
     pairs = build_pairs()[:args.train]
     items = [TrainItem(q, a, group=str(i)) for i, (q, a) in enumerate(pairs)]

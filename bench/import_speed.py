@@ -1,7 +1,7 @@
 """Importing 5,000 JSONL lines: per-row paths (a commit per line) vs the bulk path (a transaction per batch).
 
 "original_per_row" is the import as it was (sqlite-utils inserts, two commits a line), "per_row" is
-Store.add_example per line today, "bulk" is tuning.importing.import_file. All run in the same process
+Store.add_example per line today, "bulk" is tuning.data.importing.import_file. All run in the same process
 on fresh SQLite files (WAL, as the bot opens them), alternating; the median of --repeats runs is printed
 as JSON. Usage: .venv/bin/python bench/import_speed.py [--lines N] [--save bench/results/import_speed.json]
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storage import DuplicateExample, Store, open_db, question_hash  # noqa: E402
-from tuning.formats import read_examples  # noqa: E402
-from tuning.importing import IMPORT_BATCH, import_file  # noqa: E402
+from tuning.data.formats import read_examples  # noqa: E402
+from tuning.data.importing import IMPORT_BATCH, import_file  # noqa: E402
 
 
 def sample_file(lines: int) -> bytes:

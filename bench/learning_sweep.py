@@ -40,7 +40,7 @@ def parse_setting(text: str) -> dict:
 
 def load_data(name: str):
     """(train pairs, held-out items, out-of-scope questions, system prompt) of a data set."""
-    from tuning.formats import read_examples
+    from tuning.data.formats import read_examples
 
     def jsonl(path):
         return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -77,9 +77,9 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="copy each trained adapter to KEEP/<n> (to re-evaluate it)")
     args = parser.parse_args()
 
-    from tuning.dataset import TrainItem, add_mutations
+    from tuning.data.dataset import TrainItem, add_mutations
     from tuning.evaluate import evaluate
-    from tuning.train import TrainConfig, train
+    from tuning.training.train import TrainConfig, train
 
     pairs, held_out, oos, system = load_data(args.data)
     items = add_mutations([TrainItem(q, a, group=str(i)) for i, (q, a) in enumerate(pairs)],

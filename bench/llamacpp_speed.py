@@ -90,7 +90,7 @@ def main() -> int:
 
     from tuning.evaluate import contains_all
     from tuning.export import export_model
-    from tuning.formats import read_examples
+    from tuning.data.formats import read_examples
     from tuning.answering.engine import Engine
     from tuning.answering.llamacpp import LlamaCppEngine
     from tuning.models import materialize

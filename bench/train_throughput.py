@@ -30,7 +30,7 @@ SYSTEM = "You answer customer questions for ACME Parcel."
 
 def build_pairs() -> list[tuple[str, str]]:
     """A realistic mix of short and long pairs from examples/ FAQs, deterministic."""
-    from tuning.formats import read_examples
+    from tuning.data.formats import read_examples
 
     base: list[tuple[str, str]] = []
     for path in sorted((ROOT / "examples").glob("*_faq.jsonl")):
@@ -58,7 +58,7 @@ def split(pairs, n_train: int, n_val: int):
 
 
 def val_rows(tokenizer, val, batch_tokens: int):
-    from tuning.dataset import encode_items, items_from_pairs, pack
+    from tuning.data.dataset import encode_items, items_from_pairs, pack
 
     return pack(encode_items(tokenizer, items_from_pairs(val), system_prompt=SYSTEM), batch_tokens=batch_tokens)
 
@@ -66,9 +66,9 @@ def val_rows(tokenizer, val, batch_tokens: int):
 def run_tunebot(args) -> dict:
     import torch
 
-    from tuning.dataset import TrainItem, encode_items
+    from tuning.data.dataset import TrainItem, encode_items
     from tuning.models import load_tokenizer
-    from tuning.train import TrainConfig, evaluate_loss, peak_rss_mb, train
+    from tuning.training.train import TrainConfig, evaluate_loss, peak_rss_mb, train
 
     train_pairs, val = split(build_pairs(), args.train, args.val)
     items = [TrainItem(q, a, group=f"t{i}") for i, (q, a) in enumerate(train_pairs)]
@@ -91,7 +91,7 @@ def run_baseline(args) -> dict:
 
     from tuning.models import load_base_model
     from tuning.prompts import training_messages
-    from tuning.train import evaluate_loss, peak_rss_mb
+    from tuning.training.train import evaluate_loss, peak_rss_mb
 
     train_pairs, val = split(build_pairs(), args.train, args.val)
     model, tok = load_base_model(BASE, cache_dir=args.cache_dir, dtype=torch.float32)

@@ -157,7 +157,7 @@ def endpoint_configured(settings: Settings) -> bool:
 
 def client_config(settings):
     """The generator's ClientConfig from settings."""
-    from tuning.synthetic import ClientConfig
+    from tuning.data.synthetic import ClientConfig
 
     return ClientConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key,
                         model=settings.generator_model, timeout_s=settings.generator_timeout_s,

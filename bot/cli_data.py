@@ -134,7 +134,7 @@ def _progress(total_hint: str):
 def cmd_import(args, app) -> int:
     """Import a file into an assistant and report added, duplicate and bad lines."""
     from bot.cli import CommandError
-    from tuning.importing import import_file
+    from tuning.data.importing import import_file
 
     assistant = app.store.assistant_by_name(args.assistant)
     if args.file == "-":
@@ -160,7 +160,7 @@ def cmd_import(args, app) -> int:
 
 def cmd_export(args, app) -> int:
     """Write examples to a file or standard output."""
-    from tuning.importing import export_examples
+    from tuning.data.importing import export_examples
 
     assistant = app.store.assistant_by_name(args.assistant)
     if args.output:
@@ -184,7 +184,7 @@ def cmd_export(args, app) -> int:
 
 def cmd_stats(args, app) -> int:
     """Print counts by source, status and split, and the token estimate."""
-    from tuning.importing import dataset_stats
+    from tuning.data.importing import dataset_stats
 
     stats = dataset_stats(app.store, app.store.assistant_by_name(args.assistant).id)
     if args.json:

@@ -91,9 +91,9 @@ def _run_summary(run) -> dict:
 def cmd_generate(args, app) -> int:
     """Generate variations with the chosen method(s) and report the runs."""
     from tuning.errors import GenerationError
-    from tuning.mutate import mutate_assistant
-    from tuning.review import approve_all_in_run
-    from tuning.synthetic import Budget, generate
+    from tuning.data.mutate import mutate_assistant
+    from tuning.data.review import approve_all_in_run
+    from tuning.data.synthetic import Budget, generate
 
     settings, store = app.settings, app.store
     assistant = store.assistant_by_name(args.assistant)
@@ -159,9 +159,9 @@ def cmd_generate(args, app) -> int:
 
 def cmd_import_document(args, app) -> int:
     """Store a document's text; optionally generate pairs from it."""
-    from tuning.documents import chunk_spans, import_document
+    from tuning.data.documents import chunk_spans, import_document
     from tuning.errors import FormatError, GenerationError
-    from tuning.synthetic import Budget, generate
+    from tuning.data.synthetic import Budget, generate
 
     settings, store = app.settings, app.store
     assistant = store.assistant_by_name(args.assistant)
@@ -204,7 +204,7 @@ def cmd_import_document(args, app) -> int:
 
 
 def _show(store, example, position: str) -> None:
-    from tuning.review import parent_of
+    from tuning.data.review import parent_of
 
     print(f"\n[{position}] #{example.id} {example.method or example.source}"
           + (f" (run #{example.generation_run_id})" if example.generation_run_id else ""))
@@ -230,7 +230,7 @@ def _ask(prompt: str) -> str | None:
 def cmd_review(args, app) -> int:
     """A terminal review loop over the pending examples."""
     from storage.errors import StorageError
-    from tuning.review import (approve_variation, edit_variation, next_pending, reject_variation,
+    from tuning.data.review import (approve_variation, edit_variation, next_pending, reject_variation,
                                review_progress)
 
     store = app.store

@@ -130,7 +130,7 @@ def parse_at(text: str, *, timezone: str, now: dt.datetime | None = None) -> dt.
 
 def _train_options(args: argparse.Namespace) -> dict:
     """TrainConfig fields given on the command line (by bot.cli_train's options), for the job params."""
-    from tuning.train import TrainConfig
+    from tuning.training.train import TrainConfig
 
     given = {}
     for f in dataclasses.fields(TrainConfig):

@@ -258,13 +258,13 @@ def cmd_demo(args, app) -> int:
     """The whole loop offline: import, mutate and approve, train, compare every mode, grounded answers, abstain."""
     import time
 
-    from tuning.dataset import items_from_store
+    from tuning.data.dataset import items_from_store
     from tuning.evaluate import evaluate, markdown_table
-    from tuning.formats import read_examples
-    from tuning.importing import import_file
-    from tuning.mutate import mutate_assistant
-    from tuning.review import approve_all_in_run
-    from tuning.train import TrainConfig, train
+    from tuning.data.formats import read_examples
+    from tuning.data.importing import import_file
+    from tuning.data.mutate import mutate_assistant
+    from tuning.data.review import approve_all_in_run
+    from tuning.training.train import TrainConfig, train
 
     started = time.perf_counter()
     store, settings = app.store, app.settings

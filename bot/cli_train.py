@@ -103,7 +103,7 @@ def parse_augment(value: str | None, default_n: int) -> int | None:
 
 
 def _read(path: str, what: str):
-    from tuning.formats import read_examples
+    from tuning.data.formats import read_examples
 
     if not Path(path).exists():
         raise CommandError(f"{what} {path!r} does not exist")
@@ -179,8 +179,8 @@ def cmd_train(args, app) -> int:
         return train_assistant(args, app)
     if not args.data or not args.out:
         raise CommandError("train needs --data FILE --out DIR (or --assistant NAME)")
-    from tuning.dataset import TrainItem, add_mutations
-    from tuning.train import TrainConfig, train
+    from tuning.data.dataset import TrainItem, add_mutations
+    from tuning.training.train import TrainConfig, train
 
     settings = app.settings
     records = _read(args.data, "--data")

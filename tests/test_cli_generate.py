@@ -13,7 +13,7 @@ from fake_openai import FakeOpenAI, paraphrases_for
 from bot.cli import main
 from storage import Store, open_db
 from storage.text import normalize_question
-from tuning.importing import import_file
+from tuning.data.importing import import_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FAQ = ROOT / "examples" / "acme_faq.jsonl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuning.dataset import (IGNORE, TrainItem, add_mutations, data_hash, encode_item, items_from_store, pack,
+from tuning.data.dataset import (IGNORE, TrainItem, add_mutations, data_hash, encode_item, items_from_store, pack,
                             split_items)
 from tuning.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
 

@@ -1,6 +1,6 @@
 """Near-duplicate and quality filters applied before review."""
 
-from tuning.dedup import (NearDuplicateIndex, detect_language, filter_candidates, index_for_assistant,
+from tuning.data.dedup import (NearDuplicateIndex, detect_language, filter_candidates, index_for_assistant,
                           is_near_duplicate, similarity)
 
 

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from tuning.documents import chunk_spans, chunk_text, extract_text, import_document
+from tuning.data.documents import chunk_spans, chunk_text, extract_text, import_document
 from tuning.errors import FormatError
 from upload_helpers import pdf_from_streams
 

@@ -13,13 +13,13 @@ import pytest
 from bot.telegram.common import error_reason
 from bot.telegram.texts import LANGUAGES, catalogue
 from test_documents import make_pdf
-from tuning.documents import DocumentLimits, extract_text
+from tuning.data.documents import DocumentLimits, extract_text
 from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, plain_docx
 from tuning.errors import FormatError, TuningError
-from tuning.formats import read_examples, write_examples
+from tuning.data.formats import read_examples, write_examples
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = (ROOT / "tuning" / "formats.py", ROOT / "tuning" / "documents.py")
+SOURCES = (ROOT / "tuning" / "data" / "formats.py", ROOT / "tuning" / "data" / "documents.py")
 
 
 def _pdf(*, aes: bool = False, password: str = "") -> bytes:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tuning.errors import FormatError
-from tuning.formats import LineError, Record, read_examples, write_examples
-from tuning.importing import dataset_stats, estimate_tokens, export_examples, import_file, line_ranges
+from tuning.data.formats import LineError, Record, read_examples, write_examples
+from tuning.data.importing import dataset_stats, estimate_tokens, export_examples, import_file, line_ranges
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from storage import Store, open_db
 from storage.text import normalize_question
-from tuning.documents import extract_text
+from tuning.data.documents import extract_text
 from tuning.errors import FormatError
-from tuning.formats import MESSAGES, parse_quick_form, read_examples
-from tuning.importing import import_file
+from tuning.data.formats import MESSAGES, parse_quick_form, read_examples
+from tuning.data.importing import import_file
 from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, show_text
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,

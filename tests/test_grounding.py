@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tuning.dataset import TrainItem
+from tuning.data.dataset import TrainItem
 from tuning.grounding import (DEFAULT_NO_ANSWER, NO_ANSWER, CitationFilter, Grounding, calibrate_no_answer,
                               calibrate_threshold, citation_choice, cited, grounded_items, read_grounded,
                               render_question, training_index, unanswerable_items)
@@ -165,7 +165,7 @@ def test_calibrated_threshold_sits_below_the_in_scope_questions():
 
 def test_training_calibrates_both_thresholds_and_saves_the_index(tiny_model_dir, tmp_path):
     from tuning.retrieval import Retriever
-    from tuning.train import TrainConfig, train
+    from tuning.training.train import TrainConfig, train
 
     report = train(facts(6, 3), out_dir=tmp_path, config=TrainConfig(base_model=tiny_model_dir, epochs=1))
     grounding = Grounding.load(tmp_path)

@@ -10,10 +10,10 @@ import pytest
 
 from bot.cli import build_parser, main
 from bot.config import SettingsError, load_settings
-from tuning.documents import DocumentLimits, extract_text, import_document
+from tuning.data.documents import DocumentLimits, extract_text, import_document
 from tuning.errors import FormatError
-from tuning.formats import parse_quick_form, read_examples
-from tuning.importing import import_file
+from tuning.data.formats import parse_quick_form, read_examples
+from tuning.data.importing import import_file
 from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, show_text, understate_size
 
 

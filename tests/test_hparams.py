@@ -1,6 +1,6 @@
 """Hyperparameters keyed on facts: adding variations never lowers the learning rate or the views of a fact."""
 
-from tuning.hparams import MAX_EPOCHS, choose, plan_size
+from tuning.training.hparams import MAX_EPOCHS, choose, plan_size
 
 
 def test_no_cliff_when_variations_are_added():

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from storage import Store, open_db
-from tuning.importing import IMPORT_BATCH, import_file
+from tuning.data.importing import IMPORT_BATCH, import_file
 
 
 def faq(n: int, *, answer=lambda i: f"Answer {i}.") -> bytes:

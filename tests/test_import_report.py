@@ -8,8 +8,8 @@ from pathlib import Path
 
 from bot.telegram.import_report import import_summary, line_reason, plural_form
 from bot.telegram.texts import LANGUAGES, catalogue
-from tuning.formats import MESSAGES, read_examples
-from tuning.importing import import_file
+from tuning.data.formats import MESSAGES, read_examples
+from tuning.data.importing import import_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

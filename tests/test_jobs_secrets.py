@@ -41,7 +41,7 @@ def test_a_job_process_gets_only_the_secrets_its_kind_needs(monkeypatch, db_path
 
 
 def test_the_generator_api_key_is_not_in_the_config_repr():
-    from tuning.synthetic import ClientConfig
+    from tuning.data.synthetic import ClientConfig
 
     config = ClientConfig(base_url="http://127.0.0.1:9/v1", api_key="sk-do-not-log-me")
     assert "sk-do-not-log-me" not in repr(config) and "127.0.0.1:9" in repr(config)

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tuning.synthetic import ClientConfig, generate
+from tuning.data.synthetic import ClientConfig, generate
 
 pytestmark = [
     pytest.mark.llm_server,

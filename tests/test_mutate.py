@@ -5,8 +5,8 @@ import random
 import pytest
 
 from storage.text import normalize_question
-from tuning import mutate as mut
-from tuning.mutate import Mutation, mutate, mutate_assistant
+from tuning.data import mutate as mut
+from tuning.data.mutate import Mutation, mutate, mutate_assistant
 
 EN = "Hello, how long does delivery to Berlin take, please?"
 RU = "Здравствуйте, подскажите, пожалуйста, сколько стоит доставка в Москву?"

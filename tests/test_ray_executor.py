@@ -152,8 +152,8 @@ def test_a_ray_task_killed_mid_run_is_retried_and_resumes(ray_head, db_path, sto
     worker = _worker(db_path, tmp_path, ray_head, bus)
     # Learn the plan from a probe of the data size: the fault kills the task's worker process one step into epoch 2.
     from tuning.jobs.executors import training_spec
-    from tuning import hparams as hp
-    from tuning.dataset import TrainItem, encode_items, epoch_rows, split_items
+    from tuning.training import hparams as hp
+    from tuning.data.dataset import TrainItem, encode_items, epoch_rows, split_items
     from tuning.grounding import grounded_items, training_index
     from tuning.models import load_tokenizer
 

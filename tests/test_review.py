@@ -3,8 +3,8 @@
 import pytest
 
 from storage.errors import DuplicateExample, InvalidValue
-from tuning.mutate import mutate_assistant
-from tuning.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
+from tuning.data.mutate import mutate_assistant
+from tuning.data.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
                            reject_variation, review_progress)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fake_openai import FakeOpenAI, Reply, paraphrases_for
-from tuning.synthetic import (Budget, ClientConfig, extract_pairs, extract_questions, generate,
+from tuning.data.synthetic import (Budget, ClientConfig, extract_pairs, extract_questions, generate,
                               parse_json_payload, BadOutput)
 
 QUESTIONS = ["How long does delivery to Berlin take?", "How much does a parcel to Paris cost?",

@@ -15,7 +15,7 @@ import pytest
 
 from train_helpers import conflicting_items, fact_items
 from tuning.errors import TrainingError
-from tuning.train import TrainConfig, TrainingCancelled, train
+from tuning.training.train import TrainConfig, TrainingCancelled, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,8 +28,8 @@ def test_packed_loss_equals_mean_loss_of_examples_run_one_by_one(tiny_model_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuning.dataset import encode_item, pack
-    from tuning.train import row_loss
+    from tuning.data.dataset import encode_item, pack
+    from tuning.training.train import row_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
@@ -92,8 +92,8 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuning.dataset import encode_items, pack, split_items
-    from tuning.train import evaluate_loss
+    from tuning.data.dataset import encode_items, pack, split_items
+    from tuning.training.train import evaluate_loss
 
     items = conflicting_items()
     report = train(items, out_dir=tmp_path, config=config(tiny_model_dir, epochs=30, learning_rate=2e-2, patience=2,
@@ -155,7 +155,7 @@ KILLABLE = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {root!r} + "/tests")
     from train_helpers import fact_items
-    from tuning.train import TrainConfig, train
+    from tuning.training.train import TrainConfig, train
     cfg = TrainConfig(base_model={model!r}, epochs=4, learning_rate=1e-2, batch_tokens=256)
     # Slow steps so the parent can kill the run between the first checkpoint and the end.
     train(fact_items(), out_dir={out!r}, config=cfg, on_progress=lambda p: time.sleep(0.3))
@@ -214,7 +214,7 @@ def test_grounded_smollm2_answers_invented_facts_and_says_when_it_does_not_know(
     sys.path.insert(0, str(ROOT / "bench"))
     from faqgen import generate_faq
 
-    from tuning.dataset import add_mutations, items_from_pairs
+    from tuning.data.dataset import add_mutations, items_from_pairs
     from tuning.evaluate import evaluate, markdown_table
 
     pairs, tests = generate_faq(30, language="en", seed=3)

@@ -1,4 +1,4 @@
-"""Data-parallel training (tuning.distributed): 2 CPU ranks over gloo on a tiny random model.
+"""Data-parallel training (tuning.training.distributed): 2 CPU ranks over gloo on a tiny random model.
 
 On a GPU node the same code runs one rank per GPU over NCCL; here the ranks share the CPU.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from train_helpers import fact_items
 from tuning.errors import TrainingError, TuningError
-from tuning.train import TrainConfig, TrainingCancelled, train
+from tuning.training.train import TrainConfig, TrainingCancelled, train
 
 
 def config(model_dir: str, **kw) -> TrainConfig:
@@ -39,7 +39,7 @@ def rank_processes() -> list:
     import psutil
 
     return [p for p in psutil.Process().children(recursive=True)
-            if "tuning.distributed" in " ".join(p.cmdline())]
+            if "tuning.training.distributed" in " ".join(p.cmdline())]
 
 
 @contextlib.contextmanager
@@ -173,7 +173,7 @@ LAUNCHER = """
 import sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/tests")
 from train_helpers import fact_items
-from tuning.train import TrainConfig, train
+from tuning.training.train import TrainConfig, train
 cfg = TrainConfig(base_model={model!r}, epochs=50, learning_rate=1e-2, batch_tokens=64, processes=2)
 train(fact_items(n=12), out_dir={out!r}, config=cfg, on_progress=lambda p: print("step", flush=True))
 """
@@ -191,7 +191,7 @@ def test_ranks_die_with_a_killed_launcher(tiny_model_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout.readline().startswith("step")  # training is under way in both ranks
-        ranks = [p for p in psutil.Process(proc.pid).children() if "tuning.distributed" in " ".join(p.cmdline())]
+        ranks = [p for p in psutil.Process(proc.pid).children() if "tuning.training.distributed" in " ".join(p.cmdline())]
         assert len(ranks) == 2
     finally:
         proc.kill()

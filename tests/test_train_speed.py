@@ -21,7 +21,7 @@ def _lora_model(tiny_model_dir):
 
 
 def _loss_and_grads(model, row):
-    from tuning.train import row_loss
+    from tuning.training.train import row_loss
 
     model.zero_grad(set_to_none=True)
     loss, n = row_loss(model, row, torch.device("cpu"))
@@ -30,8 +30,8 @@ def _loss_and_grads(model, row):
 
 
 def test_fast_path_matches_plain_loss_and_gradients(tiny_model_dir):
-    from tuning.dataset import encode_items, items_from_pairs, pack
-    from tuning.train_speed import fast_training, segment_bounds
+    from tuning.data.dataset import encode_items, items_from_pairs, pack
+    from tuning.training.speed import fast_training, segment_bounds
 
     model, tok = _lora_model(tiny_model_dir)
     pairs = [("What is x?", "x is a letter."), ("How long does delivery take?", "Three days, depending on the route."),
@@ -54,9 +54,9 @@ def test_fast_path_matches_plain_loss_and_gradients(tiny_model_dir):
 
 
 def test_packed_attention_keeps_examples_apart(tiny_model_dir):
-    from tuning.dataset import encode_items, items_from_pairs, pack
-    from tuning.train import row_loss
-    from tuning.train_speed import fast_training
+    from tuning.data.dataset import encode_items, items_from_pairs, pack
+    from tuning.training.train import row_loss
+    from tuning.training.speed import fast_training
 
     model, tok = _lora_model(tiny_model_dir)
     enc = encode_items(tok, items_from_pairs([("First question?", "First answer."), ("Second?", "Second answer.")]))

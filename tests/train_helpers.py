@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuning.dataset import TrainItem
+from tuning.data.dataset import TrainItem
 
 
 def fact_items(n: int = 6, variations: int = 2) -> list[TrainItem]:

@@ -287,7 +287,7 @@ def citation_distributions(model, tokenizer, items, *, system_prompt: str, devic
     probability} over [0]..[k]) at the citation, teacher-forced (one forward pass each; no generation)."""
     import torch
 
-    from tuning.dataset import encode_item
+    from tuning.data.dataset import encode_item
 
     digit_ids = {}
     for d in range(k + 1):

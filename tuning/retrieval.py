@@ -308,7 +308,7 @@ def docs_from_pairs(pairs: Iterable[tuple[str, str]]) -> list[Doc]:
 
 def docs_from_store(store, assistant_id: int) -> list[Doc]:
     """The assistant's approved examples that may be shown (train split; val and test stay unseen)."""
-    from tuning.dataset import items_from_store
+    from tuning.data.dataset import items_from_store
 
     items = items_from_store(store, assistant_id)
     return [Doc(key=str(i.example_id), question=i.question, answer=i.answer, group=i.group)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from bot.telegram.texts import catalogue, label, t
-from tuning.formats import LineError
-from tuning.importing import ImportReport, line_ranges
+from tuning.data.formats import LineError
+from tuning.data.importing import ImportReport, line_ranges
 
 CSV_FIELD_LIMIT = re.compile(r"field larger than field limit \((\d+)\)")  # Python's csv.Error for a huge cell
 

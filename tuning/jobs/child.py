@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 
-from tuning.distributed import die_with_parent
+from tuning.training.distributed import die_with_parent
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, domain_failure
 
 log = logging.getLogger("tuning.jobs.child")

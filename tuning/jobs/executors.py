@@ -134,7 +134,7 @@ def eval_items(items: list, test_items: list[dict], config, *, limit: int = EVAL
         return test_items, "test"
     import random
 
-    from tuning.dataset import split_items
+    from tuning.data.dataset import split_items
 
     splits = split_items(items, val_share=config.val_share, seed=config.seed)
     held = list(splits.val)
@@ -192,7 +192,7 @@ def job_spec(store: Store, job: Job, *, default_base_model: str, auto_promote: b
 
 def training_spec(store: Store, job: Job, *, default_base_model: str, auto_promote: bool = False) -> dict:
     """The training job's examples, settings and (for auto-promotion) the version it must beat."""
-    from tuning.dataset import items_from_store
+    from tuning.data.dataset import items_from_store
 
     assistant = store.get_assistant(job.assistant_id)
     params = job.params or {}
@@ -245,7 +245,7 @@ def run_job_spec(spec: dict, *, artifacts: str, cache_dir: str | None, progress_
 
 
 def _train_config(params: dict, base_model: str):
-    from tuning.train import TrainConfig
+    from tuning.training.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = params.get("config") or {}
@@ -263,8 +263,8 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
     epoch (so a retry on another node resumes) and at the end; the outcome names the stored folder.
     """
     from tuning.artifacts import ArtifactStore, local_dir
-    from tuning.dataset import TrainItem
-    from tuning.train import TrainingCancelled, train
+    from tuning.data.dataset import TrainItem
+    from tuning.training.train import TrainingCancelled, train
 
     params = spec.get("params") or {}
     config = _train_config(params, spec["base_model"])
@@ -439,7 +439,7 @@ def run(store: Store, job: Job, *, artifacts: str | Path, cache_dir: str | None,
 
 def run_generate(store: Store, job: Job) -> dict:
     """Rule-based variations (typos, word order, …) of approved examples, pending review."""
-    from tuning.mutate import mutate_assistant
+    from tuning.data.mutate import mutate_assistant
 
     params = job.params or {}
     run = mutate_assistant(store, job.assistant_id, per_example=int(params.get("per_example", 3)),

@@ -52,7 +52,7 @@ def adapter_zip(folder: str | Path) -> bytes:
 @requires("expert")
 async def export_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """Send the approved examples as a file, then the active adapter as a zip."""
-    from tuning.importing import export_examples
+    from tuning.data.importing import export_examples
 
     match = callback_match(update, EXPORT_BUTTON)
     if match is None:

@@ -12,7 +12,7 @@ from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_ob
 from bot.telegram.handlers.generate import document_uploaded
 from bot.telegram.texts import label
 from storage import DuplicateExample, StorageError
-from tuning.formats import parse_quick_form
+from tuning.data.formats import parse_quick_form
 
 ADD_QUESTION, ADD_ANSWER, ADD_CONFIRM = range(3)
 PAGE = 5
@@ -168,7 +168,7 @@ async def upload(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, 
         return
     if name.endswith(TABLE_SUFFIXES):
         from bot.telegram.import_report import import_summary
-        from tuning.importing import import_file
+        from tuning.data.importing import import_file
 
         uid = update.effective_user.id
         report = await with_thread_store(context, lambda store: import_file(

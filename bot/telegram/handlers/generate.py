@@ -37,8 +37,8 @@ DOCUMENT_BUTTON = re.compile(rf"gen:d:(?P<id>{ID})")
 def estimate_tokens(store, assistant_id: int, *, method: str, per_example: int, document_id: int | None = None,
                     judge: bool = False) -> int:
     """Tokens a run will use: the prompts it will send, and answers about as long as the items asked for."""
-    from tuning import synthetic
-    from tuning.importing import estimate_tokens as tokens
+    from tuning.data import synthetic
+    from tuning.data.importing import estimate_tokens as tokens
 
     def prompt(messages: list[dict]) -> int:
         return sum(tokens(m["content"]) + 4 for m in messages)
@@ -58,7 +58,7 @@ def estimate_tokens(store, assistant_id: int, *, method: str, per_example: int, 
             total += prompt(synthetic.new_pairs_messages(group, k=per_example, language="en"))
             total += per_example * (sum(tokens(q) + tokens(a) for q, a in group) // len(group) + 12) + 8
     elif method == "document":
-        from tuning.documents import chunk_spans
+        from tuning.data.documents import chunk_spans
 
         for chunk in chunk_spans(store.get_document(document_id).text):
             total += prompt(synthetic.document_messages(chunk.text, k=per_example, language="en"))
@@ -144,11 +144,11 @@ def _run_blocking(settings, store, *, assistant_id: int, method: str, per_exampl
                   user_id: int, on_progress, should_stop=None):
     """One generation run, on a worker thread: the services of tuning, called as the CLI calls them."""
     if method == "mutate":
-        from tuning.mutate import mutate_assistant
+        from tuning.data.mutate import mutate_assistant
 
         return mutate_assistant(store, assistant_id, per_example=per_example, author_id=user_id,
                                 on_progress=on_progress)
-    from tuning.synthetic import Budget, generate as llm_generate
+    from tuning.data.synthetic import Budget, generate as llm_generate
 
     return asyncio.run(llm_generate(
         store, assistant_id, method=method, per_example=per_example, client_config=client_config(settings),
@@ -216,7 +216,7 @@ async def _generation_task(context: ContextTypes.DEFAULT_TYPE, *, chat_id: int, 
 async def document_uploaded(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, filename: str,
                             data: bytes) -> None:
     """Store the document's text; extract pairs for review with the larger model, or say how to enable that."""
-    from tuning.documents import chunk_spans, import_document
+    from tuning.data.documents import chunk_spans, import_document
 
     settings = app_of(context).settings
     uid = update.effective_user.id

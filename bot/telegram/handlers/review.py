@@ -19,7 +19,7 @@ from bot.telegram.texts import label, t
 from storage import NotFound, NotOpen, StorageError, Store
 from storage.records import Unanswered
 from storage.common import parse_time
-from tuning.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
+from tuning.data.review import (approve_all_in_run, approve_variation, edit_variation, next_pending, parent_of,
                            reject_variation, review_progress)
 
 log = logging.getLogger("tunebot.telegram")

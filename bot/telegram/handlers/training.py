@@ -38,14 +38,14 @@ def _enqueue(store, assistant_id: int, *, at, by: int, chat_id: int, settings):
 @requires("expert")
 async def train(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> None:
     """The dataset, the settings and an estimate, with start now / tonight / pick a time."""
-    from tuning.importing import dataset_stats
+    from tuning.data.importing import dataset_stats
 
     stats = await with_thread_store(context, lambda store: dataset_stats(store, assistant.id))
     approved = stats["by_status"].get("approved", 0)
     if approved < 2:
         await reply(update, tr(update, context, "train_too_few", n=approved))
         return
-    from tuning.hparams import choose, plan_size
+    from tuning.training.hparams import choose, plan_size
     from tuning.jobs.versions import measured_tokens_per_s
 
     # The epochs the run will plan for this much data (early stopping may end it sooner).

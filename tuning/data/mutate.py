@@ -11,9 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from storage.text import normalize_question
-from tuning.dedup import detect_language
+from tuning.data.dedup import detect_language
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent  # slang_<lang>.json lie beside this module
 KINDS = ("typo", "layout", "nopunct", "abbrev", "filler", "translit")
 
 # Plans tried in turn (rotated per text so a batch mixes methods); "nopunct" alone normalizes to the
@@ -200,7 +200,7 @@ def mutate_assistant(store, assistant_id: int, *, per_example: int, seed: int = 
                      author_id: int | None = None, on_progress=None):
     """Queue up to `per_example` pending local mutations of every approved root example; returns the GenerationRun."""
     from storage.errors import DuplicateExample
-    from tuning.dedup import NearDuplicateIndex
+    from tuning.data.dedup import NearDuplicateIndex
 
     roots = store.list_examples(assistant_id, status="approved", roots_only=True)
     run = store.create_generation_run(assistant_id, method="mutate", model="local-mutations",

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tuning import hparams as hp
-from tuning.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
+from tuning.training import hparams as hp
+from tuning.data.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
 from tuning.grounding import (REFERENCES, Grounding, calibrate_no_answer, calibrate_threshold,
                               citation_distributions, confidence, grounded_items, training_index,
                               unanswerable_items)
-from tuning.train_speed import fast_training, segment_bounds, uses_packed_attention
+from tuning.training.speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class TrainingCancelled(TrainingError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What to train; None values are chosen by tuning.hparams from the data size."""
+    """What to train; None values are chosen by tuning.training.hparams from the data size."""
 
     base_model: str = "bundled:smollm2-135m"
     method: str = "lora"
@@ -61,7 +61,7 @@ class TrainConfig:
     fast_path: bool = True  # per-example attention in packed rows, fused LoRA linears (same math, faster)
     accumulate: int = 1  # packed rows per process per optimizer step
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch this often: a killed long epoch resumes near its end
-    processes: int | None = None  # data-parallel processes; None = one per visible CUDA GPU (tuning.distributed)
+    processes: int | None = None  # data-parallel processes; None = one per visible CUDA GPU (tuning.training.distributed)
     recipe: str = "grounded"  # "grounded": rows carry retrieved examples (tuning.grounding); "closed": closed book
     grounded_k: int = 3  # retrieved examples per grounded row (and per answer)
     grounded_references: str = "qa"  # "qa": reference examples with their questions; "answers": answers alone
@@ -160,7 +160,7 @@ def row_loss(model, row: PackedRow, device) -> tuple:
     targets = t["labels"][0, 1:]
     keep = (targets != IGNORE).nonzero().squeeze(1)  # positions whose next token is an answer token
     extra = {}
-    if uses_packed_attention(model):  # tuning.train_speed.fast_training: attention per example of the row
+    if uses_packed_attention(model):  # tuning.training.speed.fast_training: attention per example of the row
         extra["cu_seq_lens_q"] = torch.tensor(segment_bounds(row.position_ids), dtype=torch.int32)
     # use_cache=False and no attention_mask: transformers then detects the packed examples from the
     # position ids and keeps them from attending to each other (with a cache it silently does not).
@@ -376,9 +376,9 @@ def train(items: Sequence[TrainItem], *, out_dir, config: TrainConfig = TrainCon
     """Train on the train split, validate every epoch, keep the best epoch; write everything to out_dir.
 
     With several processes (config.processes, or one per visible GPU) the run is data-parallel:
-    tuning.distributed starts the ranks and relays their progress; the result is the same files.
+    tuning.training.distributed starts the ranks and relays their progress; the result is the same files.
     """
-    from tuning.distributed import Ranks, launch, processes_for
+    from tuning.training.distributed import Ranks, launch, processes_for
 
     if config.accumulate < 1:
         raise TrainingError("accumulate must be at least 1")
@@ -520,7 +520,7 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
             state["bad_evals"] += 1
         return val_loss
 
-    speed = contextlib.ExitStack()  # exact fast path for the loop only (tuning.train_speed)
+    speed = contextlib.ExitStack()  # exact fast path for the loop only (tuning.training.speed)
     if config.fast_path:
         speed.enter_context(fast_training(model))
     base_val = evaluate_loss(model, val_rows, device, ranks=ranks) if state["step"] == 0 else None

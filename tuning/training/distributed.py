@@ -1,7 +1,7 @@
 """Data-parallel training: one process per GPU (or per CPU slice), gradients all-reduced every step.
 
-`launch` (called by tuning.train.train when a run gets several processes) starts the ranks as
-`python -m tuning.distributed` with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...);
+`launch` (called by tuning.training.train.train when a run gets several processes) starts the ranks as
+`python -m tuning.training.distributed` with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...);
 in each rank accelerate's PartialState reads it, opens the process group (NCCL on GPUs, gloo on
 CPU) and picks the rank's device. Every rank runs the same loop on its share of each step's packed
 rows; rank 0 alone writes checkpoints and results and reports progress through a pipe to the
@@ -153,7 +153,7 @@ def launch(items, *, out_dir, config, world_size: int, system_prompt: str = "", 
            on_progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
            resume: bool = True, poll_s: float = 0.2):
     """Run train() in `world_size` rank processes on this node; returns rank 0's TrainingReport."""
-    from tuning.train import TrainingCancelled, TrainingReport
+    from tuning.training.train import TrainingCancelled, TrainingReport
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def launch(items, *, out_dir, config, world_size: int, system_prompt: str = "", 
 
     try:
         for rank in range(world_size):
-            cmd = [sys.executable, "-m", "tuning.distributed", "--spec", str(spec_path),
+            cmd = [sys.executable, "-m", "tuning.training.distributed", "--spec", str(spec_path),
                    "--parent-pid", str(os.getpid())]
             if rank == 0:
                 cmd += ["--progress-fd", str(write_fd)]
@@ -250,7 +250,7 @@ def launch(items, *, out_dir, config, world_size: int, system_prompt: str = "", 
 
 # ------------------------------------------------------------------ one rank
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuning.distributed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tuning.training.distributed", description=__doc__)
     parser.add_argument("--spec", required=True)
     parser.add_argument("--progress-fd", type=int)
     parser.add_argument("--parent-pid", type=int)
@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from tuning.dataset import TrainItem
+    from tuning.data.dataset import TrainItem
     from tuning.errors import TuningError
-    from tuning.train import TrainConfig, TrainingCancelled, train_rank
+    from tuning.training.train import TrainConfig, TrainingCancelled, train_rank
 
     spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
     stop = threading.Event()

@@ -199,7 +199,7 @@ def epoch_rows(encoded: Sequence[Encoded], *, batch_tokens: int, seed: int, epoc
 
 def add_mutations(items: Sequence[TrainItem], *, n: int, seed: int = 0) -> list[TrainItem]:
     """Items plus n mutated questions (typos, layout, …) per non-test example, as variations of it."""
-    from tuning.mutate import mutate
+    from tuning.data.mutate import mutate
 
     out = list(items)
     for item in items:

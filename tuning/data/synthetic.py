@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from storage.errors import DuplicateExample
-from tuning.dedup import DEFAULT_THRESHOLD, detect_language, filter_candidates, index_for_assistant
+from tuning.data.dedup import DEFAULT_THRESHOLD, detect_language, filter_candidates, index_for_assistant
 from tuning.errors import GenerationError
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ class _Unit:
     language: str
     parent: Any = None  # paraphrase: the source Example
     shots: tuple = ()  # new: (question, answer) examples
-    chunk: Any = None  # document: a tuning.documents.Chunk
+    chunk: Any = None  # document: a tuning.data.documents.Chunk
 
 
 def _item_key(method: str, example) -> str:
@@ -348,7 +348,7 @@ def _plan_units(store, assistant, *, method: str, per_example: int, document_id:
                              _majority_language(q for q, _ in group), shots=group))
         return out
     if method == "document":
-        from tuning.documents import chunk_spans
+        from tuning.data.documents import chunk_spans
 
         if document_id is None:
             raise GenerationError("method document needs a document: import one first (tunebot import-document)")
@@ -421,7 +421,7 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
             return None
 
     async def save(unit: _Unit, items: list[tuple[str, str]], need: int) -> int:
-        from tuning.dedup import check_candidate
+        from tuning.data.dedup import check_candidate
 
         kept = 0
         for question, answer in items:
