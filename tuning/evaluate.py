@@ -235,7 +235,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                 pending = []
                 for q, hits in zip(questions, hits_of):
                     shots = [(h.question, h.answer) for h in reversed(hits[:FEWSHOT_K])] if mode == "fewshot" else ()
-                    text = render_question(q, hits[:k], references=grounding.references) if mode == "grounded" else q
+                    text = render_question(q, hits[:k]) if mode == "grounded" else q
                     messages = build_messages(text, system_prompt=system_prompt, fewshot=shots)
                     pending.append(eng.submit(messages, adapter_dir=adapter if mode in NEEDS_ADAPTER else None,
                                               max_new_tokens=max_new_tokens))

@@ -133,7 +133,7 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
         shown = hits[:grounding.k] if mode == "grounded" else ()
         return AnswerPlan(mode=mode, version_id=version.id, adapter_dir=version.adapter_path,
                           adapter_name=f"{assistant.name}-v{version.id}",
-                          prompt=render_question(question, shown, references=grounding.references) if shown else None,
+                          prompt=render_question(question, shown) if shown else None,
                           hits=shown or hits[:1], **common)
     if mode == "fewshot":
         shown = hits[:fewshot_k]

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tuning.training import hparams as hp
-from tuning.data.dataset import IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
+from tuning.data.dataset import (IGNORE, PackedRow, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack,
+                                 split_items)
 from tuning.errors import TrainingError
-from tuning.grounding import (REFERENCES, Grounding, calibrate_no_answer, calibrate_threshold,
-                              citation_distributions, confidence, grounded_items, training_index,
-                              unanswerable_items)
+from tuning.grounding import (Grounding, calibrate_no_answer, calibrate_threshold, citation_distributions,
+                              confidence, grounded_items, training_index, unanswerable_items)
+from tuning.training import hparams as hp
 from tuning.training.speed import fast_training, segment_bounds, uses_packed_attention
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ class TrainConfig:
     processes: int | None = None  # data-parallel processes; None = one per visible CUDA GPU (tuning.training.distributed)
     recipe: str = "grounded"  # "grounded": rows carry retrieved examples (tuning.grounding); "closed": closed book
     grounded_k: int = 3  # retrieved examples per grounded row (and per answer)
-    grounded_references: str = "qa"  # "qa": reference examples with their questions; "answers": answers alone
 
 
 @dataclass(frozen=True)
@@ -414,15 +413,12 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
 
     if config.recipe not in RECIPES:
         raise TrainingError(f"unknown recipe {config.recipe!r}; choose one of {', '.join(RECIPES)}")
-    if config.grounded_references not in REFERENCES:
-        raise TrainingError(f"unknown grounded_references {config.grounded_references!r}; "
-                            f"choose one of {', '.join(REFERENCES)}")
     tokenizer = load_tokenizer(config.base_model, cache_dir=cache_dir)
     index = training_index(splits.train)  # what answering retrieves from; saved beside the adapter
     train_rows, val_rows_items = splits.train, splits.val
     if config.recipe == "grounded":
         train_rows, val_rows_items = grounded_items(splits.train, splits.val, index, k=config.grounded_k,
-                                                    seed=config.seed, references=config.grounded_references)
+                                                    seed=config.seed)
     train_enc = encode_items(tokenizer, train_rows, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
     val_enc = encode_items(tokenizer, val_rows_items, system_prompt=system_prompt, max_tokens=config.max_seq_tokens)
     n_tokens = sum(len(e.input_ids) for e in train_enc)
@@ -620,13 +616,12 @@ def train_rank(items: Sequence[TrainItem], *, out_dir, config: TrainConfig, syst
                                                                   k=config.grounded_k, system_prompt=system_prompt,
                                                                   device=device)]
         unanswerable = [c[0] for _, c in citation_distributions(
-            model, tokenizer, unanswerable_items(splits.val, index, k=config.grounded_k, seed=config.seed + 1,
-                                                 references=config.grounded_references),
+            model, tokenizer, unanswerable_items(splits.val, index, k=config.grounded_k, seed=config.seed + 1),
             k=config.grounded_k, system_prompt=system_prompt, device=device)]
         no_answer = calibrate_no_answer(answerable, unanswerable)
     _save_result(model, tokenizer, out, config.method)
     index.save(out / "retrieval")
-    grounding = Grounding(recipe=config.recipe, k=config.grounded_k, references=config.grounded_references,
+    grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
                           threshold=calibrate_threshold([confidence(index.search(i.question, 1)) for i in splits.val]),
                           no_answer_above=no_answer,
                           calibrated_on=len(splits.val))
