@@ -68,6 +68,12 @@ def role_at_least(role: str | None, needed: str) -> bool:
     return role is not None and ROLES.index(role) <= ROLES.index(needed)
 
 
+def can_edit(store, assistant_id: int, user_id: int) -> bool:
+    """Whether this user may change the assistant's examples (an owner or expert of it): the check every handler
+    makes before it saves what a user typed for an assistant named in its pending state or callback."""
+    return role_at_least(store.role_of(assistant_id, user_id), "expert")
+
+
 def current_assistant(update: Update, context: ContextTypes.DEFAULT_TYPE) -> tuple[Assistant | None, str | None]:
     """The assistant this user works on (chosen with /use, or their only one) and their role in it."""
     store = store_of(context)

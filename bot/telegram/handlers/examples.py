@@ -7,8 +7,8 @@ import re
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes, ConversationHandler, MessageHandler, filters
 
-from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, lang_of, reply,
-                                 requires, short, store_of, tr, tr_error, with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, can_edit,
+                                 lang_of, reply, requires, short, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.handlers.generate import document_uploaded
 from bot.telegram.texts import label
 from storage import DuplicateExample, StorageError
@@ -92,7 +92,7 @@ async def add_confirm(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int
         await reply(update, tr(update, context, "cancelled"), edit=True)
         return ConversationHandler.END
     store = store_of(context)
-    if store.role_of(draft["assistant_id"], update.effective_user.id) not in ("owner", "expert"):
+    if not can_edit(store, draft["assistant_id"], update.effective_user.id):
         await reply(update, tr(update, context, "not_member"), edit=True)
         return ConversationHandler.END
     text = save_example(update, context, draft["assistant_id"], draft["question"], draft["answer"])
@@ -141,7 +141,7 @@ async def forwarded(update: Update, context: ContextTypes.DEFAULT_TYPE, assistan
 
 async def forward_answer(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
     """The answer to a forwarded question."""
-    if store_of(context).role_of(pending["assistant_id"], update.effective_user.id) not in ("owner", "expert"):
+    if not can_edit(store_of(context), pending["assistant_id"], update.effective_user.id):
         await reply(update, tr(update, context, "not_member"))
         return
     await reply(update, save_example(update, context, pending["assistant_id"], pending["question"],
@@ -239,7 +239,7 @@ async def edit_example_text(update: Update, context: ContextTypes.DEFAULT_TYPE, 
     """The new text of an example: 'Q: … A: …' changes both, plain text changes the answer."""
     store = store_of(context)
     ex = store.get_example(pending["example_id"])
-    if store.role_of(ex.assistant_id, update.effective_user.id) not in ("owner", "expert"):
+    if not can_edit(store, ex.assistant_id, update.effective_user.id):
         await reply(update, tr(update, context, "not_member"))
         return
     pair = parse_quick_form(update.message.text)

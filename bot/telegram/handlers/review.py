@@ -12,8 +12,8 @@ from telegram import Update
 from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, lang_of, reply, requires, short,
-                                 store_of, tr, tr_error, with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, can_edit, lang_of, reply,
+                                 requires, role_at_least, short, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.import_report import plural_form
 from bot.telegram.texts import label, t
 from storage import NotFound, NotOpen, StorageError, Store
@@ -178,7 +178,7 @@ async def edit_variation_text(update: Update, context: ContextTypes.DEFAULT_TYPE
     """The corrected question of a variation: saved and approved."""
     store = store_of(context)
     ex = store.get_example(pending["example_id"])
-    if store.role_of(ex.assistant_id, update.effective_user.id) not in ("owner", "expert"):
+    if not can_edit(store, ex.assistant_id, update.effective_user.id):
         await reply(update, tr(update, context, "not_member"))
         return
     try:
@@ -221,7 +221,7 @@ async def answer_unanswered_text(update: Update, context: ContextTypes.DEFAULT_T
     store = store_of(context)
     uid = update.effective_user.id
     item = store.get_unanswered(pending["item_id"])
-    if store.role_of(item.assistant_id, uid) not in ("owner", "expert"):
+    if not can_edit(store, item.assistant_id, uid):
         await reply(update, tr(update, context, "not_member"))
         return
     answer = update.message.text
@@ -250,7 +250,7 @@ def unanswered_notices(store: Store, default_language: str) -> tuple[list[tuple[
         except NotFound:  # deleted meanwhile: nobody to tell
             continue
         for member in store.list_members(assistant_id):
-            if member.role not in ("owner", "expert"):
+            if not role_at_least(member.role, "expert"):
                 continue
             user = store.get_user(member.user_id)
             lang = user.language if user and user.language else default_language

@@ -8,8 +8,8 @@ import re
 from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, lang_of, reply,
-                                 requires, store_of, tr, with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, can_edit, lang_of,
+                                 reply, requires, store_of, tr, with_thread_store)
 from bot.telegram.progress import render_progress
 from bot.telegram.texts import label, labelled_counts
 from tuning.jobs.scheduler import next_clock_time
@@ -127,7 +127,7 @@ async def train_time_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
         await reply(update, tr(update, context, "train_pick_bad"))
         return
     store = store_of(context)
-    if store.role_of(pending["assistant_id"], update.effective_user.id) not in ("owner", "expert"):
+    if not can_edit(store, pending["assistant_id"], update.effective_user.id):
         await reply(update, tr(update, context, "not_member"))
         return
     at = next_clock_time(int(match.group(1)), int(match.group(2)), timezone=app_of(context).settings.timezone)
