@@ -10,7 +10,7 @@ from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
 from bot.telegram.common import (ID, app_of, awaiting, button_invalid, callback_match, keyboard, reply,
-                                 requires, role_at_least, short, store_of, tr, with_thread_store)
+                                 requires, role_at_least, short, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.streaming import AnswerStream
 from storage import DuplicateExample, NotFound, StorageError
 
@@ -149,7 +149,7 @@ async def correction_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pe
         ex_id = ex.id
         log.info("correction for a question that exists as #%s", exc.existing_id)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     store.set_feedback(answer_msg["id"], "down", correction=correction, correction_example_id=ex_id)
     await reply(update, tr(update, context, "feedback_correction_saved", id=ex_id))

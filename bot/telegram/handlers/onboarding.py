@@ -10,8 +10,8 @@ from telegram.ext import (CallbackQueryHandler, CommandHandler, ContextTypes, Co
                           filters)
 
 from bot.telegram.checklist import show_checklist
-from bot.telegram.common import (ID, app_of, button_invalid, callback_match, current_assistant, reply, requires,
-                                 store_of, tr, tr_error)
+from bot.telegram.common import (ID, app_of, button_invalid, callback_match, current_assistant, error_reason,
+                                 lang_of, reply, requires, store_of, tr, tr_error)
 from bot.telegram.texts import LANGUAGES
 from storage import StorageError
 from storage.records import ROLES
@@ -41,7 +41,8 @@ async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         try:
             member = store.redeem_invite(context.args[0], uid)
         except StorageError as exc:
-            await reply(update, tr(update, context, "invite_invalid", reason=str(exc)))
+            reason = error_reason(exc, lang_of(update, context))
+            await reply(update, tr(update, context, "invite_invalid", reason=reason))
             return
         assistant = store.get_assistant(member.assistant_id)
         context.user_data["assistant_id"] = assistant.id
@@ -202,7 +203,7 @@ async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> in
             draft.get("name", ""), description=draft.get("description", ""),
             system_prompt=draft.get("system_prompt", ""), base_model=model, owner_id=update.effective_user.id)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return ConversationHandler.END
     context.user_data["assistant_id"] = assistant.id
     app_of(context).preload([model])  # warm before its first question

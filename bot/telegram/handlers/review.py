@@ -169,7 +169,7 @@ async def review_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assi
         elif ex.status == "pending":
             (approve_variation if action == "a" else reject_variation)(store, ex.id, by=uid)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     await _show_card(update, context, assistant, edit=True)
 
@@ -184,7 +184,7 @@ async def edit_variation_text(update: Update, context: ContextTypes.DEFAULT_TYPE
     try:
         edit_variation(store, ex.id, question=update.message.text, by=update.effective_user.id)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     await reply(update, tr(update, context, "review_edited", id=ex.id))
     await _show_card(update, context, store.get_assistant(ex.assistant_id), edit=False)

@@ -9,7 +9,7 @@ from telegram import Update
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
 from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, callback_match, can_edit, lang_of,
-                                 reply, requires, store_of, tr, with_thread_store)
+                                 reply, requires, store_of, tr, tr_error, with_thread_store)
 from bot.telegram.progress import render_progress
 from bot.telegram.texts import label, labelled_counts
 from tuning.jobs.scheduler import next_clock_time
@@ -165,7 +165,7 @@ async def jobs_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assist
     try:
         _jobs().cancel_job(store, job_id, by=update.effective_user.id)
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
         return
     await reply(update, tr(update, context, "job_cancel_requested", id=job_id), edit=True)
 
@@ -218,7 +218,7 @@ async def version_button(update: Update, context: ContextTypes.DEFAULT_TYPE, ass
             context.user_data["chat"] = {"assistant_id": assistant.id, "mode": "version", "version_id": version.id}
             await reply(update, tr(update, context, "chat_started_version", id=version.id))
     except StorageError as exc:
-        await reply(update, tr(update, context, "error_user", reason=str(exc)))
+        await reply(update, tr_error(update, context, exc))
 
 
 def handlers() -> list:
