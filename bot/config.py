@@ -158,15 +158,14 @@ def _convert(name: str, typ: Any, raw: Any, source: str) -> Any:
     return value
 
 
-def _parse_quiet_hours(value: str, source: str) -> tuple[str, str]:
+def _parse_quiet_hours(value: str, source: str) -> None:
+    """Checked with the scheduler's own parser, so a value the settings accept is one the scheduler reads."""
+    from tuning.jobs.queue import JobError
+    from tuning.jobs.scheduler import parse_quiet_hours
+
     try:
-        start, end = value.split("-")
-        for part in (start, end):
-            hh, mm = part.strip().split(":")
-            if not (0 <= int(hh) < 24 and 0 <= int(mm) < 60):
-                raise ValueError
-        return start.strip(), end.strip()
-    except ValueError:
+        parse_quiet_hours(value)
+    except JobError:
         raise SettingsError(f"{source}: expected quiet hours like 09:00-18:00, got {value!r}") from None
 
 
