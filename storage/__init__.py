@@ -26,11 +26,11 @@ from storage.records import (
     JOB_STATES,
     UNANSWERED_STATES,
 )
-from storage.store import Store
+from storage.store import Store, ThreadStores
 from storage.text import normalize_question, question_hash
 
 __all__ = [
-    "open_db", "migrate", "MIGRATIONS", "Store",
+    "open_db", "migrate", "MIGRATIONS", "Store", "ThreadStores",
     "StorageError", "NotFound", "DuplicateExample", "InvalidValue", "NotOpen",
     "Assistant", "Member", "Invite", "Example", "ExampleRevision", "NewExample", "Document", "GenerationRun",
     "Job", "ModelVersion", "RetrainPolicy", "ApiKey", "AuditEntry", "Unanswered", "User",

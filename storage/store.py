@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import sqlite_utils
@@ -46,3 +48,23 @@ class Store(PeopleStore, ExampleStore, JobStore, ConversationStore):
         rows = self.db["audit_log"].rows_where("assistant_id = ?" if assistant_id else None,
                                                [assistant_id] if assistant_id else [], order_by="id desc", limit=limit)
         return [from_row(AuditEntry, r) for r in rows]
+
+
+class ThreadStores:
+    """One Store per thread on one database file: sqlite3 connections stay in the thread that opened them.
+    `first`, when given, is the store the creating thread already has (and keeps using)."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], dt.datetime] = utcnow, first: Store | None = None):
+        self.path = str(path)
+        self.clock = clock
+        self._local = threading.local()
+        if first is not None:
+            self._local.store = first
+
+    def __call__(self) -> Store:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            from storage.db import open_db
+
+            store = self._local.store = Store(open_db(self.path), clock=self.clock)
+        return store

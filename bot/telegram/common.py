@@ -214,18 +214,15 @@ def short(text: str, n: int = 300) -> str:
 
 
 async def with_thread_store(context: ContextTypes.DEFAULT_TYPE, fn: Callable[[Store], Any]) -> Any:
-    """Run fn(store) in a worker thread with its own database connection (sqlite connections are per thread)."""
+    """Run fn(store) in a worker thread with that thread's own database connection (sqlite connections stay in
+    their thread; asyncio's pool threads keep theirs between calls)."""
     import asyncio
 
-    from storage import open_db
+    return await asyncio.to_thread(lambda: fn(_thread_stores(app_of(context).settings.database_path)()))
 
-    path = app_of(context).settings.database_path
 
-    def run() -> Any:
-        store = Store(open_db(path))
-        try:
-            return fn(store)
-        finally:
-            store.db.conn.close()
+@functools.lru_cache(maxsize=8)
+def _thread_stores(path: str):
+    from storage import ThreadStores
 
-    return await asyncio.to_thread(run)
+    return ThreadStores(path)

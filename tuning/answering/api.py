@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from storage import Store, StorageError, open_db
+from storage import Store, StorageError, ThreadStores
 from tuning.answering.requests import ContextLengthExceeded, InferenceError
 from tuning.answering.service import (ABSTAIN_TEXT, finish_answer, plan_answer, record_answer,
                                       streamed_citation)
@@ -54,19 +54,7 @@ class ApiError(Exception):
 def _thread_local_store(store: Store):
     """A Store per thread on the same file (SQLite connections stay in their thread); `:memory:` is shared."""
     path = next((row[2] for row in store.db.conn.execute("PRAGMA database_list") if row[1] == "main"), "")
-    if not path:
-        return lambda: store
-    local = threading.local()
-    owner = threading.get_ident()
-
-    def get() -> Store:
-        if threading.get_ident() == owner:
-            return store
-        if getattr(local, "store", None) is None:
-            local.store = type(store)(open_db(path), clock=store.clock)
-        return local.store
-
-    return get
+    return ThreadStores(path, clock=store.clock, first=store) if path else (lambda: store)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from storage import Job, Store, open_db
+from storage import Job, Store, ThreadStores
 from storage.common import utcnow
 from tuning.jobs import events
 from tuning.jobs.executors import PORTABLE_KINDS, job_key
@@ -196,7 +196,7 @@ class Worker:
         self.python = python
         self.id = new_worker_id()
         self._children: dict = {}  # job id -> _Child or RayRun
-        self._local = threading.local()
+        self._stores = ThreadStores(db_path, clock=clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -208,10 +208,7 @@ class Worker:
     @property
     def store(self) -> Store:
         """One connection per thread (sqlite3 connections stay on the thread that opened them)."""
-        store = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = Store(open_db(self.db_path), clock=self.clock)
-        return store
+        return self._stores()
 
     @property
     def capacity(self) -> int:
