@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from storage.errors import DuplicateExample
-from tuning.data.dedup import DEFAULT_THRESHOLD, detect_language, filter_candidates, index_for_assistant
+from tuning.data.dedup import DEFAULT_THRESHOLD, detect_language, index_for_assistant
+from tuning.data.synthetic_prompts import (CHUNK_CHARS, SCORE_SCHEMA, SHOTS, BadOutput, document_messages, extract_pairs,
+                                          extract_questions, extract_score, judge_messages, new_pairs_messages,
+                                          pairs_schema, paraphrase_messages, parse_json_payload, questions_schema)
 from tuning.errors import GenerationError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("paraphrase", "new", "document")
 STOP_POLL_S = 0.2  # how often generate() checks should_stop
-LANGUAGE_NAMES = {"en": "English", "ru": "Russian"}
 
 
 @dataclass(frozen=True)
@@ -50,151 +50,11 @@ class Budget:
     max_tokens: int = 200_000
 
 
-class BadOutput(Exception):
-    """The model answered, but not with usable JSON (or with nothing)."""
-
-
 class _Stop(Exception):
     """The whole run must stop (budget spent, endpoint unusable)."""
 
 
 # ------------------------------------------------------------------ parsing
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-
-
-def parse_json_payload(text: str | None) -> Any:
-    """The first JSON object or array in a model's answer, tolerating code fences and text around it."""
-    if text is None or not text.strip():
-        raise BadOutput("the model returned an empty answer")
-    fenced = _FENCE.search(text)
-    body = fenced.group(1) if fenced else text
-    decoder = json.JSONDecoder()
-    starts = [i for i, ch in enumerate(body) if ch in "{["][:50]
-    for i in starts:
-        try:
-            return decoder.raw_decode(body, i)[0]
-        except json.JSONDecodeError:
-            continue
-    preview = " ".join(text.split())[:80]
-    raise BadOutput(f"the model did not return JSON (it said: {preview!r})")
-
-
-def _first_list(obj: Any, keys: tuple[str, ...]) -> list:
-    if isinstance(obj, list):
-        return obj
-    if isinstance(obj, dict):
-        for key in keys:
-            if isinstance(obj.get(key), list):
-                return obj[key]
-        for value in obj.values():
-            if isinstance(value, list):
-                return value
-        if any(k in obj for k in ("question", "q")):
-            return [obj]
-    return []
-
-
-def extract_questions(obj: Any) -> list[str]:
-    """Question strings from {"questions": [...]}, a bare list, or a list of {"question": ...} objects."""
-    out = []
-    for item in _first_list(obj, ("questions", "paraphrases", "variations", "items")):
-        if isinstance(item, dict):
-            item = item.get("question") or item.get("text") or ""
-        if isinstance(item, str) and item.strip():
-            out.append(item.strip())
-    return out
-
-
-def extract_pairs(obj: Any) -> list[tuple[str, str]]:
-    """(question, answer) pairs from {"pairs": [{"question","answer"}, ...]} and similar shapes."""
-    out = []
-    for item in _first_list(obj, ("pairs", "qa", "examples", "items")):
-        if not isinstance(item, dict):
-            continue
-        q = item.get("question") or item.get("q") or item.get("prompt") or ""
-        a = item.get("answer") or item.get("a") or item.get("completion") or ""
-        if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
-            out.append((q.strip(), a.strip()))
-    return out
-
-
-def extract_score(obj: Any) -> float | None:
-    """A judge's score in [0, 1] from {"score": x}; None when missing."""
-    value = obj.get("score") if isinstance(obj, dict) else obj
-    try:
-        return min(1.0, max(0.0, float(value)))
-    except (TypeError, ValueError):
-        return None
-
-
-# ------------------------------------------------------------------ prompts
-def _questions_schema(k: int) -> dict:
-    """At most k short strings: a grammar-constrained server cannot then ramble until max_tokens cuts the JSON."""
-    items = {"type": "string", "minLength": 3, "maxLength": 300}
-    return {"type": "object", "properties": {"questions": {"type": "array", "items": items, "minItems": 1,
-                                                           "maxItems": k}}, "required": ["questions"]}
-
-
-def _pairs_schema(k: int) -> dict:
-    text = {"type": "string", "minLength": 2, "maxLength": 1000}
-    pair = {"type": "object", "properties": {"question": text, "answer": text}, "required": ["question", "answer"]}
-    return {"type": "object", "properties": {"pairs": {"type": "array", "items": pair, "minItems": 1,
-                                                       "maxItems": k}}, "required": ["pairs"]}
-
-
-_SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "number"}}, "required": ["score"]}
-
-
-def paraphrase_messages(question: str, answer: str, *, k: int, language: str) -> list[dict]:
-    """Ask for k rewordings of a question as different customers would ask it."""
-    return [
-        {"role": "system", "content": 'You rewrite customer questions. Reply with JSON only: {"questions": ["..."]}.'},
-        {"role": "user", "content": (
-            f"Write {k} different ways a customer could ask the question below: formal, casual, short, and long "
-            f"with some context. Keep the meaning exactly, so that the same answer still fits. Write in "
-            f"{LANGUAGE_NAMES.get(language, language)}. Do not repeat the original question.\n\n"
-            f"Question: {question}\nAnswer (context only, do not change it): {answer}")},
-    ]
-
-
-def new_pairs_messages(shots: list[tuple[str, str]], *, k: int, language: str, description: str = "") -> list[dict]:
-    """Ask for k new question-answer pairs in the domain and style of a few approved ones (self-instruct)."""
-    examples = "\n".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) for q, a in shots)
-    about = f" The assistant: {description}." if description else ""
-    return [
-        {"role": "system", "content": 'You write training data for a customer assistant. Reply with JSON only: '
-                                      '{"pairs": [{"question": "...", "answer": "..."}]}.'},
-        {"role": "user", "content": (
-            f"Here are question-answer pairs of an assistant.{about}\n{examples}\n\nWrite {k} NEW pairs about other "
-            f"things its customers ask, in the same style and in {LANGUAGE_NAMES.get(language, language)}. "
-            f"Do not copy or reword the examples; do not contradict them.")},
-    ]
-
-
-def document_messages(chunk: str, *, k: int, language: str) -> list[dict]:
-    """Ask for up to k pairs whose answers come only from the given text."""
-    return [
-        {"role": "system", "content": 'You write question-answer pairs from a document. Reply with JSON only: '
-                                      '{"pairs": [{"question": "...", "answer": "..."}]}.'},
-        {"role": "user", "content": (
-            f"Write up to {k} questions a customer could ask that the text below answers, each with its answer. "
-            f"Answers must use only facts from the text. Write in {LANGUAGE_NAMES.get(language, language)}.\n\n"
-            f"Text:\n<<<\n{chunk}\n>>>")},
-    ]
-
-
-def judge_messages(original: str, variation: str, *, answer: str) -> list[dict]:
-    """Ask for a score in [0, 1] that a variation asks the same thing as the original."""
-    return [
-        {"role": "system", "content": 'You check rewritten questions. Reply with JSON only: {"score": 0.0}.'},
-        {"role": "user", "content": (
-            f"Original question: {original}\nRewritten question: {variation}\nAnswer to the original: {answer}\n\n"
-            "Score from 0 to 1 how surely the rewritten question asks exactly the same thing, so that the same "
-            "answer is right for it (1: same meaning, 0: different or contradicting).")},
-    ]
-
-
-# ------------------------------------------------------------------- client
 def _retry_after(exc: Exception) -> float | None:
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None) or {}
@@ -363,8 +223,8 @@ def _plan_units(store, assistant, *, method: str, per_example: int, document_id:
 async def generate(store, assistant_id: int, *, method: str, per_example: int, client_config: ClientConfig,
                    budget: Budget | None = None, on_progress: Callable[[dict], None] | None = None,
                    judge: bool = False, auto_approve_above: float = 0.0, document_id: int | None = None,
-                   chunk_chars: int = 2000, resume_run_id: int | None = None, author_id: int | None = None,
-                   max_chars: int = 4000, dedup_threshold: float = DEFAULT_THRESHOLD, shots: int = 5,
+                   chunk_chars: int = CHUNK_CHARS, resume_run_id: int | None = None, author_id: int | None = None,
+                   max_chars: int = 4000, dedup_threshold: float = DEFAULT_THRESHOLD, shots: int = SHOTS,
                    max_rounds: int = 3, client=None, should_stop: Callable[[], bool] | None = None):
     """Generate pending examples with the larger model; every item is saved as it arrives. Returns the GenerationRun.
 
@@ -415,7 +275,7 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
         if not judge or original is None:
             return None
         try:
-            content = await runner.call(judge_messages(original, question, answer=answer), schema=_SCORE_SCHEMA)
+            content = await runner.call(judge_messages(original, question, answer=answer), schema=SCORE_SCHEMA)
             return extract_score(parse_json_payload(content))
         except BadOutput:
             return None
@@ -455,14 +315,14 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
                 break
             if unit.parent is not None:
                 messages = paraphrase_messages(unit.parent.question, unit.parent.answer, k=need, language=unit.language)
-                schema = _questions_schema(need)
+                schema = questions_schema(need)
             elif unit.chunk is not None:
                 messages = document_messages(unit.chunk.text, k=need, language=unit.language)
-                schema = _pairs_schema(need)
+                schema = pairs_schema(need)
             else:
                 messages = new_pairs_messages(list(unit.shots), k=need, language=unit.language,
                                               description=assistant.description)
-                schema = _pairs_schema(need)
+                schema = pairs_schema(need)
             try:
                 obj = parse_json_payload(await runner.call(messages, schema=schema, seed_offset=attempt))
                 if unit.parent is not None:

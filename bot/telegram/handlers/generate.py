@@ -34,38 +34,6 @@ DOCUMENT_BUTTON = re.compile(rf"gen:d:(?P<id>{ID})")
 
 
 # ----------------------------------------------------------------------------- estimates
-def estimate_tokens(store, assistant_id: int, *, method: str, per_example: int, document_id: int | None = None,
-                    judge: bool = False) -> int:
-    """Tokens a run will use: the prompts it will send, and answers about as long as the items asked for."""
-    from tuning.data import synthetic
-    from tuning.data.importing import estimate_tokens as tokens
-
-    def prompt(messages: list[dict]) -> int:
-        return sum(tokens(m["content"]) + 4 for m in messages)
-
-    roots = store.list_examples(assistant_id, status="approved", roots_only=True)
-    total = 0
-    if method == "paraphrase":
-        for ex in roots:
-            total += prompt(synthetic.paraphrase_messages(ex.question, ex.answer, k=per_example, language="en"))
-            total += per_example * (tokens(ex.question) + 6) + 8
-            if judge:
-                total += per_example * (prompt(synthetic.judge_messages(ex.question, ex.question, answer=ex.answer))
-                                        + 8)
-    elif method == "new":
-        for start in range(0, len(roots), 5):
-            group = [(ex.question, ex.answer) for ex in roots[start:start + 5]]
-            total += prompt(synthetic.new_pairs_messages(group, k=per_example, language="en"))
-            total += per_example * (sum(tokens(q) + tokens(a) for q, a in group) // len(group) + 12) + 8
-    elif method == "document":
-        from tuning.data.documents import chunk_spans
-
-        for chunk in chunk_spans(store.get_document(document_id).text):
-            total += prompt(synthetic.document_messages(chunk.text, k=per_example, language="en"))
-            total += per_example * 60 + 8  # a question and a short answer quoted from the text
-    return total
-
-
 def estimate_cost(settings, tokens: int) -> str:
     return f"{tokens / 1000 * settings.price_per_1k_tokens:.4f}"
 
@@ -89,6 +57,8 @@ async def generate(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant
         judge = settings.generator_judge
 
         def cost(method: str, n: int, document_id: int | None = None) -> str:
+            from tuning.data.synthetic_prompts import estimate_tokens
+
             return estimate_cost(settings, estimate_tokens(store, assistant.id, method=method, per_example=n,
                                                            document_id=document_id, judge=judge))
 
