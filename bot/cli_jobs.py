@@ -128,18 +128,6 @@ def parse_at(text: str, *, timezone: str, now: dt.datetime | None = None) -> dt.
     return next_clock_time(clock.hour, clock.minute, timezone=timezone, now=now)
 
 
-def _train_options(args: argparse.Namespace) -> dict:
-    """TrainConfig fields given on the command line (by bot.cli_train's options), for the job params."""
-    from tuning.training.train import TrainConfig
-
-    given = {}
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None and f.name != "base_model" and value != f.default:
-            given[f.name] = value
-    return given
-
-
 def train_assistant(args: argparse.Namespace, app) -> int:
     """`tunebot train --assistant NAME [--at TIME] [--wait]`: queue a run; with --wait, follow it to the end."""
     from tuning.jobs import enqueue_training
@@ -147,7 +135,9 @@ def train_assistant(args: argparse.Namespace, app) -> int:
     store = app.store
     assistant = store.assistant_by_name(args.assistant)
     params: dict = {}
-    options = _train_options(args)
+    from bot.cli_train import train_options
+
+    options = train_options(args)
     if options:
         params["config"] = options
     if getattr(args, "base_model", None):
