@@ -149,26 +149,14 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     """{"n", "modes": {mode: metrics}, "retrieval": recall@k, "out_of_scope": {mode: abstain_rate}}.
 
     Answers go through the same engine, prompts and retriever as chat: the torch Engine (batched), or with
-    backend="llamacpp" the llama.cpp one (tuning.answering.llamacpp), so that both backends are measured the same way.
-    tuned/grounded need adapter_dir; fewshot/lookup/grounded need an index: the one saved beside the adapter
+    backend="llamacpp" the llama.cpp one (tuning.answering.llamacpp), so that both backends are measured the same
+    way. tuned/grounded need adapter_dir; fewshot/lookup/grounded need an index: the one saved beside the adapter
     or one built from `fewshot` pairs. A question whose retrieval confidence is below the adapter's calibrated
     threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
     """
-    from tuning.grounding import Grounding, confidence, read_grounded, render_question
-    from tuning.answering.requests import generated_answer
-    from tuning.prompts import build_messages
+    from tuning.grounding import Grounding, confidence
 
-    items = as_eval_items(items)
-    oos = [it if isinstance(it, str) else (it.get("question") if isinstance(it, dict) else it.question)
-           for it in out_of_scope]
-    if not items:
-        raise ModelLoadError("no questions to evaluate")
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise ModelLoadError(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
-    needs = [m for m in modes if m in NEEDS_ADAPTER]
-    if needs and not adapter_dir:
-        raise ModelLoadError(f"the {needs[0]} mode needs a trained model folder (--model DIR)")
+    items, oos = _checked_questions(items, modes, adapter_dir, out_of_scope)
     if adapter_dir and not system_prompt:
         system_prompt = _trained_system_prompt(adapter_dir)
     grounding = Grounding.load(adapter_dir)
@@ -180,122 +168,164 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     questions = [it.question for it in items] + oos
     hits_of = [index.search(q, max(k, FEWSHOT_K)) if index is not None else [] for q in questions]
     conf = [confidence(h) for h in hits_of]
-    abstain = [c < grounding.threshold for c in conf]
     n_in = len(items)
-
-    model_dir, adapter = base_model, None
-    if adapter_dir:
-        folder = Path(adapter_dir)
-        if (folder / "adapter_config.json").exists():
-            adapter = str(folder)
-        elif needs and (folder / "config.json").exists():  # full fine-tuning saved a whole model
-            model_dir = str(folder)
-        elif needs:
-            raise ModelLoadError(f"{folder} holds neither a LoRA adapter nor a model")
-    own_engines = []
-    if engine is not None and not hasattr(engine, "submit"):  # a remote backend: evaluate with a local engine
-        engine = None
-
-    def engine_for(mode):
-        nonlocal engine
-        from tuning.answering.engine import Engine
-
-        if mode in NEEDS_ADAPTER and model_dir != base_model:  # a fully fine-tuned model: transformers only
-            own_engines.append(Engine(model_dir, cache_dir=cache_dir, max_new_tokens=max_new_tokens))
-            return own_engines[-1]
-        if engine is None:
-            if backend == "llamacpp":
-                from tuning.answering.llamacpp import LlamaCppEngine
-
-                engine = LlamaCppEngine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
-            else:
-                engine = Engine(base_model, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
-            own_engines.append(engine)
-        return engine
-
     results: dict = {"n": n_in, "modes": {}, "k": k, "backend": backend, "abstain_threshold": grounding.threshold,
-                     "no_answer_above": grounding.no_answer_above,
-                     "recipe": grounding.recipe}
+                     "no_answer_above": grounding.no_answer_above, "recipe": grounding.recipe}
     if index is not None:
         results["retrieval"] = _recall(items, hits_of[:n_in], (1, k))
     if oos:
         results["n_out_of_scope"] = len(oos)
         results["out_of_scope"] = {}
-    answers_by_mode: dict = {}
-    logprobs_by_mode: dict = {}
-    choice_of: dict = {}
-    no_answer_of: dict = {}
-    citations: list = [None] * (len(items) + len(oos))
+    engines = _Engines(base_model, adapter_dir, needs=[m for m in modes if m in NEEDS_ADAPTER], engine=engine,
+                       backend=backend, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
+    texts: dict = {}
+    read: dict = {}  # grounded: each answer's citation read back
     try:
         for mode in modes:
-            if mode == "lookup":
-                answers = [_lookup_answer(h) for h in hits_of]
-            else:
-                eng = engine_for(mode)
-                pending = []
-                for q, hits in zip(questions, hits_of):
-                    shots = [(h.question, h.answer) for h in reversed(hits[:FEWSHOT_K])] if mode == "fewshot" else ()
-                    text = render_question(q, hits[:k]) if mode == "grounded" else q
-                    messages = build_messages(text, system_prompt=system_prompt, fewshot=shots)
-                    pending.append(eng.submit(messages, adapter_dir=adapter if mode in NEEDS_ADAPTER else None,
-                                              max_new_tokens=max_new_tokens))
-                answers = []
-                for i, generation in enumerate(pending):
-                    answers.append(generated_answer(generation.result()))
-                    if on_progress:
-                        on_progress(mode, i + 1, len(pending))
-            abstained = list(abstain)
+            answers = [_lookup_answer(h) for h in hits_of] if mode == "lookup" else _answers(
+                mode, engines, questions, hits_of, k=k, system_prompt=system_prompt,
+                max_new_tokens=max_new_tokens, on_progress=on_progress)
+            abstained = [c < grounding.threshold for c in conf]
             if mode == "grounded":  # the citation: the text without it, and the model's own "I don't know"
-                from dataclasses import replace
-
-                from tuning.answering.service import grounded_unsure
-
-                read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives,
-                                      no_answer_above=grounding.no_answer_above) for a, h in zip(answers, hits_of)]
-                answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
-                abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability,
-                                                                    grounding.no_answer_above)
-                             for x, r in zip(abstained, read)]
-                no_answer_of[mode] = [r.no_answer_probability for r in read]
-                citations = [{str(d): round(p, 4) for d, p in r.choice.items()} if r.choice else None for r in read]
-                choice_of[mode] = [r.choice_probability for r in read]
-            metrics = summarize(items, answers[:n_in])
-            metrics["abstain_rate"] = round(sum(abstained[:n_in]) / n_in, 4)
-            # correct and not withheld: what a customer actually receives
-            metrics["answered_correctly"] = round(sum(
-                1 for it, a, x in zip(items, answers, abstained) if it.must_contain and not x
-                and contains_all(a.text, it.must_contain)) / max(1, sum(1 for it in items if it.must_contain)), 4)
-            results["modes"][mode] = metrics
+                answers, abstained, read = _read_citations(answers, hits_of, abstained, k=k, grounding=grounding)
+            results["modes"][mode] = _metrics(items, answers, abstained)
             if oos:
                 results["out_of_scope"][mode] = {"abstain_rate": round(sum(abstained[n_in:]) / len(oos), 4)}
-            answers_by_mode[mode] = [a.text for a in answers]
-            logprobs_by_mode[mode] = choice_of.get(mode) or [None] * len(answers)
+            texts[mode] = [a.text for a in answers]
     finally:
-        for e in own_engines:
-            e.close()
+        engines.close()
     if include_answers:
-        results["answers"] = [{"question": it.question, "reference": it.answer, "confidence": conf[i],
-                               **{m: answers_by_mode[m][i] for m in results["modes"]},
-                               "choice_probability": {m: logprobs_by_mode[m][i] for m in results["modes"]},
-                               "no_answer_probability": {m: v[i] for m, v in no_answer_of.items()},
-                               # for precision/coverage analyses: the grounded citation's probabilities, and
-                               # which retrieved examples hold the right answer
-                               "citation": citations[i],
-                               "hits_correct": [bool(it.must_contain) and contains_all(h.answer, it.must_contain)
-                                                for h in hits_of[i][:k]],
-                               "hit_scores": [round(float(h.score), 4) for h in hits_of[i][:k]]}
-                              for i, it in enumerate(items)]
-        if oos:
-            results["out_of_scope_answers"] = [{"question": q, "confidence": conf[n_in + j],
-                                                **{m: answers_by_mode[m][n_in + j] for m in results["modes"]},
-                                                "choice_probability": {m: logprobs_by_mode[m][n_in + j]
-                                                                       for m in results["modes"]},
-                                                "no_answer_probability": {m: v[n_in + j]
-                                                                          for m, v in no_answer_of.items()},
-                                                "citation": citations[n_in + j],
-                                                "hit_scores": [round(float(h.score), 4) for h in hits_of[n_in + j][:k]]}
-                                               for j, q in enumerate(oos)]
+        results.update(_answer_records(items, oos, texts, read, conf, hits_of, k=k))
     return results
+
+
+def _checked_questions(items, modes, adapter_dir, out_of_scope) -> tuple[list[EvalItem], list[str]]:
+    """The test items and out-of-scope questions, after checking that the modes can be evaluated."""
+    items = as_eval_items(items)
+    oos = [it if isinstance(it, str) else (it.get("question") if isinstance(it, dict) else it.question)
+           for it in out_of_scope]
+    if not items:
+        raise ModelLoadError("no questions to evaluate")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ModelLoadError(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    needs = [m for m in modes if m in NEEDS_ADAPTER]
+    if needs and not adapter_dir:
+        raise ModelLoadError(f"the {needs[0]} mode needs a trained model folder (--model DIR)")
+    return items, oos
+
+
+class _Engines:
+    """The engines an evaluation answers with: the given one (or one of its backend) on the base model with the
+    adapter, or, for a fully fine-tuned model, a torch engine on that model; closed at the end if made here."""
+
+    def __init__(self, base_model: str, adapter_dir, *, needs: Sequence[str], engine, backend: str, cache_dir,
+                 max_new_tokens: int):
+        self.base_model, self.model_dir, self.adapter = base_model, base_model, None
+        if adapter_dir:
+            folder = Path(adapter_dir)
+            if (folder / "adapter_config.json").exists():
+                self.adapter = str(folder)
+            elif needs and (folder / "config.json").exists():  # full fine-tuning saved a whole model
+                self.model_dir = str(folder)
+            elif needs:
+                raise ModelLoadError(f"{folder} holds neither a LoRA adapter nor a model")
+        # a remote backend is evaluated with a local engine
+        self.engine = engine if engine is not None and hasattr(engine, "submit") else None
+        self.backend, self.cache_dir, self.max_new_tokens = backend, cache_dir, max_new_tokens
+        self.own: list = []
+
+    def for_mode(self, mode: str):
+        from tuning.answering.engine import Engine
+
+        if mode in NEEDS_ADAPTER and self.model_dir != self.base_model:  # a fully fine-tuned model: torch only
+            self.own.append(Engine(self.model_dir, cache_dir=self.cache_dir, max_new_tokens=self.max_new_tokens))
+            return self.own[-1]
+        if self.engine is None:
+            if self.backend == "llamacpp":
+                from tuning.answering.llamacpp import LlamaCppEngine
+
+                self.engine = LlamaCppEngine(self.base_model, cache_dir=self.cache_dir,
+                                             max_new_tokens=self.max_new_tokens)
+            else:
+                self.engine = Engine(self.base_model, cache_dir=self.cache_dir, max_new_tokens=self.max_new_tokens)
+            self.own.append(self.engine)
+        return self.engine
+
+    def close(self) -> None:
+        for engine in self.own:
+            engine.close()
+
+
+def _answers(mode: str, engines: _Engines, questions: Sequence[str], hits_of: Sequence, *, k: int,
+             system_prompt: str, max_new_tokens: int, on_progress) -> list:
+    """Every question answered in one mode, all submitted first so that the engine batches them."""
+    from tuning.answering.requests import generated_answer
+    from tuning.grounding import render_question
+    from tuning.prompts import build_messages
+
+    engine = engines.for_mode(mode)
+    pending = []
+    for q, hits in zip(questions, hits_of):
+        shots = [(h.question, h.answer) for h in reversed(hits[:FEWSHOT_K])] if mode == "fewshot" else ()
+        text = render_question(q, hits[:k]) if mode == "grounded" else q
+        messages = build_messages(text, system_prompt=system_prompt, fewshot=shots)
+        pending.append(engine.submit(messages, adapter_dir=engines.adapter if mode in NEEDS_ADAPTER else None,
+                                     max_new_tokens=max_new_tokens))
+    answers = []
+    for i, generation in enumerate(pending):
+        answers.append(generated_answer(generation.result()))
+        if on_progress:
+            on_progress(mode, i + 1, len(pending))
+    return answers
+
+
+def _read_citations(answers: list, hits_of: Sequence, abstained: list[bool], *, k: int, grounding):
+    """Grounded answers without their citations, whether each says "I don't know", and the citations read."""
+    from dataclasses import replace
+
+    from tuning.answering.service import grounded_unsure
+    from tuning.grounding import read_grounded
+
+    read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives, no_answer_above=grounding.no_answer_above)
+            for a, h in zip(answers, hits_of)]
+    answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
+    abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability, grounding.no_answer_above)
+                 for x, r in zip(abstained, read)]
+    return answers, abstained, read
+
+
+def _metrics(items: Sequence[EvalItem], answers: Sequence, abstained: Sequence[bool]) -> dict:
+    """summarize() of the in-scope answers, with how often the assistant would say it does not know, and how
+    many questions it answers correctly without withholding them (what a customer actually receives)."""
+    n_in = len(items)
+    metrics = summarize(items, answers[:n_in])
+    metrics["abstain_rate"] = round(sum(abstained[:n_in]) / n_in, 4)
+    metrics["answered_correctly"] = round(sum(
+        1 for it, a, x in zip(items, answers, abstained) if it.must_contain and not x
+        and contains_all(a.text, it.must_contain)) / max(1, sum(1 for it in items if it.must_contain)), 4)
+    return metrics
+
+
+def _answer_records(items, oos, texts: dict, read: list, conf, hits_of, *, k: int) -> dict:
+    """Every answer of every mode with its confidence, for analyses: the grounded citation's probabilities and
+    which retrieved examples hold the right answer (precision and coverage of "I don't know")."""
+    n_in = len(items)
+
+    def record(i: int, question: str) -> dict:
+        r = read[i] if read else None
+        return {"question": question, "confidence": conf[i], **{m: v[i] for m, v in texts.items()},
+                "choice_probability": {m: (r.choice_probability if m == "grounded" and r else None) for m in texts},
+                "no_answer_probability": {"grounded": r.no_answer_probability} if r else {},
+                "citation": {str(d): round(p, 4) for d, p in r.choice.items()} if r and r.choice else None,
+                "hit_scores": [round(float(h.score), 4) for h in hits_of[i][:k]]}
+
+    out = {"answers": [{**record(i, it.question), "reference": it.answer,
+                        "hits_correct": [bool(it.must_contain) and contains_all(h.answer, it.must_contain)
+                                         for h in hits_of[i][:k]]} for i, it in enumerate(items)]}
+    if oos:
+        out["out_of_scope_answers"] = [record(n_in + j, q) for j, q in enumerate(oos)]
+    return out
 
 
 def markdown_table(result: dict) -> str:
