@@ -104,6 +104,7 @@ def main() -> None:
 
                 shutil.copytree(tmp, Path(args.keep) / str(len(result["settings"])), dirs_exist_ok=True)
         row = {"setting": given, "modes": {m: {"accuracy": v["accuracy"], "f1": v["f1"],
+                                               "answered_correctly": v["answered_correctly"],
                                                "abstain_rate": v["abstain_rate"]} for m, v in ev["modes"].items()},
                "out_of_scope": ev.get("out_of_scope"), "retrieval": ev.get("retrieval"),
                "abstain_threshold": ev["abstain_threshold"], "no_answer_above": ev.get("no_answer_above"),

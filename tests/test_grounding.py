@@ -8,8 +8,8 @@ import pytest
 
 from tuning.data.dataset import TrainItem
 from tuning.grounding import (DEFAULT_NO_ANSWER, NO_ANSWER, CitationFilter, Grounding, calibrate_no_answer,
-                              calibrate_threshold, citation_choice, cited, grounded_items, read_grounded,
-                              render_question, training_index, unanswerable_items)
+                              calibrate_threshold, citation_choice, cited, decide_citation, grounded_items,
+                              read_grounded, render_question, training_index, unanswerable_items)
 from tuning.retrieval import Hit
 
 
@@ -94,6 +94,13 @@ def test_calibrated_no_answer_overrides_the_greedy_citation():
     read = read_grounded("[3] At seven, every day.", hits, alternatives=alternatives(d3=0.9, d0=0.1),
                          no_answer_above=0.6)
     assert (read.cited, read.text) == (2, "At seven, every day.")
+    # it leans to example 3 but is not sure (0.3 of its 0.55 for the examples): the retrieval's first example wins,
+    # in its approved words, and streaming withholds the model's own words after [3]
+    read = read_grounded("[3] At seven.", hits, alternatives=alternatives(d3=0.3, d1=0.25, d0=0.45),
+                         no_answer_above=0.6)
+    assert (read.abstained, read.cited, read.text) == (False, 0, "Depot 1 opens at 8:00.")
+    assert decide_citation({0: 0.45, 1: 0.25, 2: 0.0, 3: 0.3}, 0.6) == 1
+    assert decide_citation({0: 0.1, 1: 0.2, 2: 0.0, 3: 0.7}, 0.6) == 3  # 0.78 of the examples' share: its choice
     # an adapter calibrated before the threshold existed: the greedy citation decides, as before
     assert read_grounded(f"[0] {NO_ANSWER}", hits, alternatives=alternatives(d0=0.4, d2=0.45)).abstained
 
