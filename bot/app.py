@@ -184,3 +184,17 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # PTB's job queue runs on APScheduler, which logs two INFO lines for every run of a repeating job (every second).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DelayedRun) for f in logger.filters):
+            logger.addFilter(_DelayedRun())
+
+
+class _DelayedRun(logging.Filter):
+    """Drops APScheduler's warnings that a busy machine delayed a run of a repeating job ("was missed by",
+    "maximum number of running instances reached"): for the once-a-second polls the skipped run is what should
+    happen, not a fault to report. Its other warnings and a job that raises are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "was missed by" not in message and "maximum number of running instances reached" not in message

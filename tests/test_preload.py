@@ -48,6 +48,18 @@ def test_apscheduler_logs_warnings_only(tmp_path):
             assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
             assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
         assert logging.getLogger("tunebot.run").isEnabledFor(logging.INFO)
+        # a run delayed by a busy machine is not a warning worth a log line; other warnings are
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        root.addHandler(handler)
+        scheduler = logging.getLogger("apscheduler.scheduler")
+        executor = logging.getLogger("apscheduler.executors.default")
+        scheduler.warning('Run time of job "job-progress" was missed by 0:00:01.2')
+        executor.warning('Execution of job "job-progress" skipped: maximum number of running instances reached (1)')
+        executor.warning("Job store is unreachable")
+        executor.error('Job "job-progress" raised an exception')
+        assert [r.getMessage() for r in records] == ["Job store is unreachable", 'Job "job-progress" raised an exception']
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
