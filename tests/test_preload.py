@@ -59,7 +59,8 @@ def test_apscheduler_logs_warnings_only(tmp_path):
         executor.warning('Execution of job "job-progress" skipped: maximum number of running instances reached (1)')
         executor.warning("Job store is unreachable")
         executor.error('Job "job-progress" raised an exception')
-        assert [r.getMessage() for r in records] == ["Job store is unreachable", 'Job "job-progress" raised an exception']
+        assert [r.getMessage() for r in records] == ["Job store is unreachable",
+                                                     'Job "job-progress" raised an exception']
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
