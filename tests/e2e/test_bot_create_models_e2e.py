@@ -55,3 +55,36 @@ def test_an_offered_model_may_be_typed_by_name(bot, tiny_model_dir):
     done = bot.ask(USERS["en"], Path(tiny_model_dir).name, language="en")[0]  # its name, as the button shows it
     assert "created" in done.text and str(Path(tiny_model_dir).parent) not in done.text
     assert bot.store.find_assistant("initech").base_model == tiny_model_dir
+
+
+def test_a_message_sent_while_the_creation_finishes_is_not_read_as_a_model_name(bot):
+    """Updates run concurrently: the quick form typed as soon as the model button is tapped used to reach the
+    finished dialogue's model step ("no such base model") and was lost. It is saved as an example."""
+    import asyncio
+    import time
+
+    from telegram import Update
+
+    user = 8003
+    question = _model_question(bot, user, "quick-typist", "en")
+    data = question.buttons[0][0]["callback_data"]
+    chat = {"id": user, "type": "private", "first_name": f"U{user}"}
+    sender = {"id": user, "is_bot": False, "first_name": f"U{user}", "language_code": "en"}
+    tap = {"update_id": 90_001, "callback_query": {
+        "id": "90001", "from": sender, "chat_instance": str(user), "data": data,
+        "message": {"message_id": 10 ** 9, "date": int(time.time()), "chat": chat,
+                    "from": {"id": 666, "is_bot": True, "first_name": "Bot"}, "text": "…"}}}
+    quick_form = "Q: Do you ship on Sundays? A: No, Monday to Saturday."
+    text = {"update_id": 90_002, "message": {"message_id": 90_002, "date": int(time.time()), "chat": chat,
+                                             "from": sender, "text": quick_form}}
+    mark = bot.emu.last_message_id()
+    application = bot.application
+
+    async def both():
+        await asyncio.gather(*(application.process_update(Update.de_json(p, application.bot)) for p in (tap, text)))
+
+    bot._runner.run(both())
+    texts = " ".join(m.text for m in bot.replies(user, mark))
+    assert "created" in texts and "not one of the base models" not in texts
+    assistant = bot.store.assistant_by_name("quick-typist")
+    assert [e.question for e in bot.store.list_examples(assistant.id)] == ["Do you ship on Sundays?"]

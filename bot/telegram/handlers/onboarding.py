@@ -191,21 +191,33 @@ def _chosen_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | N
 
 async def create_model(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Take the base model (one of the offered ones) and create the assistant."""
-    if update.callback_query:
-        await update.callback_query.answer()
+    if "new_assistant" not in context.user_data and update.callback_query is None:
+        # the dialogue is over, its last messages still being sent (updates run concurrently): what the user typed
+        # after seeing them is an ordinary message (the quick form, a question), not a model name
+        from bot.telegram.handlers import text_message
+
+        await text_message(update, context)
+        return ConversationHandler.END
     model = _chosen_model(update, context)
     if model is None:
+        if update.callback_query:
+            await update.callback_query.answer()
         await reply(update, tr(update, context, "create_bad_model"), buttons=_model_buttons(update, context))
         return CREATE_MODEL
+    # the dialogue's state changes before the first await, so a message processed meanwhile finds it done
     draft = context.user_data.pop("new_assistant", {})
     try:
         assistant = store_of(context).create_assistant(
             draft.get("name", ""), description=draft.get("description", ""),
             system_prompt=draft.get("system_prompt", ""), base_model=model, owner_id=update.effective_user.id)
     except StorageError as exc:
+        if update.callback_query:
+            await update.callback_query.answer()
         await reply(update, tr_error(update, context, exc))
         return ConversationHandler.END
     context.user_data["assistant_id"] = assistant.id
+    if update.callback_query:
+        await update.callback_query.answer()
     app_of(context).preload([model])  # warm before its first question
     await reply(update, tr(update, context, "create_done", name=assistant.name, model=display_name(model)) + "\n\n"
                 + tr(update, context, "help_owner"))
