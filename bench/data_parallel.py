@@ -36,7 +36,8 @@ def main() -> None:
 
     from train_throughput import SYSTEM, build_pairs
     from tuning.data.dataset import TrainItem
-    from tuning.training.train import TrainConfig, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
 
     pairs = build_pairs()[:args.train]
     items = [TrainItem(q, a, group=str(i)) for i, (q, a) in enumerate(pairs)]

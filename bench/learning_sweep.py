@@ -79,7 +79,8 @@ def main() -> None:
 
     from tuning.data.dataset import TrainItem, add_mutations
     from tuning.evaluate import evaluate
-    from tuning.training.train import TrainConfig, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
 
     pairs, held_out, oos, system = load_data(args.data)
     items = add_mutations([TrainItem(q, a, group=str(i)) for i, (q, a) in enumerate(pairs)],

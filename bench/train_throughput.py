@@ -68,7 +68,9 @@ def run_tunebot(args) -> dict:
 
     from tuning.data.dataset import TrainItem, encode_items
     from tuning.models import load_tokenizer
-    from tuning.training.train import TrainConfig, evaluate_loss, peak_rss_mb, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
+    from tuning.training.model import evaluate_loss, peak_rss_mb
 
     train_pairs, val = split(build_pairs(), args.train, args.val)
     items = [TrainItem(q, a, group=f"t{i}") for i, (q, a) in enumerate(train_pairs)]
@@ -91,7 +93,7 @@ def run_baseline(args) -> dict:
 
     from tuning.models import load_base_model
     from tuning.prompts import training_messages
-    from tuning.training.train import evaluate_loss, peak_rss_mb
+    from tuning.training.model import evaluate_loss, peak_rss_mb
 
     train_pairs, val = split(build_pairs(), args.train, args.val)
     model, tok = load_base_model(BASE, cache_dir=args.cache_dir, dtype=torch.float32)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from bot.cli import main
-from bot.cli_jobs import parse_at
+from bot.cli.jobs import parse_at
 from storage import Store, open_db
 from jobs_helpers import add_examples
 

@@ -67,7 +67,8 @@ def test_stop_event_ends_generation_early(tiny):
 
 def test_evaluate_compares_every_mode_with_the_lookup_baseline(tiny_model_dir, tmp_path):
     from tuning.grounding import Grounding
-    from tuning.training.train import TrainConfig, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
 
     train(fact_items(3, 1), out_dir=tmp_path, config=TrainConfig(base_model=tiny_model_dir, epochs=1))
     assert (tmp_path / "retrieval" / "meta.json").exists() and Grounding.load(tmp_path).recipe == "grounded"

@@ -16,10 +16,11 @@ from test_documents import make_pdf
 from tuning.data.documents import DocumentLimits, extract_text
 from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, plain_docx
 from tuning.errors import FormatError, TuningError
-from tuning.data.formats import read_examples, write_examples
+from tuning.data.formats import read_examples
+from tuning.data.writing import write_examples
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = (ROOT / "tuning" / "data" / "formats.py", ROOT / "tuning" / "data" / "documents.py")
+SOURCES = tuple(ROOT / "tuning" / "data" / name for name in ("formats.py", "writing.py", "documents.py"))
 
 
 def _pdf(*, aes: bool = False, password: str = "") -> bytes:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from bot.telegram.progress import render_finish_report
 from tuning.data.dataset import TrainItem
-from tuning.jobs.executors import before_after_examples, eval_items, judge, record_outcome
-from tuning.training.train import TrainConfig
+from tuning.jobs.evaluation import before_after_examples, eval_items, judge
+from tuning.jobs.executors import record_outcome
+from tuning.training.config import TrainConfig
 
 # What run_training_job measured on 8 held-out variations (held out the same way train() holds them out).
 METRICS = {"steps": 132, "total_steps": 132, "tokens_per_s": 2448.5, "eval_on": "variations", "n_test": 8,

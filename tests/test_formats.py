@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tuning.errors import FormatError
-from tuning.data.formats import LineError, Record, read_examples, write_examples
+from tuning.data.formats import LineError, Record, read_examples
+from tuning.data.writing import write_examples
 from tuning.data.importing import dataset_stats, estimate_tokens, export_examples, import_file, line_ranges
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -21,7 +21,8 @@ from storage import Store, open_db
 from storage.text import normalize_question
 from tuning.data.documents import extract_text
 from tuning.errors import FormatError
-from tuning.data.formats import MESSAGES, parse_quick_form, read_examples
+from tuning.data.formats import MESSAGES, read_examples
+from tuning.data.quickform import parse_quick_form
 from tuning.data.importing import import_file
 from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, show_text
 

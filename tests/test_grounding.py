@@ -172,7 +172,8 @@ def test_calibrated_threshold_sits_below_the_in_scope_questions():
 
 def test_training_calibrates_both_thresholds_and_saves_the_index(tiny_model_dir, tmp_path):
     from tuning.retrieval import Retriever
-    from tuning.training.train import TrainConfig, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
 
     report = train(facts(6, 3), out_dir=tmp_path, config=TrainConfig(base_model=tiny_model_dir, epochs=1))
     grounding = Grounding.load(tmp_path)

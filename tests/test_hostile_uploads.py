@@ -12,7 +12,8 @@ from bot.cli import build_parser, main
 from bot.config import SettingsError, load_settings
 from tuning.data.documents import DocumentLimits, extract_text, import_document
 from tuning.errors import FormatError
-from tuning.data.formats import parse_quick_form, read_examples
+from tuning.data.formats import read_examples
+from tuning.data.quickform import parse_quick_form
 from tuning.data.importing import import_file
 from upload_helpers import docx_with_body, paragraphs, pdf_from_streams, show_text, understate_size
 

@@ -164,16 +164,15 @@ def test_auto_promotion_compares_with_what_answers_now(store, assistant):
 
     v = store.add_model_version(assistant.id, adapter_path="/a/1", base_model="m")
     evaluation = {"n": 4, "modes": {"base": {"accuracy": 0.25, "f1": 0.3}, "tuned": {"accuracy": 0.5, "f1": 0.4}}}
-    assert _maybe_promote(store, assistant, v, None, [], cache_dir=None, max_new_tokens=8) == (
+    assert _maybe_promote(store, assistant, v, None) == (
         False, "no test examples to compare on; promote it by hand")
-    promoted, why = _maybe_promote(store, assistant, v, evaluation, [], cache_dir=None, max_new_tokens=8)
+    promoted, why = _maybe_promote(store, assistant, v, evaluation)
     assert promoted and why == "beat the base model (0.5 > 0.25)"
     assert store.get_assistant(assistant.id).active_version_id == v.id
     worse = store.add_model_version(assistant.id, adapter_path="/a/2", base_model="m")
     evaluation["modes"]["tuned"]["accuracy"] = 0.25
     evaluation["modes"]["tuned"]["f1"] = 0.2
     store.update_assistant(assistant.id, active_version_id=None)  # compare with the base model again
-    promoted, why = _maybe_promote(store, store.get_assistant(assistant.id), worse, evaluation, [],
-                                   cache_dir=None, max_new_tokens=8)
+    promoted, why = _maybe_promote(store, store.get_assistant(assistant.id), worse, evaluation)
     assert not promoted and why == "did not beat the base model (0.25 vs 0.25)"
     assert store.get_model_version(worse.id).status == "candidate"

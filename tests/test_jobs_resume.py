@@ -15,7 +15,7 @@ from pathlib import Path
 
 from storage import Store, open_db
 from tuning.jobs import Worker, enqueue_training
-from tuning.jobs.worker import job_log_path
+from tuning.jobs.local import job_log_path
 from jobs_helpers import Clock, add_examples, run_until, tiny_params
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -113,7 +113,7 @@ def test_cancel_stops_a_running_job_within_seconds(db_path, store, assistant, tm
     worker = Worker(db_path, artifacts=tmp_path / "art", gpus=0, grace_s=3.0, bus=bus)
     run_until(worker, lambda: store.get_job(job.id).progress.get("step", 0) >= 1, timeout=180)
     worker.run_once()
-    assert ("progress", job.id, "running", "") in seen  # the bot and the CLI get progress events
+    assert ("progress", job.id, "running", "") in seen  # the worker publishes progress as it sees it
     pid = store.get_job(job.id).pid
     other = Store(open_db(db_path))  # as from another process: the CLI or the bot
     cancel_job(other, job.id, by=1)

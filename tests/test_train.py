@@ -15,7 +15,8 @@ import pytest
 
 from train_helpers import conflicting_items, fact_items
 from tuning.errors import TrainingError
-from tuning.training.train import TrainConfig, TrainingCancelled, train
+from tuning.training.config import TrainConfig, TrainingCancelled
+from tuning.training.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ def test_packed_loss_equals_mean_loss_of_examples_run_one_by_one(tiny_model_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuning.data.dataset import encode_item, pack
-    from tuning.training.train import row_loss
+    from tuning.training.model import row_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
@@ -82,8 +83,9 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_model_dir, tmp_path):
     assert saved["counts"]["train"] + saved["counts"]["val"] == len(fact_items())
     assert saved["tokens_per_s"] > 0 and saved["peak_rss_mb"] > 0 and len(saved["epochs"]) == 2
     assert "recall" in saved["note"]
-    assert progress[-1]["step"] == report.steps == progress[-1]["total_steps"]
-    assert {"step", "total_steps", "epoch", "loss", "val_loss", "tokens_per_s", "eta_s"} <= set(progress[0])
+    assert progress[-1].step == report.steps == progress[-1].total_steps
+    assert progress[0].step == 1 and progress[0].loss > 0 and progress[0].tokens_per_s > 0 and progress[0].eta_s > 0
+    assert [p.epoch for p in progress if p.epoch_done] == [1, 2] and progress[-1].eta_s == 0
     assert report.epochs[-1]["train_loss"] < report.epochs[0]["train_loss"]
 
 
@@ -93,7 +95,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuning.data.dataset import encode_items, pack, split_items
-    from tuning.training.train import evaluate_loss
+    from tuning.training.model import evaluate_loss
 
     items = conflicting_items()
     report = train(items, out_dir=tmp_path, config=config(tiny_model_dir, epochs=30, learning_rate=2e-2, patience=2,
@@ -118,7 +120,7 @@ def test_cancel_then_resume_finishes_the_same_run(tiny_model_dir, tmp_path):
 
     with pytest.raises(TrainingCancelled):
         train(fact_items(), out_dir=tmp_path / "a", config=config(tiny_model_dir), should_stop=stop_after_3,
-              on_progress=lambda p: steps.append(p["step"]))
+              on_progress=lambda p: steps.append(p.step))
     resumed = train(fact_items(), out_dir=tmp_path / "a", config=config(tiny_model_dir))
     full = train(fact_items(), out_dir=tmp_path / "b", config=config(tiny_model_dir))
     assert resumed.resumed_from_step == 3
@@ -131,7 +133,7 @@ def test_a_run_that_crashes_mid_epoch_resumes_from_its_timed_checkpoint(tiny_mod
         pass
 
     def crash_at_step_3(p):
-        if p["step"] == 3 and not p.get("epoch_done"):
+        if p.step == 3 and not p.epoch_done:
             raise Crash()
 
     cfg = config(tiny_model_dir, batch_tokens=64, checkpoint_minutes=0.0)  # a checkpoint after every step
@@ -155,7 +157,8 @@ KILLABLE = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {root!r} + "/tests")
     from train_helpers import fact_items
-    from tuning.training.train import TrainConfig, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
     cfg = TrainConfig(base_model={model!r}, epochs=4, learning_rate=1e-2, batch_tokens=256)
     # Slow steps so the parent can kill the run between the first checkpoint and the end.
     train(fact_items(), out_dir={out!r}, config=cfg, on_progress=lambda p: time.sleep(0.3))

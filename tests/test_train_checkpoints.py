@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from train_helpers import fact_items
-from tuning.training.train import TrainConfig, train
+from tuning.training.config import TrainConfig
+from tuning.training.run import train
 
 
 class Crash(Exception):
@@ -26,7 +27,7 @@ def config(model_dir: str, **kw) -> TrainConfig:
 def crashed_at_step_3(model_dir: str, out: Path) -> Path:
     """A run that checkpointed after every step and crashed after step 3: checkpoints/last and /previous."""
     def crash(p):
-        if p["step"] == 3 and not p.get("epoch_done"):
+        if p.step == 3 and not p.epoch_done:
             raise Crash()
 
     with pytest.raises(Crash):
@@ -73,7 +74,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one_then_to_a_fres
     ckpt = crashed_at_step_3(tiny_model_dir, tmp_path / "run")
     optimizer = ckpt / "last" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # a disk that filled up
-    with caplog.at_level(logging.INFO, logger="tuning.training.train"):
+    with caplog.at_level(logging.INFO, logger="tuning.training"):
         resumed = train(fact_items(), out_dir=tmp_path / "run", config=config(tiny_model_dir))
     assert resumed.resumed_from_step == 2
     assert "cannot be resumed from" in caplog.text and "trying the previous one" in caplog.text
@@ -90,7 +91,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one_then_to_a_fres
     state = ckpt / "previous" / "state.json"
     state.write_text(state.read_text()[:40])
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="tuning.training.train"):
+    with caplog.at_level(logging.INFO, logger="tuning.training"):
         restarted = train(fact_items(), out_dir=tmp_path / "again", config=config(tiny_model_dir))
     assert restarted.resumed_from_step == 0
     assert "starting over" in caplog.text
@@ -120,7 +121,7 @@ def test_a_checkpoint_carrying_code_is_not_run_and_is_skipped(tiny_model_dir, tm
     state.setdefault("checksums", {})["optimizer.pt"] = hashlib.sha256(
         (ckpt / "last" / "optimizer.pt").read_bytes()).hexdigest()
     (ckpt / "last" / "state.json").write_text(json.dumps(state))
-    with caplog.at_level(logging.INFO, logger="tuning.training.train"):
+    with caplog.at_level(logging.INFO, logger="tuning.training"):
         resumed = train(fact_items(), out_dir=tmp_path / "run", config=config(tiny_model_dir))
     assert not marker.exists()
     assert resumed.resumed_from_step == 2

@@ -17,7 +17,8 @@ import pytest
 
 from train_helpers import fact_items
 from tuning.errors import TrainingError, TuningError
-from tuning.training.train import TrainConfig, TrainingCancelled, train
+from tuning.training.config import TrainConfig, TrainingCancelled
+from tuning.training.run import train
 
 
 def config(model_dir: str, **kw) -> TrainConfig:
@@ -67,7 +68,7 @@ def accumulated(tiny_model_dir, tmp_path_factory):
 def test_two_ranks_take_the_same_steps_as_one_process_accumulating_their_rows(tiny_model_dir, accumulated, tmp_path,
                                                                                monkeypatch):
     acc_dir, acc_report = accumulated
-    progress: list[dict] = []
+    progress: list = []
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each rank's threads, whatever the machine's core count
     report = train(fact_items(), out_dir=tmp_path, config=config(tiny_model_dir, processes=2),
                    on_progress=progress.append)
@@ -80,10 +81,10 @@ def test_two_ranks_take_the_same_steps_as_one_process_accumulating_their_rows(ti
     assert report.best_val_loss == pytest.approx(acc_report.best_val_loss, abs=1e-4)
     assert report.hyperparameters["processes"] == 2 and acc_report.hyperparameters["processes"] == 1
     # Rank 0's progress reached the caller, live and in order; the examples' spec file is gone.
-    steps = [p["step"] for p in progress if not p.get("epoch_done")]
+    steps = [p.step for p in progress if not p.epoch_done]
     assert steps == sorted(steps) and steps[-1] == report.steps
-    assert all(p["processes"] == 2 for p in progress if not p.get("epoch_done"))
-    assert [p["epoch"] for p in progress if p.get("epoch_done")] == [1, 2]
+    assert all(p.processes == 2 for p in progress)
+    assert [p.epoch for p in progress if p.epoch_done] == [1, 2]
     assert not list(tmp_path.glob(".data_parallel_spec.json"))
     for name in ("adapter_config.json", "training_report.json", "loss_curve.png", "fewshot_pool.jsonl"):
         assert (tmp_path / name).exists(), name
@@ -94,12 +95,12 @@ def test_two_ranks_take_the_same_steps_as_one_process_accumulating_their_rows(ti
 def test_a_cancelled_run_stops_every_rank_and_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     items = fact_items(n=12)
     cfg = config(tiny_model_dir, processes=2, epochs=6)
-    progress: list[dict] = []
+    progress: list = []
     with pytest.raises(TrainingCancelled):
         train(items, out_dir=tmp_path / "run", config=cfg, on_progress=progress.append,
-              should_stop=lambda: any(p.get("step", 0) >= 3 for p in progress))
+              should_stop=lambda: any(p.step >= 3 for p in progress))
     stopped_at = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())["step"]
-    assert 3 <= stopped_at < max(p["total_steps"] for p in progress)  # stopped (and checkpointed) midway
+    assert 3 <= stopped_at < max(p.total_steps for p in progress)  # stopped (and checkpointed) midway
     assert not rank_processes()
     resumed = train(items, out_dir=tmp_path / "run", config=cfg)
     assert resumed.resumed_from_step == stopped_at
@@ -115,9 +116,9 @@ STOPPED_WITHIN_S = 30
 
 def test_a_crashed_rank_fails_the_run_promptly_instead_of_hanging(tiny_model_dir, tmp_path):
     killed: list[tuple[int, float]] = []
-    progress: list[dict] = []
+    progress: list = []
 
-    def kill_rank_1(p: dict) -> None:
+    def kill_rank_1(p) -> None:
         progress.append(p)
         if not killed:
             ranks = sorted(rank_processes(), key=lambda p: p.pid)
@@ -129,7 +130,7 @@ def test_a_crashed_rank_fails_the_run_promptly_instead_of_hanging(tiny_model_dir
         train(fact_items(n=12), out_dir=tmp_path, config=config(tiny_model_dir, processes=2, epochs=20),
               on_progress=kill_rank_1)
     assert killed and time.monotonic() - killed[0][1] < STOPPED_WITHIN_S
-    assert progress[-1]["step"] < progress[-1]["total_steps"]  # it did not train on alone
+    assert progress[-1].step < progress[-1].total_steps  # it did not train on alone
     assert not rank_processes()
 
 
@@ -173,7 +174,8 @@ LAUNCHER = """
 import sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/tests")
 from train_helpers import fact_items
-from tuning.training.train import TrainConfig, train
+from tuning.training.config import TrainConfig
+from tuning.training.run import train
 cfg = TrainConfig(base_model={model!r}, epochs=50, learning_rate=1e-2, batch_tokens=64, processes=2)
 train(fact_items(n=12), out_dir={out!r}, config=cfg, on_progress=lambda p: print("step", flush=True))
 """

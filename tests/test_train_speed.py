@@ -21,7 +21,7 @@ def _lora_model(tiny_model_dir):
 
 
 def _loss_and_grads(model, row):
-    from tuning.training.train import row_loss
+    from tuning.training.model import row_loss
 
     model.zero_grad(set_to_none=True)
     loss, n = row_loss(model, row, torch.device("cpu"))
@@ -55,7 +55,7 @@ def test_fast_path_matches_plain_loss_and_gradients(tiny_model_dir):
 
 def test_packed_attention_keeps_examples_apart(tiny_model_dir):
     from tuning.data.dataset import encode_items, items_from_pairs, pack
-    from tuning.training.train import row_loss
+    from tuning.training.model import row_loss
     from tuning.training.speed import fast_training
 
     model, tok = _lora_model(tiny_model_dir)

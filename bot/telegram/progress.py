@@ -14,6 +14,7 @@ from bot.telegram.common import keyboard, store_of
 from bot.telegram.texts import catalogue, t
 from storage import NotFound
 from storage.records import Job, ModelVersion
+from tuning.training.progress import TrainProgress
 
 log = logging.getLogger("tunebot.telegram")
 POLL_S = 1.0
@@ -34,16 +35,16 @@ def render_progress(job: Job, lang: str) -> str:
     if job.status in ("scheduled", "queued"):
         return t(lang, f"job_{job.status}", id=job.id, at=job.scheduled_at or "")
     if job.status == "running":
-        step, total = p.get("step") or 0, p.get("total_steps") or 0
-        lines = [t(lang, "job_running", id=job.id), progress_bar(step / total if total else 0.0)]
-        if p.get("epoch") is not None:
-            lines.append(t(lang, "job_epoch", epoch=_num(p.get("epoch")), step=step, total=total))
-        if p.get("loss") is not None:
-            lines.append(t(lang, "job_loss", loss=_num(p.get("loss")), val_loss=_num(p.get("val_loss"))))
-        if p.get("eta_s") is not None:
-            lines.append(t(lang, "job_eta", eta=_duration(p.get("eta_s"), lang)))
-        if (p.get("processes") or 1) > 1:
-            lines.append(t(lang, "job_parallel", n=p["processes"]))
+        tp = TrainProgress.of_job(p)
+        lines = [t(lang, "job_running", id=job.id), progress_bar(tp.fraction if tp else 0.0)]
+        if tp is not None:
+            lines.append(t(lang, "job_epoch", epoch=_num(tp.epoch), step=tp.step, total=tp.total_steps))
+            if tp.loss is not None:
+                lines.append(t(lang, "job_loss", loss=_num(tp.loss), val_loss=_num(tp.val_loss)))
+            if tp.eta_s is not None:
+                lines.append(t(lang, "job_eta", eta=_duration(tp.eta_s, lang)))
+            if tp.processes > 1:
+                lines.append(t(lang, "job_parallel", n=tp.processes))
         if p.get("node"):  # a Ray task: the cluster node it runs on
             lines.append(t(lang, "job_node", node=p["node"]))
         return "\n".join(lines)

@@ -236,7 +236,7 @@ def test_a_picked_time_is_read_on_the_servers_clock_as_the_cli_reads_it(emulator
     """"23:30" in Telegram and `tunebot train --at 23:30` schedule the same moment (the timezone setting)."""
     import datetime as dt
 
-    from bot.cli_jobs import parse_at
+    from bot.cli.jobs import parse_at
 
     bot = InProcessBot(emulator, tmp_path / "tz", timezone="Europe/Moscow")
     try:

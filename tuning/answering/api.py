@@ -147,60 +147,11 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
     """
     app = FastAPI(title="Tunebot", description="OpenAI-compatible API of Tunebot assistants", docs_url=None,
                   redoc_url=None)
+    _add_error_handlers(app)
     get_store = _thread_local_store(store)
 
     def assistant_engine(assistant):
         return engine_for(assistant.base_model) if engine_for is not None and assistant.base_model else engine
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return ApiError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):
-        log.error("request failed", exc_info=exc)
-        return ApiError(500, "internal error: the server log has the details", type="server_error",
-                        code="internal_error").response()
-
-    # Every store call runs in the thread pool: a write lock held elsewhere (SQLite waits up to its busy
-    # timeout) must not stall the event loop, and with it /health and every other request.
-    async def authenticate(request: Request):
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create one with "
-                                "`tunebot apikey create --assistant NAME`)", type="authentication_error",
-                           code="invalid_api_key")
-        key = await run_in_threadpool(lambda: get_store().use_api_key(token.strip()))  # also records last_used_at
-        if key is None:
-            raise ApiError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
-        return key
-
-    def resolve_model(key, model: str):
-        """(assistant, mode, version id) for a model id the key may use (store calls: run it in the thread pool)."""
-        name, _, suffix = model.partition(":")
-        s = get_store()
-        assistant = s.find_assistant(name)
-        version_id = None
-        if match := VERSION_SUFFIX.fullmatch(suffix):
-            mode, version_id = "version", int(match.group(1))
-        elif suffix in MODEL_SUFFIXES:
-            mode = MODEL_SUFFIXES[suffix]
-        else:
-            assistant = None
-        if assistant is None:
-            raise ApiError(404, f"the model {model!r} does not exist", code="model_not_found")
-        if assistant.id != key.assistant_id:
-            raise ApiError(403, f"this API key cannot use the model {model!r}", type="permission_error",
-                           code="model_not_allowed")
-        if version_id is not None and version_id not in {v.id for v in s.list_model_versions(assistant.id)}:
-            raise ApiError(404, f"the model {model!r} does not exist: {assistant.name} has no version "
-                                f"{version_id}", code="model_not_found")
-        return assistant, mode, version_id
 
     @app.get("/health")
     async def health():
@@ -210,7 +161,7 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        key = await authenticate(request)
+        key = await _authenticate(request, get_store)
         assistant = await run_in_threadpool(lambda: get_store().get_assistant(key.assistant_id))
         created = int(time.mktime(time.strptime(assistant.created_at, "%Y-%m-%d %H:%M:%S"))) if assistant.created_at else 0
         return {"object": "list", "data": [{"id": mid, "object": "model", "created": created, "owned_by": "tunebot"}
@@ -218,9 +169,9 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        key = await authenticate(request)
+        key = await _authenticate(request, get_store)
         req = _parse_request(await _read_body(request, max_body_bytes), max_tokens_limit=max_tokens_limit)
-        assistant, mode, version_id = await run_in_threadpool(resolve_model, key, req["model"])
+        assistant, mode, version_id = await run_in_threadpool(lambda: _resolve_model(get_store(), key, req["model"]))
         question = req["messages"][-1]["content"]
         try:
             plan = await run_in_threadpool(lambda: plan_answer(get_store(), assistant.id, question, mode=mode,
@@ -236,79 +187,147 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
                 pieces, generation = await run_in_threadpool(_start, assistant_engine(assistant), req, plan)
             except TuningError as exc:  # e.g. the assistant's base model cannot be loaded
                 raise _engine_error(exc) from None
-        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        started = time.perf_counter()
-
-        def finish(raw: str) -> dict:
-            """Record the exchange (and queue an "I don't know" for the experts); usage and the shown text."""
-            stopped = generation.stopped if generation else True
-            prompt = generation.prompt_tokens if generation else 0
-            completion = generation.n_tokens if generation else len(raw.split())
-            outcome = finish_answer(plan, raw, generation.token_logprobs if generation else (),
-                                    generation.alternatives if generation else ())
-            store_ = get_store()
-            conversation_id, message_id = record_answer(store_, plan, question, outcome.text,
-                                                        abstained=outcome.abstained, sources=outcome.sources,
-                                                        latency_ms=(time.perf_counter() - started) * 1000)
-            if outcome.abstained and plan.may_abstain:
-                store_.add_unanswered(assistant.id, question, conversation_id=conversation_id, message_id=message_id)
-            return {"finish_reason": "stop" if stopped else "length", "text": outcome.text,
-                    "abstained": outcome.abstained,
-                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                              "total_tokens": prompt + completion}}
-
-        if not req["stream"]:
-            try:
-                raw = await _collect_unless_disconnected(request, pieces, generation)
-            except TuningError as exc:
-                raise _engine_error(exc) from None
-            if raw is None:  # the client went away: its generation was cancelled, and nothing is recorded
-                return JSONResponse({"error": {"message": "the client closed the connection", "type":
-                                               "invalid_request_error", "param": None, "code": "client_closed"}},
-                                    status_code=499)
-            done = await run_in_threadpool(finish, raw)
-            text = done["text"]
-            return {"id": completion_id, "object": "chat.completion", "created": created, "model": req["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": done["finish_reason"], "logprobs": None}],
-                    "usage": done["usage"]}
-
-        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": req["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                                        "logprobs": None}], **extra}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events():
-            parts: list[str] = []
-            visible = CitationFilter(streamed_citation(plan, lambda: generation.alternatives if generation else ())) \
-                if plan.mode == "grounded" and not plan.unsure else None
-            streamed = False
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for piece in iterate_in_threadpool(pieces):
-                    parts.append(piece)
-                    shown = visible.feed(piece) if visible is not None else piece
-                    if shown:
-                        streamed = True
-                        yield chunk({"content": shown})
-                done = await run_in_threadpool(finish, "".join(parts))
-                if not streamed and not plan.unsure and done["text"]:  # "I don't know", or the approved answer the choice fell on
-                    yield chunk({"content": done["text"]})
-                yield chunk({}, done["finish_reason"], usage=done["usage"])
-            except TuningError as exc:
-                error = _engine_error(exc)
-                yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type}})}\n\n"
-            finally:
-                if generation is not None:
-                    generation.cancel()  # a client that went away stops the generation
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        completion = _Completion(get_store, req, plan, question, pieces, generation)
+        return await (completion.streamed() if req["stream"] else completion.whole(request))
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        log.error("request failed", exc_info=exc)
+        return ApiError(500, "internal error: the server log has the details", type="server_error",
+                        code="internal_error").response()
+
+
+# Every store call runs in the thread pool: a write lock held elsewhere (SQLite waits up to its busy
+# timeout) must not stall the event loop, and with it /health and every other request.
+async def _authenticate(request: Request, get_store):
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create one with "
+                            "`tunebot apikey create --assistant NAME`)", type="authentication_error",
+                       code="invalid_api_key")
+    key = await run_in_threadpool(lambda: get_store().use_api_key(token.strip()))  # also records last_used_at
+    if key is None:
+        raise ApiError(401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key")
+    return key
+
+
+def _resolve_model(s: Store, key, model: str):
+    """(assistant, mode, version id) for a model id the key may use (store calls: run it in the thread pool)."""
+    name, _, suffix = model.partition(":")
+    assistant = s.find_assistant(name)
+    version_id = None
+    if match := VERSION_SUFFIX.fullmatch(suffix):
+        mode, version_id = "version", int(match.group(1))
+    elif suffix in MODEL_SUFFIXES:
+        mode = MODEL_SUFFIXES[suffix]
+    else:
+        assistant = None
+    if assistant is None:
+        raise ApiError(404, f"the model {model!r} does not exist", code="model_not_found")
+    if assistant.id != key.assistant_id:
+        raise ApiError(403, f"this API key cannot use the model {model!r}", type="permission_error",
+                       code="model_not_allowed")
+    if version_id is not None and version_id not in {v.id for v in s.list_model_versions(assistant.id)}:
+        raise ApiError(404, f"the model {model!r} does not exist: {assistant.name} has no version "
+                            f"{version_id}", code="model_not_found")
+    return assistant, mode, version_id
+
+
+class _Completion:
+    """One chat completion being answered: sent whole or as server-sent events, then recorded."""
+
+    def __init__(self, get_store, req: dict, plan, question: str, pieces, generation) -> None:
+        self.get_store, self.req, self.plan, self.question = get_store, req, plan, question
+        self.pieces, self.generation = pieces, generation
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.started = time.perf_counter()
+
+    def finish(self, raw: str) -> dict:
+        """Record the exchange (and queue an "I don't know" for the experts); usage and the shown text."""
+        generation, plan = self.generation, self.plan
+        stopped = generation.stopped if generation else True
+        prompt = generation.prompt_tokens if generation else 0
+        completion = generation.n_tokens if generation else len(raw.split())
+        outcome = finish_answer(plan, raw, generation.token_logprobs if generation else (),
+                                generation.alternatives if generation else ())
+        store_ = self.get_store()
+        conversation_id, message_id = record_answer(store_, plan, self.question, outcome.text,
+                                                    abstained=outcome.abstained, sources=outcome.sources,
+                                                    latency_ms=(time.perf_counter() - self.started) * 1000)
+        if outcome.abstained and plan.may_abstain:
+            store_.add_unanswered(plan.assistant_id, self.question, conversation_id=conversation_id,
+                                  message_id=message_id)
+        return {"finish_reason": "stop" if stopped else "length", "text": outcome.text,
+                "abstained": outcome.abstained,
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
+
+    async def whole(self, request: Request):
+        try:
+            raw = await _collect_unless_disconnected(request, self.pieces, self.generation)
+        except TuningError as exc:
+            raise _engine_error(exc) from None
+        if raw is None:  # the client went away: its generation was cancelled, and nothing is recorded
+            return JSONResponse({"error": {"message": "the client closed the connection", "type":
+                                           "invalid_request_error", "param": None, "code": "client_closed"}},
+                                status_code=499)
+        done = await run_in_threadpool(self.finish, raw)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.req["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done["text"]},
+                             "finish_reason": done["finish_reason"], "logprobs": None}],
+                "usage": done["usage"]}
+
+    async def streamed(self):
+        return StreamingResponse(self._events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.req["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                                         "logprobs": None}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def _events(self):
+        plan, generation = self.plan, self.generation
+        parts: list[str] = []
+        visible = CitationFilter(streamed_citation(plan, lambda: generation.alternatives if generation else ())) \
+            if plan.mode == "grounded" and not plan.unsure else None
+        streamed = False
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            async for piece in iterate_in_threadpool(self.pieces):
+                parts.append(piece)
+                shown = visible.feed(piece) if visible is not None else piece
+                if shown:
+                    streamed = True
+                    yield self._chunk({"content": shown})
+            done = await run_in_threadpool(self.finish, "".join(parts))
+            if not streamed and not plan.unsure and done["text"]:  # "I don't know", or the approved answer the choice fell on
+                yield self._chunk({"content": done["text"]})
+            yield self._chunk({}, done["finish_reason"], usage=done["usage"])
+        except TuningError as exc:
+            error = _engine_error(exc)
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type}})}\n\n"
+        finally:
+            if generation is not None:
+                generation.cancel()  # a client that went away stops the generation
+        yield "data: [DONE]\n\n"
 
 
 async def _collect_unless_disconnected(request: Request, pieces, generation) -> str | None:

@@ -1,4 +1,5 @@
-"""Example files: JSONL (three shapes) and CSV in, JSONL and OpenAI chat out; the quick "Q: … A: …" chat form."""
+"""Example files read defensively: JSONL (three shapes) and CSV, with one error per bad line (tuning.data.writing
+writes them, tuning.data.quickform reads the "Q: … A: …" chat form)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any
 
 from storage.text import normalize_question
 from tuning.errors import FormatError
@@ -20,7 +21,6 @@ QUESTION_COLUMNS = ("question", "q", "вопрос", "prompt", "input", "instruc
 ANSWER_COLUMNS = ("answer", "a", "ответ", "completion", "output", "response")
 MUST_CONTAIN_COLUMNS = ("must_contain", "must contain")
 SPLIT_COLUMNS = ("split",)
-WRITE_FORMATS = ("jsonl", "openai")
 
 # Why a line was skipped, in English, keyed by code; `{…}` are filled from LineError.params. The bot
 # shows the same reasons in the user's language from its text catalogue (keys "line_error_<code>").
@@ -263,6 +263,7 @@ class _Lines:
 
 
 def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Record], list[LineError]]:
+    """One pass over the rows, each fault named at its line (kept whole: the checks depend on the header read first)."""
     # surrogateescape keeps undecodable bytes so the bad line can be named instead of failing the file
     text = data.decode("utf-8", errors="surrogateescape")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
@@ -427,73 +428,3 @@ def read_examples(source: str | Path | bytes, *, filename: str | None = None,
         unique.append(record)
     errors.sort(key=lambda e: e.line)
     return ReadResult(unique, errors)
-
-
-def _pair(item: Any) -> tuple[str, str, dict]:
-    if isinstance(item, tuple | list):
-        return item[0], item[1], {}
-    extra = {}
-    split = getattr(item, "split", None)
-    if split and split != "train":
-        extra["split"] = split
-    if getattr(item, "must_contain", None):
-        extra["must_contain"] = list(item.must_contain)
-    return item.question, item.answer, extra
-
-
-def write_examples(examples: Iterable[Any], fp: TextIO, *, format: str = "jsonl", system_prompt: str = "") -> int:
-    """Write examples as JSONL ("jsonl": question/answer; "openai": chat messages); return the count.
-
-    Items are (question, answer) tuples or objects with .question/.answer; for "jsonl", an object's
-    non-train split and must_contain are kept so that a re-import gives the same examples.
-    """
-    if format not in WRITE_FORMATS:
-        raise FormatError(f"unknown export format {format!r}; use one of: {', '.join(WRITE_FORMATS)}",
-                          code="export_format", params={"format": format, "formats": ", ".join(WRITE_FORMATS)})
-    count = 0
-    for item in examples:
-        question, answer, extra = _pair(item)
-        if format == "openai":
-            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            obj: dict[str, Any] = {"messages": messages}
-        else:
-            obj = {"question": question, "answer": answer, **extra}
-        fp.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        count += 1
-    return count
-
-
-# The quick form of one pair in a chat message. Two small patterns searched once each, not one pattern with a
-# lazy group between whitespace runs: that one backtracked for hours on "Q:" and 4,000 spaces.
-_QUESTION_LABEL = re.compile(r"\s*(?:question|вопрос|q|в)\s*[:：]", re.IGNORECASE)
-_ANSWER_LABEL = re.compile(r"(?<!\w)(?:answer|ответ|a|о)\s*[:：]", re.IGNORECASE)
-
-
-def parse_quick_form(text: str | None) -> tuple[str, str] | None:
-    """'Q: … A: …' (also В/О, Question/Answer, Вопрос/Ответ) as (question, answer), in linear time.
-
-    The answer label is a whole word ("Домодедово:" and "data:" are not labels). When the text holds several
-    ("Q: What is plan A: basic? A: Cheap."), the first one starting a line wins, else the first one after the
-    end of a sentence (?, !, .), else the first one."""
-    head = _QUESTION_LABEL.match(text or "")
-    if not head:
-        return None
-    labels = [m for m in _ANSWER_LABEL.finditer(text, head.end()) if text[head.end():m.start()].strip()]
-    if not labels:
-        return None
-
-    def before(m) -> str:
-        return text[head.end():m.start()].rstrip(" \t")
-
-    label = (next((m for m in labels if before(m).endswith("\n")), None)
-             or next((m for m in labels if before(m).rstrip().endswith(("?", "!", ".", "？"))), None)
-             or labels[0])
-    question, answer = text[head.end():label.start()].strip(), text[label.end():].strip()
-    return (question, answer) if answer else None
-    for label in _ANSWER_LABEL.finditer(text, head.end()):
-        question = text[head.end():label.start()].strip()
-        if question:
-            answer = text[label.end():].strip()
-            return (question, answer) if answer else None
-    return None

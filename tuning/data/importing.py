@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from storage import DuplicateExample, InvalidValue, NewExample, StorageError, Store
-from tuning.data.formats import LineError, line_error, read_examples, write_examples
+from tuning.data.formats import LineError, line_error, read_examples
+from tuning.data.writing import write_examples
 
 log = logging.getLogger("tunebot.importing")
 

@@ -1,4 +1,7 @@
-"""Jobs: a queue on the `jobs` table, a worker running each job in a subprocess, a scheduler, versions."""
+"""Jobs, in the order a job goes: `queue` (the `jobs` table; `scheduler` enqueues periodic runs), the `worker`
+claims it and runs it in a subprocess (`local`, `child`) or as a Ray task (`ray_executor`); `executors` is what
+each kind does there (reporting `progress`, judged by `evaluation`), and `versions` registers and promotes the
+model version it made; `events` tells the bot."""
 
 from tuning.jobs.events import JobEvent, EventBus, bus, subscribe, watch_job, TERMINAL
 from tuning.jobs.queue import JobError, enqueue_training, enqueue_generation, cancel_job, recover_stale

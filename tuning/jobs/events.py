@@ -1,4 +1,6 @@
-"""Job notifications: an in-process bus for state and progress events, and a DB-polling watcher."""
+"""Job notifications: a DB-polling watcher (what the bot and the CLI use: it works across processes), and an
+in-process bus the worker publishes each state and progress change on, for code running beside it (tests
+observe the order of a worker's transitions through it)."""
 
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ bus = EventBus()
 
 
 def subscribe(callback: Callable[[JobEvent], None]) -> Callable[[], None]:
-    """Subscribe to the process-wide bus (the bot does, when the worker runs in its process)."""
+    """Subscribe to the process-wide bus: events of the workers running in this process."""
     return bus.subscribe(callback)
 
 

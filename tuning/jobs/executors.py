@@ -10,21 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import signal
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 from storage import Job, Store
+from tuning.jobs.evaluation import (EVAL_MAX_ITEMS, before_after_examples, eval_items, eval_summary, judge,
+                                   test_item)
+from tuning.jobs.progress import ProgressWriter, db_progress_sink
 from tuning.jobs.queue import JobError
 from tuning.jobs.versions import activate_first, beats, promote_version, register_candidate
 
 log = logging.getLogger(__name__)
 
-# Summary numbers copied from an evaluation mode into a version's metrics.
-EVAL_KEYS = ("accuracy", "f1", "rouge_l", "stop_rate", "ttft_ms", "tokens_per_s")
 # Kinds whose work needs no database access: the ray executor can run them on another node.
 PORTABLE_KINDS = ("train", "eval")
 
@@ -43,141 +41,6 @@ def job_key(job: Job | dict) -> str:
 def job_dir(artifacts: str | Path, job: Job) -> Path:
     """The job's folder in a local artifacts store."""
     return Path(artifacts) / job_key(job)
-
-
-class ProgressWriter:
-    """on_progress for training: merges each report into the job's progress, sent at most every `every_s`.
-
-    `sink(progress)` delivers it: a DB write in the local child, a message to the worker from a Ray task.
-    """
-
-    def __init__(self, sink: Callable[[dict], None], *, attempt: int, progress: dict | None = None,
-                 every_s: float = 1.0, fault: dict | None = None) -> None:
-        self.sink = sink
-        self.attempt = attempt
-        self.every_s = every_s
-        self.fault = fault or {}
-        self.progress: dict = dict(progress or {})
-        self._last = 0.0
-
-    def __call__(self, info: dict) -> None:
-        self.progress.update({k: v for k, v in info.items() if _jsonable(v)})
-        self.progress["attempt"] = self.attempt
-        step, total = info.get("step"), info.get("total_steps")
-        now = time.monotonic()
-        if now - self._last >= self.every_s or (step is not None and step == total):
-            self.flush()
-        self._maybe_fault(step)
-
-    def evaluating(self, mode: str, done: int, total: int) -> None:
-        """on_progress for evaluation: which mode, how many questions answered."""
-        self.progress.update(phase="evaluating", eval_mode=mode, eval_done=done, eval_total=total)
-        if time.monotonic() - self._last >= self.every_s or done == total:
-            self.flush()
-
-    def phase(self, name: str) -> None:
-        self.progress["phase"] = name
-        self.flush()
-
-    def flush(self) -> None:
-        self._last = time.monotonic()
-        self.sink(dict(self.progress))
-
-    def _maybe_fault(self, step: int | None) -> None:
-        """Test-only fault injection (job params {"fault": {"kill_at_step": N, "on_attempts": [..]}})."""
-        at = self.fault.get("kill_at_step")
-        attempts = self.fault.get("on_attempts")
-        if at is None or step is None or step < at:
-            return
-        if attempts is not None and self.attempt not in attempts:
-            return
-        self.flush()
-        log.warning("fault injection: SIGKILL at step %s", step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def db_progress_sink(store: Store, job_id: int) -> Callable[[dict], None]:
-    """A ProgressWriter sink that writes jobs.progress (only while the job is running)."""
-    return lambda progress: store.transition_job(job_id, from_states=("running",), progress=progress)
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def _eval_summary(modes: dict, mode: str) -> dict:
-    return {k: modes.get(mode, {}).get(k) for k in EVAL_KEYS if modes.get(mode, {}).get(k) is not None}
-
-
-def _test_item(example) -> dict:
-    return {"question": example.question, "answer": example.answer, "must_contain": example.must_contain}
-
-
-# Held-out questions evaluated after a run without test items (each costs one answer per mode).
-EVAL_MAX_ITEMS = 40
-# Without must_contain words, an answer counts as correct when its token F1 with the expert's answer reaches this.
-CLOSE_ENOUGH_F1 = 0.5
-EXAMPLE_CHARS = 300
-
-
-def eval_items(items: list, test_items: list[dict], config, *, limit: int = EVAL_MAX_ITEMS) -> tuple[list[dict], str]:
-    """The questions a run is evaluated on and what they are: "test" (experts marked them), "variations"
-    (held-out variations of trained examples), "examples" (held-out examples), or "none" (too few to hold out).
-
-    Held-out ones are exactly the validation split that train() keeps out of training (same split, same seed).
-    """
-    if test_items:
-        return test_items, "test"
-    import random
-
-    from tuning.data.dataset import split_items
-
-    splits = split_items(items, val_share=config.val_share, seed=config.seed)
-    held = list(splits.val)
-    if not held:
-        return [], "none"
-    if len(held) > limit:
-        held = random.Random(config.seed).sample(held, limit)
-    kind = "variations" if any(i.variation for i in held) else "examples"
-    return [{"question": i.question, "answer": i.answer, "must_contain": None} for i in held], kind
-
-
-def is_correct(answer: str, item: dict) -> bool:
-    """must_contain words when the item has them, else close enough to the expert's answer."""
-    from tuning.evaluate import contains_all, token_f1
-
-    if item.get("must_contain"):
-        return contains_all(answer, item["must_contain"])
-    return token_f1(answer, item["answer"]) >= CLOSE_ENOUGH_F1
-
-
-def judge(evaluation: dict, items: list[dict]) -> dict:
-    """Correct answers per mode ({mode: count}); modes without must_contain accuracy get this one."""
-    answers = evaluation.get("answers") or []
-    correct = {}
-    for mode, metrics in evaluation["modes"].items():
-        correct[mode] = sum(is_correct(a.get(mode) or "", it) for a, it in zip(answers, items))
-        if metrics.get("accuracy") is None and answers:
-            metrics["accuracy"] = round(correct[mode] / len(answers), 4)
-            metrics["judged_by"] = "answer_overlap"
-    return correct
-
-
-def before_after_examples(evaluation: dict, items: list[dict], *, after: str, n: int = 2) -> list[dict]:
-    """Up to n questions with the untrained model's answer and this version's: fixed ones first."""
-    rows = []
-    for a, it in zip(evaluation.get("answers") or [], items):
-        before_ok, after_ok = is_correct(a.get("base") or "", it), is_correct(a.get(after) or "", it)
-        rows.append(((after_ok and not before_ok), after_ok, {
-            "question": it["question"][:EXAMPLE_CHARS], "expected": it["answer"][:EXAMPLE_CHARS],
-            "before": (a.get("base") or "")[:EXAMPLE_CHARS], "after": (a.get(after) or "")[:EXAMPLE_CHARS],
-            "before_correct": before_ok, "after_correct": after_ok}))
-    rows.sort(key=lambda r: (not r[0], not r[1]))  # stable: keeps the evaluation's order within each kind
-    return [r[2] for r in rows[:n]]
 
 
 # ------------------------------------------------------------------ specs (read the database)
@@ -210,7 +73,7 @@ def training_spec(store: Store, job: Job, *, default_base_model: str, auto_promo
             "base_model": params.get("base_model") or assistant.base_model or default_base_model,
             "system_prompt": assistant.system_prompt or "",
             "items": [dataclasses.asdict(i) for i in items],
-            "test_items": [_test_item(e) for e in store.list_examples(assistant.id, status="approved", split="test")],
+            "test_items": [test_item(e) for e in store.list_examples(assistant.id, status="approved", split="test")],
             "incumbent": incumbent}
 
 
@@ -229,7 +92,7 @@ def eval_spec(store: Store, job: Job, *, default_base_model: str) -> dict:
             "version_id": version.id if version else None,
             "base_model": version.base_model if version else (assistant.base_model or default_base_model),
             "adapter_path": version.adapter_path if version else None,
-            "system_prompt": assistant.system_prompt or "", "test_items": [_test_item(e) for e in test_items]}
+            "system_prompt": assistant.system_prompt or "", "test_items": [test_item(e) for e in test_items]}
 
 
 # ------------------------------------------------------------------ pure job functions (no database)
@@ -245,7 +108,7 @@ def run_job_spec(spec: dict, *, artifacts: str, cache_dir: str | None, progress_
 
 
 def _train_config(params: dict, base_model: str):
-    from tuning.training.train import TrainConfig
+    from tuning.training.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = params.get("config") or {}
@@ -262,9 +125,11 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
     With a remote artifacts store the run writes to a local staging folder, syncs it up after every
     epoch (so a retry on another node resumes) and at the end; the outcome names the stored folder.
     """
-    from tuning.artifacts import ArtifactStore, local_dir
+    from tuning.artifacts import ArtifactStore
     from tuning.data.dataset import TrainItem
-    from tuning.training.train import TrainingCancelled, train
+    from tuning.training.config import TrainingCancelled
+    from tuning.training.progress import TrainProgress
+    from tuning.training.run import train
 
     params = spec.get("params") or {}
     config = _train_config(params, spec["base_model"])
@@ -280,9 +145,9 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
     progress = ProgressWriter(progress_cb, attempt=spec.get("attempt", 1), progress=spec.get("progress"),
                               fault=params.get("fault"))
 
-    def on_progress(info: dict) -> None:
-        progress(info)
-        if store.remote and (info.get("epoch_done") or info.get("checkpoint")):
+    def on_progress(info: TrainProgress) -> None:
+        progress(info.to_dict())
+        if store.remote and (info.epoch_done or info.checkpoint):
             store.upload_dir(out_dir, key)  # the checkpoint, for a retry elsewhere
 
     progress.phase("training")
@@ -299,6 +164,23 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
                      "best_val_loss": report.best_val_loss, "val_kind": report.val_kind,
                      "resumed_from_step": report.resumed_from_step, "tokens_per_s": report.tokens_per_s,
                      "duration_s": report.duration_s, "stopped_early": report.stopped_early}
+    evaluation, incumbent = _evaluate_version(spec, items, config, out_dir, metrics=metrics, cache_dir=cache_dir,
+                                              progress=progress)
+    if should_stop():
+        raise Stopped()
+    adapter_dir = store.upload_dir(out_dir, key) if store.remote else str(out_dir)
+    return {"kind": "train", "adapter_dir": adapter_dir, "base_model": config.base_model,
+            "dataset_hash": report.data_hash, "hyperparameters": report.hyperparameters, "metrics": metrics,
+            "evaluation": {"n": evaluation.get("n"), "modes": evaluation["modes"]} if evaluation else None,
+            "incumbent": incumbent}
+
+
+def _evaluate_version(spec: dict, items: list, config, out_dir: Path, *, metrics: dict, cache_dir, progress):
+    """Evaluate the new version (test split, else held-out questions) in every mode, and the active version in
+    its own, on the same questions; adds the summary to `metrics`; (evaluation, incumbent's summary)."""
+    from tuning.artifacts import local_dir
+
+    params = spec.get("params") or {}
     max_new_tokens = int(params.get("eval_max_new_tokens", 128))
     evaluation, incumbent = None, None
     test_items, eval_on = eval_items(items, spec.get("test_items") or [], config,
@@ -316,7 +198,7 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
                               max_new_tokens=max_new_tokens, on_progress=progress.evaluating, include_answers=True)
         correct = judge(evaluation, test_items)
         evaluation["modes"]["answer"] = evaluation["modes"][mode]  # the summary promotion compares
-        metrics.update(_eval_summary(evaluation["modes"], "answer"))
+        metrics.update(eval_summary(evaluation["modes"], "answer"))
         metrics["answer_mode"] = mode
         metrics["eval_table"] = markdown_table({**evaluation, "modes": {m: v for m, v in evaluation["modes"].items()
                                                                         if m != "answer"}})
@@ -335,14 +217,8 @@ def run_training_job(spec: dict, *, artifacts: str, cache_dir: str | None, progr
                               modes=(their_mode,), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
                               max_new_tokens=max_new_tokens, include_answers=True)
             judge(result, test_items)
-            incumbent = {"id": theirs["id"], "summary": _eval_summary(result["modes"], their_mode)}
-    if should_stop():
-        raise Stopped()
-    adapter_dir = store.upload_dir(out_dir, key) if store.remote else str(out_dir)
-    return {"kind": "train", "adapter_dir": adapter_dir, "base_model": config.base_model,
-            "dataset_hash": report.data_hash, "hyperparameters": report.hyperparameters, "metrics": metrics,
-            "evaluation": {"n": evaluation.get("n"), "modes": evaluation["modes"]} if evaluation else None,
-            "incumbent": incumbent}
+            incumbent = {"id": theirs["id"], "summary": eval_summary(result["modes"], their_mode)}
+    return evaluation, incumbent
 
 
 def run_eval_job(spec: dict, *, cache_dir: str | None) -> dict:
@@ -356,7 +232,7 @@ def run_eval_job(spec: dict, *, cache_dir: str | None) -> dict:
                       modes=("base", "tuned") if adapter else ("base",), system_prompt=spec.get("system_prompt", ""),
                       cache_dir=cache_dir, max_new_tokens=int((spec.get("params") or {}).get("max_new_tokens", 128)))
     return {"kind": "eval", "version_id": spec.get("version_id"), "n": result.get("n"),
-            "modes": {m: _eval_summary(result["modes"], m) for m in result["modes"]}}
+            "modes": {m: eval_summary(result["modes"], m) for m in result["modes"]}}
 
 
 # ------------------------------------------------------------------ database writes (the caller's side)
@@ -373,9 +249,8 @@ def record_outcome(store: Store, job: Job, outcome: dict, *, auto_promote: bool,
     if auto_promote:
         incumbent = outcome.get("incumbent")
         if incumbent and incumbent["id"] != store.get_assistant(assistant.id).active_version_id:
-            incumbent = None  # the active version changed while training: compare with the new one here
-        promoted, why = _maybe_promote(store, assistant, version, outcome.get("evaluation"), [],
-                                       cache_dir=None, max_new_tokens=128, incumbent=incumbent)
+            incumbent = None  # the active version changed while training: not compared, promoted by hand
+        promoted, why = _maybe_promote(store, assistant, version, outcome.get("evaluation"), incumbent=incumbent)
     first = not promoted and activate_first(store, version)
     if first:
         promoted, why = True, "the first trained version: nothing was active"
@@ -386,36 +261,22 @@ def record_outcome(store: Store, job: Job, outcome: dict, *, auto_promote: bool,
             "metrics": outcome["metrics"]}
 
 
-def _maybe_promote(store: Store, assistant, version, evaluation, test_items, *, cache_dir, max_new_tokens,
-                   incumbent: dict | None = None):
+def _maybe_promote(store: Store, assistant, version, evaluation, *, incumbent: dict | None = None):
     """Promote when the candidate beats what answers now (the active version, else the base model).
 
-    `incumbent` ({"id", "summary"}) is the active version's evaluation when the job computed it.
+    `incumbent` ({"id", "summary"}) is the active version's evaluation, computed by the job on the same
+    questions; without it (no active version when the job started, or another one since) nothing is compared.
     """
-    from tuning.grounding import answer_mode
-
     if evaluation is None:
         return False, "no test examples to compare on; promote it by hand"
-    tuned = _eval_summary(evaluation["modes"], "answer" if "answer" in evaluation["modes"] else "tuned")
+    tuned = eval_summary(evaluation["modes"], "answer" if "answer" in evaluation["modes"] else "tuned")
     if assistant.active_version_id:
         active = store.get_model_version(assistant.active_version_id)
-        if incumbent and incumbent["id"] == active.id:
-            theirs = incumbent["summary"]
-        else:
-            from tuning.artifacts import local_dir
-            from tuning.evaluate import evaluate
-
-            if not test_items:
-                return False, f"the active version #{active.id} changed during training; promote it by hand"
-            their_dir = str(local_dir(active.adapter_path, cache_dir=cache_dir))
-            their_mode = answer_mode(their_dir)
-            result = evaluate(test_items, base_model=active.base_model, adapter_dir=their_dir,
-                              modes=(their_mode,), system_prompt=assistant.system_prompt or "", cache_dir=cache_dir,
-                              max_new_tokens=max_new_tokens)
-            theirs = _eval_summary(result["modes"], their_mode)
-        name = f"active version #{active.id}"
+        if not incumbent or incumbent["id"] != active.id:
+            return False, f"the active version #{active.id} changed during training; promote it by hand"
+        theirs, name = incumbent["summary"], f"active version #{active.id}"
     else:
-        theirs, name = _eval_summary(evaluation["modes"], "base"), "the base model"
+        theirs, name = eval_summary(evaluation["modes"], "base"), "the base model"
     if beats(tuned, theirs):
         promote_version(store, version.id)
         return True, f"beat {name} ({tuned.get('accuracy')} > {theirs.get('accuracy')})"

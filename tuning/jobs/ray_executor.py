@@ -15,6 +15,7 @@ from pathlib import Path
 from storage import Job, Store
 from tuning import exitcodes
 from tuning.jobs import executors
+from tuning.jobs.progress import db_progress_sink
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class RayRun:
     def complete(self, store: Store, job: Job) -> None:
         """Record the task's result like the local child does before exiting 0."""
         result = executors.record_outcome(store, job, self.answer["outcome"], auto_promote=self.executor.auto_promote,
-                                          progress_cb=executors.db_progress_sink(store, job.id))
+                                          progress_cb=db_progress_sink(store, job.id))
         store.transition_job(job.id, from_states=("running",), result=result)
         self._log(f"done: {result}")
 

@@ -5,45 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from storage import Job, Store, ThreadStores
 from storage.common import utcnow
 from tuning.jobs import events
-from tuning.jobs.executors import PORTABLE_KINDS, job_key
+from tuning.jobs.executors import PORTABLE_KINDS
+from tuning.jobs.local import job_log_path, start_child
 from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, domain_failure, new_worker_id, prune_workers, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# The bot's secrets, kept from job processes unless the job's kind needs them (no job talks to Telegram).
-SECRET_NAMES = ("TELEGRAM_BOT_TOKEN", "OPENAI_API_KEY")
-SECRET_PATTERN = re.compile(r"TUNEBOT_\w*(TOKEN|KEY|SECRET|PASSWORD)S?")
-SECRETS_BY_KIND = {"generate": ("OPENAI_API_KEY", "TUNEBOT_OPENAI_API_KEY")}  # the larger model's endpoint
-
-
-def job_environment(kind: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment a job process of this kind starts with: `environ` without the secrets it does not need."""
-    needed = SECRETS_BY_KIND.get(kind, ())
-    return {name: value for name, value in environ.items()
-            if name in needed or not (name in SECRET_NAMES or SECRET_PATTERN.fullmatch(name))}
-
-
-def job_log_path(log_dir: str | Path, job: Job) -> Path:
-    """A job's log: beside its artifacts folder, not inside it (that folder is what users download)."""
-    return Path(log_dir) / f"{job_key(job)}.log"
 
 
 def visible_gpus() -> list[int]:
@@ -64,76 +43,6 @@ def live_workers(store: Store, *, within_s: float = 30.0) -> list[dict]:
     """Workers that sent a heartbeat in the last `within_s` seconds."""
     since = store.clock() - dt.timedelta(seconds=within_s)
     return store.live_workers(since=since.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def describe_exit(code: int, log_path: Path | None = None) -> str:
-    """A reason a user can read for a child's exit status."""
-    if code < 0:
-        sig = -code
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
-        if sig == signal.SIGKILL:
-            return f"killed (signal 9, {name}: out of memory?)"
-        return f"killed by signal {sig} ({name})"
-    tail = ""
-    if log_path is not None and log_path.exists():
-        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        tail = f": {lines[-1].strip()[:300]}" if lines else ""
-    return f"exited with code {code}{tail}"
-
-
-def exit_failure(code: int) -> dict:
-    """What describe_exit says, for a front end to word in its user's language: {"code", "params"}, where the
-    bot's catalogue key is "jobfail_<code>" (the log's last line stays in the log and in `error`)."""
-    if code < 0:
-        if -code == signal.SIGKILL:
-            return {"code": "killed_oom", "params": {}}
-        return {"code": "killed_signal", "params": {"signal": -code}}
-    return {"code": "exit_code", "params": {"code": code}}
-
-
-@dataclass
-class _Child:
-    """A job running in a local subprocess (tuning.jobs.ray_executor.RayRun has the same interface)."""
-
-    job_id: int
-    proc: subprocess.Popen
-    devices: tuple[int, ...]
-    log_path: Path
-    term_at: float | None = None
-    seen: tuple = field(default=())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout)
-
-    def terminate(self) -> None:
-        self.proc.terminate()
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    def cancel(self) -> None:
-        """SIGTERM; the worker kills it after its grace period."""
-        self.proc.terminate()
-
-    def reason(self, code: int) -> str:
-        return describe_exit(code, self.log_path)
-
-    def failure(self, code: int) -> dict:
-        return exit_failure(code)
-
-    def complete(self, store: Store, job: Job) -> None:
-        """Nothing to do: the child wrote the result before exiting 0."""
 
 
 class Worker:
@@ -195,7 +104,7 @@ class Worker:
         self.bus = bus
         self.python = python
         self.id = new_worker_id()
-        self._children: dict = {}  # job id -> _Child or RayRun
+        self._children: dict = {}  # job id -> LocalRun or RayRun
         self._stores = ThreadStores(db_path, clock=clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -350,32 +259,20 @@ class Worker:
         if self._ray is not None and job.kind in PORTABLE_KINDS:
             self._launch_ray(store, job, log_path)
             return
-        cmd = [self.python, "-m", "tuning.jobs.child", "--db", self.db_path, "--job", str(job.id),
-               "--artifacts", str(self.artifacts), "--base-model", self.default_base_model,
-               "--parent-pid", str(os.getpid())]
-        if self.cache_dir:
-            cmd += ["--cache-dir", str(self.cache_dir)]
-        if self.auto_promote:
-            cmd.append("--auto-promote")
-        env = job_environment(job.kind, os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")
         try:
-            with open(log_path, "ab") as out:
-                out.write(f"--- attempt {job.attempts} by {self.id} on devices {list(devices)}\n".encode())
-                out.flush()
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
+            child = start_child(job, python=self.python, db_path=self.db_path, artifacts=self.artifacts,
+                                default_base_model=self.default_base_model, cache_dir=self.cache_dir,
+                                auto_promote=self.auto_promote, devices=devices, log_path=log_path,
+                                worker_id=self.id)
         except OSError as exc:
             store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
                                  error=f"could not start the job process: {exc}")
             self._publish("state", store.get_job(job.id))
             return
-        self._children[job.id] = _Child(job.id, proc, devices, log_path)
-        store.transition_job(job.id, from_states=("running",), pid=proc.pid,
+        self._children[job.id] = child
+        store.transition_job(job.id, from_states=("running",), pid=child.pid,
                              devices=",".join(str(d) for d in devices))
-        log.info("job #%s (%s) started: pid %s, devices %s", job.id, job.kind, proc.pid, list(devices))
+        log.info("job #%s (%s) started: pid %s, devices %s", job.id, job.kind, child.pid, list(devices))
         self._publish("state", store.get_job(job.id))
 
     def _launch_ray(self, store: Store, job: Job, log_path: Path) -> None:
@@ -450,7 +347,7 @@ class Worker:
             return
         self._finish(store, job.id, child)
 
-    def _finish(self, store: Store, job_id: int, child: _Child) -> None:
+    def _finish(self, store: Store, job_id: int, child) -> None:
         store.transition_job(job_id, from_states=("running",), status="succeeded", pid=None,
                              finished_at=store.now(), error=None)
         log.info("job #%s succeeded", job_id)

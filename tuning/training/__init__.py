@@ -1,3 +1,4 @@
-"""Training, in the order a run goes: `hparams` chooses the values from the data's size, `train` runs it
-(prepare data, build model and optimizer, resume or start, epochs, results), `speed` keeps its loop fast,
-`distributed` runs it data parallel over several processes."""
+"""Training, in the order a run goes: `config` says what to train, `run.train` starts it (in this process, or
+as `distributed` ranks that talk through `ranks`), `hparams` chooses the values from the data's size, `train`
+runs the loop (prepare data → build model and optimizer → resume or start → epochs → results) on the `model`
+loaded for training, kept fast by `speed`, saved in `checkpoints`, reported as `progress`."""

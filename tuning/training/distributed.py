@@ -1,6 +1,6 @@
 """Data-parallel training: one process per GPU (or per CPU slice), gradients all-reduced every step.
 
-`launch` (called by tuning.training.train.train when a run gets several processes) starts the ranks as
+`launch` (called by tuning.training.run.train when a run gets several processes) starts the ranks as
 `python -m tuning.training.distributed` with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...);
 in each rank accelerate's PartialState reads it, opens the process group (NCCL on GPUs, gloo on
 CPU) and picks the rank's device. Every rank runs the same loop on its share of each step's packed
@@ -29,96 +29,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tuning import exitcodes
 from tuning.errors import TrainingError
+from tuning.training.config import TrainConfig, TrainingCancelled, TrainingReport
+from tuning.training.progress import TrainProgress
+from tuning.training.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
 EXIT_CANCELLED = exitcodes.STOPPED  # a rank stopped by SIGTERM or its launcher's death (resumable)
 EXIT_TRAINING_ERROR = exitcodes.USER_ERROR  # a rank's TrainingError: the data or settings, not retried
-BUCKET_NUMEL = 16 * 1024 * 1024  # gradients are all-reduced in flat buckets of at most this many values
 SPEC_NAME = ".data_parallel_spec.json"
-
-
-@dataclass
-class Ranks:
-    """This process's place in a data-parallel run; the single-process run is rank 0 of 1."""
-
-    rank: int = 0
-    world: int = 1
-    device: object = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: Sequence[float]) -> list[float]:
-        """Element-wise sum of a few numbers over all ranks (float64)."""
-        if self.world == 1:
-            return list(values)
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return t.cpu().tolist()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when any rank passed True."""
-        return bool(self.sum([1.0 if flag else 0.0])[0]) if self.world > 1 else flag
-
-    def sum_gradients(self, params: Sequence) -> None:
-        """Replace each parameter's gradient by its sum over all ranks (missing gradients count as zero)."""
-        if self.world == 1:
-            return
-        import torch
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list = []
-        size = 0
-        for i, p in enumerate(params):
-            bucket.append(p)
-            size += p.numel()
-            if size >= BUCKET_NUMEL or i == len(params) - 1:
-                by_dtype: dict = {}
-                for q in bucket:
-                    by_dtype.setdefault(q.grad.dtype, []).append(q)
-                for group in by_dtype.values():
-                    flat = _flatten_dense_tensors([q.grad for q in group])
-                    dist.all_reduce(flat)
-                    for q, reduced in zip(group, _unflatten_dense_tensors(flat, [q.grad for q in group])):
-                        q.grad.copy_(reduced)
-                bucket, size = [], 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def _comm_device(self):
-        import torch
-
-        return self.device if getattr(self.device, "type", "cpu") == "cuda" else torch.device("cpu")
-
-
-def processes_for(config) -> int:
-    """How many data-parallel processes a run uses: config.processes, else one per visible CUDA GPU."""
-    if config.processes is not None:
-        if config.processes < 1:
-            raise TrainingError("processes must be at least 1")
-        return config.processes
-    import torch
-
-    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
 # ------------------------------------------------------------------ the launching side
@@ -150,11 +74,9 @@ def _stop(procs: Sequence[subprocess.Popen], *, grace_s: float = 10.0) -> None:
 
 
 def launch(items, *, out_dir, config, world_size: int, system_prompt: str = "", cache_dir=None,
-           on_progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+           on_progress: Callable[[TrainProgress], None] | None = None, should_stop: Callable[[], bool] | None = None,
            resume: bool = True, poll_s: float = 0.2):
-    """Run train() in `world_size` rank processes on this node; returns rank 0's TrainingReport."""
-    from tuning.training.train import TrainingCancelled, TrainingReport
-
+    """Run train_rank() in `world_size` rank processes on this node; returns rank 0's TrainingReport."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_NAME
@@ -165,87 +87,109 @@ def launch(items, *, out_dir, config, world_size: int, system_prompt: str = "", 
     with os.fdopen(fd, "w", encoding="utf-8") as fp:
         json.dump(spec, fp, ensure_ascii=False)
     (out / "training_report.json").unlink(missing_ok=True)
-    read_fd, write_fd = os.pipe()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    procs: list[subprocess.Popen] = []
-    messages: queue.Queue = queue.Queue()
-    error: str | None = None
-    reader_done = False
-    first_failure: tuple[int, int] | None = None  # (rank, exit code) of the first rank seen failing
-
-    ready = threading.Event()  # rank 0 handles SIGTERM (a stop request) only once it said so
-
-    def handle(msg: dict) -> None:
-        nonlocal error
-        if msg.get("ready"):
-            ready.set()
-        elif "progress" in msg and on_progress:
-            on_progress(msg["progress"])
-        elif "error" in msg:
-            error = msg["error"]
-
+    run = _RankProcesses(world_size, on_progress=on_progress)
     try:
-        for rank in range(world_size):
+        run.start(spec_path)
+        run.supervise(should_stop, poll_s=poll_s)
+    finally:
+        run.close()
+        spec_path.unlink(missing_ok=True)
+    run.drain()
+    codes = [p.returncode for p in run.procs]
+    if all(c == 0 for c in codes):
+        return TrainingReport(**json.loads((out / "training_report.json").read_text()))
+    if codes[0] == EXIT_CANCELLED:
+        raise TrainingCancelled("training cancelled; run again to resume from the last checkpoint")
+    if run.error:
+        raise TrainingError(run.error)
+    rank, code = run.first_failure or next((r, c) for r, c in enumerate(codes) if c != 0)
+    raise RuntimeError(f"data-parallel rank {rank} of {world_size} exited with code {code}; "
+                       f"the run resumes from its last checkpoint when retried")
+
+
+class _RankProcesses:
+    """The launcher's side of a run: the rank processes, and rank 0's messages (ready, progress, its error)
+    read from a pipe on a thread and handled on the caller's."""
+
+    def __init__(self, world_size: int, *, on_progress: Callable[[TrainProgress], None] | None) -> None:
+        self.world_size, self.on_progress = world_size, on_progress
+        self.procs: list[subprocess.Popen] = []
+        self.messages: queue.Queue = queue.Queue()
+        self.error: str | None = None
+        self.first_failure: tuple[int, int] | None = None  # (rank, exit code) of the first rank seen failing
+        self.ready = threading.Event()  # rank 0 handles SIGTERM (a stop request) only once it said so
+        self.reader_done = False
+        self._write_fd = -1
+
+    def start(self, spec_path: Path) -> None:
+        read_fd, self._write_fd = os.pipe()
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WORLD_SIZE": str(self.world_size), "LOCAL_WORLD_SIZE": str(self.world_size)}
+        root = str(Path(__file__).resolve().parent.parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        for rank in range(self.world_size):
             cmd = [sys.executable, "-m", "tuning.training.distributed", "--spec", str(spec_path),
                    "--parent-pid", str(os.getpid())]
             if rank == 0:
-                cmd += ["--progress-fd", str(write_fd)]
+                cmd += ["--progress-fd", str(self._write_fd)]
             # No preexec_fn (unsafe in a threaded parent such as a Ray worker): each rank arms its own
             # parent-death signal first thing and checks that its parent is still the launcher.
-            procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          pass_fds=(write_fd,) if rank == 0 else ()))
-        os.close(write_fd)
-        write_fd = -1
-        log.info("data-parallel training in %d processes (pids %s)", world_size, [p.pid for p in procs])
+            self.procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                               pass_fds=(self._write_fd,) if rank == 0 else ()))
+        os.close(self._write_fd)
+        self._write_fd = -1
+        log.info("data-parallel training in %d processes (pids %s)", self.world_size, [p.pid for p in self.procs])
 
         def read() -> None:
             with os.fdopen(read_fd, "r", encoding="utf-8") as fp:
                 for line in fp:
                     with contextlib.suppress(ValueError):
-                        messages.put(json.loads(line))
-            messages.put(None)
+                        self.messages.put(json.loads(line))
+            self.messages.put(None)
 
         threading.Thread(target=read, name="tunebot-dp-progress", daemon=True).start()
+
+    def supervise(self, should_stop: Callable[[], bool] | None, *, poll_s: float) -> None:
+        """Relay messages and pass a stop request on, until every rank ended well or one failed."""
         signalled = False
         while True:
             with contextlib.suppress(queue.Empty):
-                msg = messages.get(timeout=poll_s)
+                msg = self.messages.get(timeout=poll_s)
                 while msg is not None:
-                    handle(msg)
-                    msg = messages.get_nowait()
-                reader_done = True
-            if should_stop and not signalled and ready.is_set() and should_stop():
-                procs[0].send_signal(signal.SIGTERM)  # rank 0 tells the others at the next step
+                    self._handle(msg)
+                    msg = self.messages.get_nowait()
+                self.reader_done = True
+            if should_stop and not signalled and self.ready.is_set() and should_stop():
+                self.procs[0].send_signal(signal.SIGTERM)  # rank 0 tells the others at the next step
                 signalled = True
-            codes = [p.poll() for p in procs]
+            codes = [p.poll() for p in self.procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                first_failure = first_failure or failed[0]
+                self.first_failure = self.first_failure or failed[0]
                 if all(c is not None for c in codes) or failed[0][1] != EXIT_CANCELLED:
-                    break
+                    return
             elif all(c == 0 for c in codes):
-                break
-    finally:
-        if write_fd >= 0:
-            os.close(write_fd)
-        _stop(procs)
-        spec_path.unlink(missing_ok=True)
-    with contextlib.suppress(queue.Empty):  # what rank 0 said last (progress, its error) may still be in the pipe
-        while not reader_done and (msg := messages.get(timeout=2.0)) is not None:
-            handle(msg)
-    codes = [p.returncode for p in procs]
-    if all(c == 0 for c in codes):
-        return TrainingReport(**json.loads((out / "training_report.json").read_text()))
-    if codes[0] == EXIT_CANCELLED:
-        raise TrainingCancelled("training cancelled; run again to resume from the last checkpoint")
-    if error:
-        raise TrainingError(error)
-    rank, code = first_failure or next((r, c) for r, c in enumerate(codes) if c != 0)
-    raise RuntimeError(f"data-parallel rank {rank} of {world_size} exited with code {code}; "
-                       f"the run resumes from its last checkpoint when retried")
+                return
+
+    def close(self) -> None:
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
+        _stop(self.procs)
+
+    def drain(self) -> None:
+        """What rank 0 said last (progress, its error) may still be in the pipe."""
+        with contextlib.suppress(queue.Empty):
+            while not self.reader_done and (msg := self.messages.get(timeout=2.0)) is not None:
+                self._handle(msg)
+
+    def _handle(self, msg: dict) -> None:
+        if msg.get("ready"):
+            self.ready.set()
+        elif "progress" in msg and self.on_progress:
+            self.on_progress(TrainProgress.from_dict(msg["progress"]))
+        elif "error" in msg:
+            self.error = msg["error"]
 
 
 # ------------------------------------------------------------------ one rank
@@ -266,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuning.data.dataset import TrainItem
     from tuning.errors import TuningError
-    from tuning.training.train import TrainConfig, TrainingCancelled, train_rank
+    from tuning.training.train import train_rank
 
     spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
     stop = threading.Event()
@@ -286,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         train_rank([TrainItem(**i) for i in spec["items"]], out_dir=spec["out_dir"],
                    config=TrainConfig(**spec["config"]), system_prompt=spec["system_prompt"],
                    cache_dir=spec["cache_dir"], resume=spec["resume"], ranks=ranks,
-                   on_progress=lambda p: send({"progress": p}), should_stop=stop.is_set)
+                   on_progress=lambda p: send({"progress": p.to_dict()}), should_stop=stop.is_set)
     except TrainingCancelled:
         return EXIT_CANCELLED
     except TuningError as exc:

@@ -12,7 +12,7 @@ from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_ob
 from bot.telegram.handlers.generate import document_uploaded
 from bot.telegram.texts import label
 from storage import DuplicateExample, StorageError
-from tuning.data.formats import parse_quick_form
+from tuning.data.quickform import parse_quick_form
 
 ADD_QUESTION, ADD_ANSWER, ADD_CONFIRM = range(3)
 PAGE = 5

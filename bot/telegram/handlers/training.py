@@ -13,6 +13,7 @@ from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_ob
 from bot.telegram.progress import render_progress
 from bot.telegram.texts import label, labelled_counts
 from tuning.jobs.scheduler import next_clock_time
+from tuning.training.progress import TrainProgress
 from storage import StorageError
 from storage.common import fmt_time
 
@@ -143,8 +144,8 @@ async def jobs_list(update: Update, context: ContextTypes.DEFAULT_TYPE, assistan
         return
     lines, rows = [tr(update, context, "jobs_header", name=assistant.name)], []
     for job in jobs:
-        p = job.progress or {}
-        extra = f" {p.get('step')}/{p.get('total_steps')}" if job.status == "running" and p.get("total_steps") else ""
+        tp = TrainProgress.of_job(job.progress)
+        extra = f" {tp.step}/{tp.total_steps}" if job.status == "running" and tp is not None else ""
         lines.append(f"#{job.id} {label(lang_of(update, context), 'jobkind', job.kind)}: "
                      f"{tr(update, context, 'jobstate_' + job.status)}{extra}"
                      + (f" ({job.scheduled_at})" if job.status == "scheduled" else ""))

@@ -97,26 +97,7 @@ def cmd_generate(args, app) -> int:
 
     settings, store = app.settings, app.store
     assistant = store.assistant_by_name(args.assistant)
-    configured = endpoint_configured(settings)
-    method = args.method or ("paraphrase" if configured else "mutate")
-    if args.resume is not None:
-        method = store.get_generation_run(args.resume).method
-        if method == "mutate":
-            raise GenerationError(f"run #{args.resume} made local mutations, which finish at once; "
-                                  "run `tunebot generate --method mutate` again instead")
-    per_example = args.per_example if args.per_example is not None else settings.mutations_per_example
-    if per_example < 1:
-        raise GenerationError("--per-example must be at least 1")
-    methods = ["paraphrase", "new", "mutate"] if method == "all" else [method]
-    if not configured:
-        if method == "all":
-            methods = ["mutate"]
-            print("no OpenAI-compatible endpoint configured: only local mutations", file=sys.stderr)
-        elif method != "mutate":
-            raise GenerationError(f"--method {method} needs an OpenAI-compatible endpoint: set OPENAI_BASE_URL "
-                                  "(and OPENAI_API_KEY), or use --method mutate")
-    if "document" in methods and args.document is None and args.resume is None:
-        raise GenerationError("--method document needs --document ID (see tunebot import-document)")
+    methods, per_example = _methods(args, settings, store)
     runs = []
     for name in methods:
         progress = _Progress(name)
@@ -138,23 +119,55 @@ def cmd_generate(args, app) -> int:
             approve_all_in_run(store, run.id)
             run = store.get_generation_run(run.id)
         runs.append(run)
-    pending = store.count_examples(assistant.id, status="pending")
-    if args.json:
-        print(json.dumps({"assistant": assistant.name, "runs": [_run_summary(r) for r in runs], "pending": pending},
-                         ensure_ascii=False, indent=2))
-    else:
-        for run in runs:
-            tokens = f", {run.prompt_tokens + run.completion_tokens} tokens (~${run.cost_usd:.4f})" if run.requests else ""
-            print(f"run #{run.id} {run.method} ({run.model}): {run.status}, kept {run.kept} of {run.generated} "
-                  f"generated, {run.requests} requests{tokens}")
-        verb = "approved" if args.auto_approve else "pending review"
-        print(f"{pending} examples pending review" if not args.auto_approve else f"all new examples {verb}")
-        if pending and not args.auto_approve:
-            print(f"review them: tunebot review --assistant {assistant.name}")
+    _report_runs(args, store, assistant, runs)
     failed = [r for r in runs if r.status != "succeeded"]
     if failed:
         raise GenerationError(f"run #{failed[0].id}: {failed[0].error}")
     return 0
+
+
+def _methods(args, settings, store) -> tuple[list[str], int]:
+    """The methods to run (what --method asks for, what a resumed run was, what the endpoint allows), and how
+    many variations per example; a GenerationError says what is missing."""
+    from tuning.errors import GenerationError
+
+    configured = endpoint_configured(settings)
+    method = args.method or ("paraphrase" if configured else "mutate")
+    if args.resume is not None:
+        method = store.get_generation_run(args.resume).method
+        if method == "mutate":
+            raise GenerationError(f"run #{args.resume} made local mutations, which finish at once; "
+                                  "run `tunebot generate --method mutate` again instead")
+    per_example = args.per_example if args.per_example is not None else settings.mutations_per_example
+    if per_example < 1:
+        raise GenerationError("--per-example must be at least 1")
+    methods = ["paraphrase", "new", "mutate"] if method == "all" else [method]
+    if not configured:
+        if method == "all":
+            methods = ["mutate"]
+            print("no OpenAI-compatible endpoint configured: only local mutations", file=sys.stderr)
+        elif method != "mutate":
+            raise GenerationError(f"--method {method} needs an OpenAI-compatible endpoint: set OPENAI_BASE_URL "
+                                  "(and OPENAI_API_KEY), or use --method mutate")
+    if "document" in methods and args.document is None and args.resume is None:
+        raise GenerationError("--method document needs --document ID (see tunebot import-document)")
+    return methods, per_example
+
+
+def _report_runs(args, store, assistant, runs) -> None:
+    pending = store.count_examples(assistant.id, status="pending")
+    if args.json:
+        print(json.dumps({"assistant": assistant.name, "runs": [_run_summary(r) for r in runs], "pending": pending},
+                         ensure_ascii=False, indent=2))
+        return
+    for run in runs:
+        tokens = f", {run.prompt_tokens + run.completion_tokens} tokens (~${run.cost_usd:.4f})" if run.requests else ""
+        print(f"run #{run.id} {run.method} ({run.model}): {run.status}, kept {run.kept} of {run.generated} "
+              f"generated, {run.requests} requests{tokens}")
+    verb = "approved" if args.auto_approve else "pending review"
+    print(f"{pending} examples pending review" if not args.auto_approve else f"all new examples {verb}")
+    if pending and not args.auto_approve:
+        print(f"review them: tunebot review --assistant {assistant.name}")
 
 
 def cmd_import_document(args, app) -> int:

@@ -240,7 +240,7 @@ DEMOS = {  # language: (default name, files prefix, system prompt, description)
 def _examples_dir():
     from pathlib import Path
 
-    for folder in (Path(__file__).resolve().parent.parent / "examples", Path.cwd() / "examples"):
+    for folder in (Path(__file__).resolve().parents[2] / "examples", Path.cwd() / "examples"):
         if (folder / "acme_faq.jsonl").exists():
             return folder
     from bot.cli import CommandError
@@ -258,17 +258,33 @@ def cmd_demo(args, app) -> int:
     """The whole loop offline: import, mutate and approve, train, compare every mode, grounded answers, abstain."""
     import time
 
-    from tuning.data.dataset import items_from_store
-    from tuning.evaluate import evaluate, markdown_table
-    from tuning.data.formats import read_examples
+    started = time.perf_counter()
+    folder = _examples_dir()
+    assistant, out_dir = _demo_data(app, args, folder)  # steps 1 and 2
+    _demo_train(app, args, assistant, out_dir)  # 3
+    engine = _engine_for(app, assistant)
+    try:
+        held_out, out_of_scope, result = _demo_evaluate(app, args, assistant, out_dir, folder, engine)  # 4
+        print("5/5 what a customer gets (auto mode: grounded answers with their sources, \"I don't know\" when unsure)")
+        _demo_answers(app, engine, assistant, [r.question for r in held_out[:2]] + out_of_scope[:1],
+                      threshold=result["abstain_threshold"])
+        print(f"done in {time.perf_counter() - started:.0f} s. "
+              f"Chat with it: tunebot chat --assistant {assistant.name} [--compare]")
+        if sys.stdin.isatty():
+            return chat_loop(app, app.store.get_assistant(assistant.id),
+                             argparse.Namespace(mode="auto", version=None, compare=False, max_tokens=None, json=False))
+    finally:
+        engine.close()
+    return 0
+
+
+def _demo_data(app, args, folder):
+    """A new assistant (its name made unique) with the demo FAQ approved and local mutations of it approved."""
     from tuning.data.importing import import_file
     from tuning.data.mutate import mutate_assistant
     from tuning.data.review import approve_all_in_run
-    from tuning.training.train import TrainConfig, train
 
-    started = time.perf_counter()
     store, settings = app.store, app.settings
-    folder = _examples_dir()
     default_name, prefix, system_prompt, description = DEMOS[args.language]
     base_name = args.name or default_name
     name, n = base_name, 1
@@ -286,36 +302,40 @@ def cmd_demo(args, app) -> int:
     run = mutate_assistant(store, assistant.id, per_example=args.per_example, seed=0)
     approved = approve_all_in_run(store, run.id)
     print(f"2/5 generated {run.kept} local mutations (typos, layout, abbreviations …) and approved {approved}")
+    return assistant, f"{settings.artifacts}/{name}/v1"
 
+
+def _demo_train(app, args, assistant, out_dir: str) -> None:
+    """Train a LoRA adapter on the approved examples and make it the active version."""
+    from bot.cli.train import TrainingBar
+    from tuning.data.dataset import items_from_store
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
+
+    store, settings = app.store, app.settings
     items = items_from_store(store, assistant.id)
-    out_dir = f"{settings.artifacts}/{name}/v1"
     config = TrainConfig(base_model=settings.base_model, epochs=args.epochs, seed=0)
     print(f"3/5 training a LoRA adapter ({config.recipe} recipe) on {len(items)} examples ({settings.base_model}) "
           f"into {out_dir}")
-    bar, shown_epochs = None, set()
-
-    def on_progress(p: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _progress(p.get("total_steps") or 0, "training")
-        bar.total = p.get("total_steps") or bar.total
-        bar.n = p.get("step", bar.n)
-        loss = p.get("val_loss") if p.get("val_loss") is not None else p.get("loss")
-        bar.set_postfix(epoch=p.get("epoch"), loss=None if loss is None else round(loss, 3), refresh=False)
-        bar.refresh()
-        if not sys.stderr.isatty() and p.get("val_loss") is not None and p.get("epoch") not in shown_epochs:
-            shown_epochs.add(p.get("epoch"))
-            print(f"    epoch {p.get('epoch')}: val loss {p['val_loss']:.3f}", file=sys.stderr)
-
-    trained = train(items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt,
-                    cache_dir=settings.models_cache, on_progress=on_progress)
-    if bar is not None:
+    bar = TrainingBar(quiet=False)
+    try:
+        trained = train(items, out_dir=out_dir, config=config, system_prompt=assistant.system_prompt,
+                        cache_dir=settings.models_cache, on_progress=bar)
+    finally:
         bar.close()
     version = store.add_model_version(assistant.id, adapter_path=out_dir, base_model=settings.base_model,
                                       dataset_hash=trained.data_hash, hyperparameters=trained.hyperparameters)
     store.activate_version(version.id)
     print(f"    trained in {trained.duration_s:.0f} s ({trained.tokens_per_s:.0f} tokens/s); version #{version.id} active")
 
+
+def _demo_evaluate(app, args, assistant, out_dir: str, folder, engine):
+    """Every mode on the held-out rewordings and the out-of-scope questions: (held out, out of scope, result)."""
+    from tuning.data.formats import read_examples
+    from tuning.evaluate import evaluate, markdown_table
+
+    settings = app.settings
+    prefix = DEMOS[args.language][1]
     held_out = read_examples(folder / f"{prefix}_eval.jsonl").records[: args.max_eval]
     oos_path = folder / f"{prefix}_out_of_scope.jsonl"
     out_of_scope = [json.loads(line)["question"] for line in oos_path.read_text(encoding="utf-8").splitlines()
@@ -324,7 +344,6 @@ def cmd_demo(args, app) -> int:
     print(f"4/5 answering {len(held_out)} held-out customer questions and {len(out_of_scope)} out-of-scope ones "
           f"in every mode: {', '.join(modes)}")
     eval_bar = _progress((len(modes) - 1) * (len(held_out) + len(out_of_scope)), "evaluating")
-    engine = _engine_for(app, assistant)
     result = evaluate(held_out, base_model=settings.base_model, adapter_dir=out_dir, modes=modes,
                       system_prompt=assistant.system_prompt, cache_dir=settings.models_cache, max_new_tokens=64,
                       out_of_scope=out_of_scope, engine=engine,
@@ -333,26 +352,21 @@ def cmd_demo(args, app) -> int:
     print()
     print(markdown_table(result))
     print()
-    store.update_assistant(assistant.id, description=f"{description}: "
-                                                     f"{json.dumps({m: v['accuracy'] for m, v in result['modes'].items()})}")
-    print("5/5 what a customer gets (auto mode: grounded answers with their sources, \"I don't know\" when unsure)")
+    accuracy = json.dumps({m: v["accuracy"] for m, v in result["modes"].items()})
+    app.store.update_assistant(assistant.id, description=f"{DEMOS[args.language][3]}: {accuracy}")
+    return held_out, out_of_scope, result
+
+
+def _demo_answers(app, engine, assistant, questions: list[str], *, threshold: float) -> None:
+    """What the chat answers: the text, why it abstained (and the unanswered question it queued), its sources."""
     from tuning.answering.service import answer_question
 
-    samples = [r.question for r in held_out[:2]] + out_of_scope[:1]
-    try:
-        for question in samples:
-            answer = answer_question(store, engine, assistant.id, question, indexes=app.indexes)
-            print(f"Q: {question}\nA: {answer.text}")
-            if answer.abstained:
-                print(f"   (confidence {answer.confidence:.2f} below {result['abstain_threshold']:.2f}: queued for "
-                      f"the experts as unanswered #{answer.unanswered_id}; they answer it in /review)")
-            if answer.sources:
-                print("   sources: " + "; ".join(f"#{i} {q[:70]}" for i, q in answer.sources))
-            print()
-        print(f"done in {time.perf_counter() - started:.0f} s. Chat with it: tunebot chat --assistant {name} [--compare]")
-        if sys.stdin.isatty():
-            return chat_loop(app, store.get_assistant(assistant.id),
-                             argparse.Namespace(mode="auto", version=None, compare=False, max_tokens=None, json=False))
-    finally:
-        engine.close()
-    return 0
+    for question in questions:
+        answer = answer_question(app.store, engine, assistant.id, question, indexes=app.indexes)
+        print(f"Q: {question}\nA: {answer.text}")
+        if answer.abstained:
+            print(f"   (confidence {answer.confidence:.2f} below {threshold:.2f}: queued for "
+                  f"the experts as unanswered #{answer.unanswered_id}; they answer it in /review)")
+        if answer.sources:
+            print("   sources: " + "; ".join(f"#{i} {q[:70]}" for i, q in answer.sources))
+        print()

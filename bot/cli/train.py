@@ -1,4 +1,4 @@
-"""CLI commands `train --data FILE --out DIR` and `eval --model DIR --data FILE` (train --assistant: bot.cli_jobs)."""
+"""CLI commands `train --data FILE --out DIR` and `eval --model DIR --data FILE` (train --assistant: bot.cli.jobs)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def train_options(args: argparse.Namespace) -> dict:
     """The TrainConfig fields given on the command line (other than the base model, which has its own default):
     what `train --data` runs with and what `train --assistant` puts in the job's params."""
-    from tuning.training.train import TrainConfig
+    from tuning.training.config import TrainConfig
 
     given = {}
     for f in dataclasses.fields(TrainConfig):
@@ -63,8 +63,8 @@ def train_options(args: argparse.Namespace) -> dict:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `train` options; dests are TrainConfig field names (bot.cli_jobs forwards them to queued runs)."""
-    from bot.cli_jobs import add_assistant_arguments
+    """The `train` options; dests are TrainConfig field names (bot.cli.jobs forwards them to queued runs)."""
+    from bot.cli.jobs import add_assistant_arguments
 
     parser.add_argument("--data", metavar="FILE", help="question-answer pairs (JSONL or CSV) to train on")
     parser.add_argument("--out", metavar="DIR", help="output folder (adapter, report, loss curve); "
@@ -156,27 +156,25 @@ def _read_questions(path: str, what: str) -> list[str]:
     return questions
 
 
-class _Progress:
-    """A tqdm bar on a terminal; one line per epoch on stderr otherwise."""
+class TrainingBar:
+    """on_progress for a training in a terminal: a tqdm bar on a terminal; one line per epoch on stderr otherwise."""
 
     def __init__(self, quiet: bool):
         self.bar = None
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
 
-    def __call__(self, p: dict) -> None:
+    def __call__(self, p) -> None:  # a tuning.training.progress.TrainProgress
         if self.tty:
             from tqdm import tqdm
 
             if self.bar is None:
-                self.bar = tqdm(total=p["total_steps"], desc="training", unit="step", file=sys.stderr)
-            self.bar.n = p["step"]
-            self.bar.set_postfix(epoch=p["epoch"], loss=p["loss"], val=p.get("val_loss"),
-                                 tok_s=p.get("tokens_per_s"), refresh=True)
-        elif not self.quiet and p.get("epoch_done"):
-            val = "" if p.get("val_loss") is None else f", val loss {p['val_loss']:.4f}"
-            print(f"epoch {p['epoch']}: loss {p['loss']:.4f}{val}, {p['tokens_per_s']:.0f} tokens/s",
-                  file=sys.stderr)
+                self.bar = tqdm(total=p.total_steps, desc="training", unit="step", file=sys.stderr)
+            self.bar.n = p.step
+            self.bar.set_postfix(epoch=p.epoch, loss=p.loss, val=p.val_loss, tok_s=p.tokens_per_s, refresh=True)
+        elif not self.quiet and p.epoch_done:
+            val = "" if p.val_loss is None else f", val loss {p.val_loss:.4f}"
+            print(f"epoch {p.epoch}: loss {p.loss:.4f}{val}, {p.tokens_per_s:.0f} tokens/s", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -184,17 +182,18 @@ class _Progress:
 
 
 def cmd_train(args, app) -> int:
-    """`tunebot train`: --assistant queues a run (bot.cli_jobs); --data trains here and now."""
+    """`tunebot train`: --assistant queues a run (bot.cli.jobs); --data trains here and now."""
     if getattr(args, "assistant", None):
         if args.data:
             raise CommandError("give either --assistant NAME or --data FILE, not both")
-        from bot.cli_jobs import train_assistant
+        from bot.cli.jobs import train_assistant
 
         return train_assistant(args, app)
     if not args.data or not args.out:
         raise CommandError("train needs --data FILE --out DIR (or --assistant NAME)")
     from tuning.data.dataset import TrainItem, add_mutations
-    from tuning.training.train import TrainConfig, train
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
 
     settings = app.settings
     records = _read(args.data, "--data")
@@ -205,7 +204,7 @@ def cmd_train(args, app) -> int:
     if n:
         items = add_mutations(items, n=n, seed=args.seed or 0)
     config = TrainConfig(base_model=args.base_model or settings.base_model, **train_options(args))
-    progress = _Progress(quiet=False)
+    progress = TrainingBar(quiet=False)
     try:
         report = train(items, out_dir=args.out, config=config, system_prompt=args.system_prompt,
                        cache_dir=settings.models_cache, on_progress=progress, resume=not args.no_resume)

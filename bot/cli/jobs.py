@@ -11,6 +11,7 @@ import sys
 import time
 
 from bot.cli import CommandError
+from tuning.training.progress import TrainProgress
 
 DONE = ("succeeded", "failed", "cancelled")
 
@@ -98,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------ train --assistant
 def add_assistant_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `train` options for queueing a run of an assistant (bot.cli_train calls this)."""
+    """The `train` options for queueing a run of an assistant (bot.cli.train calls this)."""
     parser.add_argument("--assistant", metavar="NAME",
                         help="queue a training run of this assistant's approved examples")
     parser.add_argument("--at", metavar="TIME",
@@ -135,7 +136,7 @@ def train_assistant(args: argparse.Namespace, app) -> int:
     store = app.store
     assistant = store.assistant_by_name(args.assistant)
     params: dict = {}
-    from bot.cli_train import train_options
+    from bot.cli.train import train_options
 
     options = train_options(args)
     if options:
@@ -198,22 +199,22 @@ def _job_dict(job) -> dict:
 
 
 def _progress_text(job) -> str:
-    p = job.progress or {}
+    p, tp = job.progress or {}, TrainProgress.of_job(job.progress)
     parts = [f"job #{job.id} {job.status}"]
     if p.get("phase") == "evaluating" and p.get("eval_total"):
         parts.append(f"evaluating {p.get('eval_mode')} {p.get('eval_done')}/{p['eval_total']}")
     elif p.get("phase") and p.get("phase") != "training":
         parts.append(p["phase"])
-    if p.get("total_steps"):
-        parts.append(f"step {p.get('step', 0)}/{p['total_steps']}")
-    if p.get("epochs"):
-        parts.append(f"epoch {p.get('epoch')}/{p['epochs']}")
-    if p.get("loss") is not None:
-        parts.append(f"loss {p['loss']:.4g}")
-    if p.get("val_loss") is not None:
-        parts.append(f"val {p['val_loss']:.4g}")
-    if p.get("eta_s"):
-        parts.append(f"eta {int(p['eta_s'])}s")
+    if tp is not None:
+        parts.append(f"step {tp.step}/{tp.total_steps}")
+        if tp.epochs:
+            parts.append(f"epoch {tp.epoch}/{tp.epochs}")
+        if tp.loss is not None:
+            parts.append(f"loss {tp.loss:.4g}")
+        if tp.val_loss is not None:
+            parts.append(f"val {tp.val_loss:.4g}")
+        if tp.eta_s:
+            parts.append(f"eta {int(tp.eta_s)}s")
     if job.error and job.status != "succeeded":
         parts.append(f"({job.error})")
     return " · ".join(parts)
@@ -264,13 +265,13 @@ def follow(app, job_id: int, *, interval: float = 1.0, as_json: bool = False) ->
     job = store.get_job(job_id)
     try:
         for job in watch_job(store, job_id, interval=interval, sleep=sleep):
-            total = (job.progress or {}).get("total_steps")
-            if tty and total and job.status == "running":
+            tp = TrainProgress.of_job(job.progress)
+            if tty and tp is not None and job.status == "running":
                 if bar is None:
                     from tqdm import tqdm
 
-                    bar = tqdm(total=total, desc=f"job #{job.id}", unit="step", file=sys.stderr)
-                bar.n = min(total, job.progress.get("step", 0))
+                    bar = tqdm(total=tp.total_steps, desc=f"job #{job.id}", unit="step", file=sys.stderr)
+                bar.n = min(tp.total_steps, tp.step)
                 bar.set_postfix_str(_progress_text(job).split(" · ", 1)[-1], refresh=True)
             elif not as_json:
                 line = _progress_text(job)
@@ -308,8 +309,8 @@ def cmd_jobs_list(args: argparse.Namespace, app) -> int:
         return 0
     names = {a.id: a.name for a in app.store.list_assistants()}
     for job in jobs:
-        p = job.progress or {}
-        step = f"{p.get('step', 0)}/{p['total_steps']}" if p.get("total_steps") else ""
+        tp = TrainProgress.of_job(job.progress)
+        step = f"{tp.step}/{tp.total_steps}" if tp is not None else ""
         when = job.scheduled_at if job.status == "scheduled" else job.created_at
         extra = job.error if job.status in ("failed", "cancelled") else (
             f"version #{job.result['version_id']}" if job.result.get("version_id") else "")

@@ -12,13 +12,13 @@ from tuning import exitcodes
 # Each module defines `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`;
 # a command function takes (args, app) and returns an exit code.
 COMMAND_MODULES = [
-    "bot.cli_data",
-    "bot.cli_generate",
-    "bot.cli_serve",
-    "bot.cli_run",
-    "bot.cli_jobs",
-    "bot.cli_train",
-    "bot.cli_export",
+    "bot.cli.data",
+    "bot.cli.generate",
+    "bot.cli.serve",
+    "bot.cli.run",
+    "bot.cli.jobs",
+    "bot.cli.train",
+    "bot.cli.export",
 ]
 
 EXIT_USAGE = exitcodes.USAGE
