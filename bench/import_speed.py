@@ -41,7 +41,7 @@ def per_row_import(store: Store, assistant_id: int, data: bytes) -> int:
     for record in read_examples(data, filename="bench.jsonl").records:
         try:
             store.add_example(assistant_id, record.question, record.answer, source="import", status="pending",
-                              split=record.split or "train",
+                              split=record.split,
                               must_contain=list(record.must_contain) if record.must_contain else None)
         except DuplicateExample:
             continue
@@ -58,7 +58,7 @@ def original_per_row_import(store: Store, assistant_id: int, data: bytes) -> int
         now = store.now()
         eid = store.db["examples"].insert({
             "assistant_id": assistant_id, "question": record.question, "answer": record.answer, "source": "import",
-            "status": "pending", "split": record.split or "train", "parent_id": None, "method": None,
+            "status": "pending", "split": record.split, "parent_id": None, "method": None,
             "author_id": None, "generation_run_id": None, "document_id": None, "chunk_ref": None,
             "judge_score": None, "must_contain": json.dumps(list(record.must_contain)) if record.must_contain else None,
             "question_hash": question_hash(record.question), "created_at": now, "updated_at": now}).last_pk

@@ -40,7 +40,7 @@ def plain_generate(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     """Greedy answer tokens of transformers' own generate() (end-of-turn token left out), the reference for the Engine."""
     import torch
 
-    from tuning.generation import encode_prompt
+    from tuning.prompts import encode_prompt
 
     ids = encode_prompt(tokenizer, messages)
     with torch.inference_mode():

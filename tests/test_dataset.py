@@ -44,7 +44,7 @@ def test_labels_mask_the_prompt_and_keep_answer_plus_end_of_turn(tokenizer):
 
 
 def test_prompt_tokens_match_what_inference_feeds(tokenizer):
-    from tuning.generation import encode_prompt
+    from tuning.prompts import encode_prompt
 
     enc = encode_item(tokenizer, "Hours on Sunday?", "Closed.", system_prompt="S")
     prompt_ids = encode_prompt(tokenizer, build_messages("Hours on Sunday?", system_prompt="S"))[0].tolist()

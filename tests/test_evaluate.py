@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -32,37 +31,6 @@ def test_select_fewshot_picks_the_most_similar_questions():
             ("Do you ship abroad?", "Yes"), ("How much is a medium parcel?", "€7.50")]
     shots = select_fewshot("how much does a small parcel cost", pool, k=2)
     assert len(shots) == 2 and shots[-1] == pool[0] and shots[0] == pool[3]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def test_stream_and_answer_agree_and_report_timing(tiny):
-    from tuning.generation import generate_answer, stream_generate
-    from tuning.prompts import build_messages
-
-    model, tok = tiny
-    messages = build_messages("Where is the depot?")
-    pieces = list(stream_generate(model, tok, messages, max_new_tokens=12))
-    answer = generate_answer(model, tok, messages, max_new_tokens=12)
-    assert "".join(pieces).strip() == answer.text
-    assert answer.ttft_ms > 0 and 0 < answer.n_tokens <= 12
-    assert answer.stopped == (answer.n_tokens < 12)  # a random model rarely ends by itself
-
-
-def test_stop_event_ends_generation_early(tiny):
-    from tuning.generation import generate_answer
-    from tuning.prompts import build_messages
-
-    model, tok = tiny
-    stop = threading.Event()
-    stop.set()
-    answer = generate_answer(model, tok, build_messages("q"), max_new_tokens=50, stop_event=stop)
-    assert answer.n_tokens <= 1 and not answer.stopped
 
 
 def test_evaluate_compares_every_mode_with_the_lookup_baseline(tiny_model_dir, tmp_path):

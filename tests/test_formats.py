@@ -38,10 +38,10 @@ def test_three_jsonl_shapes_and_optional_fields():
     result = read_examples(data)
     assert result.errors == []
     assert result.records == [
-        Record("Q1", "A1", 1),
-        Record("Q2", "A2", 2, must_contain=("A2", "x"), split="test"),
-        Record("Q3", "A3", 3),
-        Record("Q4", "A4", 4, split="val"),
+        Record("Q1", "A1", line=1),
+        Record("Q2", "A2", must_contain=("A2", "x"), split="test", line=2),
+        Record("Q3", "A3", line=3),
+        Record("Q4", "A4", split="val", line=4),
     ]
 
 
@@ -124,7 +124,7 @@ def test_csv_errors_and_optional_columns():
                "Q4\n"                               # 5 missing answer
                "Q5,A5,,later\n").encode() + b"Q6,\xff\xfe,,\n"  # 6 bad split, 7 not UTF-8
     result = read_examples(content, filename="x.csv")
-    assert result.records == [Record("Q1", "A1 €4.90", 2, must_contain=("€4.90", "A1"), split="test")]
+    assert result.records == [Record("Q1", "A1 €4.90", must_contain=("€4.90", "A1"), split="test", line=2)]
     assert [(e.line, e.code) for e in result.errors] == [
         (3, "empty"), (4, "csv_columns"), (5, "missing"), (6, "bad_split"), (7, "encoding")]
 
@@ -154,7 +154,7 @@ def test_missing_file_is_a_format_error(tmp_path):
 def test_utf16_with_bom_is_converted():
     text = '{"question": "Привет?", "answer": "Здравствуйте."}\n'
     result = read_examples(text.encode("utf-16"))
-    assert result.records == [Record("Привет?", "Здравствуйте.", 1)]
+    assert result.records == [Record("Привет?", "Здравствуйте.", line=1)]
 
 
 # ---------------------------------------------------------------- writing

@@ -195,7 +195,7 @@ def test_adapter_logits_are_exactly_peft_logits(engine, adapters, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuning.generation import encode_prompt
+    from tuning.prompts import encode_prompt
 
     engine.answer(QUESTION, adapter_dir=adapters[2], max_new_tokens=1)  # the engine's LoRA layers point at a2 now
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), adapters[2]).eval()
@@ -244,7 +244,7 @@ def test_engine_records_the_first_tokens_alternatives_as_the_model_scored_them(e
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tuning.generation import encode_prompt
+    from tuning.prompts import encode_prompt
     from tuning.answering.requests import ALTERNATIVES, ALTERNATIVE_STEPS
 
     messages = prepare_messages(QUESTION)
@@ -292,7 +292,7 @@ def test_a_broken_adapter_is_a_clear_error_and_every_other_model_answers_as_befo
     and base answers were garbage for every assistant until a restart."""
     import torch
 
-    from tuning.generation import encode_prompt
+    from tuning.prompts import encode_prompt
     from tuning.answering.requests import AdapterLoadError
 
     good = make_random_adapter(untied_model_dir, tmp_path / "good", seed=5)

@@ -89,7 +89,7 @@ def agreement(a, b) -> tuple[float, float]:
 def prompt_ids(model_dir: str) -> list[int]:
     from transformers import AutoTokenizer
 
-    from tuning.generation import encode_prompt
+    from tuning.prompts import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return encode_prompt(tok, [{"role": "system", "content": "Answer briefly."},

@@ -116,7 +116,7 @@ def _trained_system_prompt(adapter_dir) -> str:
 
 
 def _lookup_answer(hits):
-    from tuning.generation import GeneratedAnswer
+    from tuning.answering.requests import GeneratedAnswer
 
     return GeneratedAnswer(text=hits[0].answer if hits else "", ttft_ms=0.0, n_tokens=0, tokens_per_s=0.0,
                            stopped=True)
@@ -260,7 +260,6 @@ class _Engines:
 def _answers(mode: str, engines: _Engines, questions: Sequence[str], hits_of: Sequence, *, k: int,
              system_prompt: str, max_new_tokens: int, on_progress) -> list:
     """Every question answered in one mode, all submitted first so that the engine batches them."""
-    from tuning.answering.requests import generated_answer
     from tuning.grounding import render_question
     from tuning.prompts import build_messages
 
@@ -274,7 +273,7 @@ def _answers(mode: str, engines: _Engines, questions: Sequence[str], hits_of: Se
                                      max_new_tokens=max_new_tokens))
     answers = []
     for i, generation in enumerate(pending):
-        answers.append(generated_answer(generation.result()))
+        answers.append(generation.result())
         if on_progress:
             on_progress(mode, i + 1, len(pending))
     return answers

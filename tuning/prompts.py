@@ -28,3 +28,9 @@ def build_messages(question: str, *, system_prompt: str = "",
 def training_messages(question: str, answer: str, *, system_prompt: str = "") -> list[dict]:
     """One training conversation: system, question, answer."""
     return [*build_messages(question, system_prompt=system_prompt), {"role": "assistant", "content": answer}]
+
+
+def encode_prompt(tokenizer, messages: list[dict]):
+    """input_ids (1, n) of the chat template with the generation prompt appended."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -122,7 +122,9 @@ def cmd_generate(args, app) -> int:
     _report_runs(args, store, assistant, runs)
     failed = [r for r in runs if r.status != "succeeded"]
     if failed:
-        raise GenerationError(f"run #{failed[0].id}: {failed[0].error}")
+        resume = f"; resume with `tunebot generate --assistant {assistant.name} --resume {failed[0].id}`" \
+            if failed[0].method != "mutate" else ""
+        raise GenerationError(f"run #{failed[0].id}: {failed[0].error}{resume}")
     return 0
 
 

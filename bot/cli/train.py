@@ -197,7 +197,7 @@ def cmd_train(args, app) -> int:
 
     settings = app.settings
     records = _read(args.data, "--data")
-    items = [TrainItem(r.question, r.answer, group=f"line{r.line}", split=r.split or "train") for r in records]
+    items = [TrainItem(r.question, r.answer, group=f"line{r.line}", split=r.split) for r in records]
     n = parse_augment(args.augment, settings.mutations_per_example)
     if n is None:
         n = settings.mutations_per_example if not any(i.variation for i in items) else 0

@@ -103,6 +103,10 @@ def test_a_russian_conversation_has_no_english_words(bot):
 
     bot.ask(OWNER, "/train", **ru)
     queued = bot.press(OWNER, "tr:now", **ru)[-1].text
+    busy = bot.press(OWNER, "tr:now", **ru)[-1].text  # a second run while the first waits: said in Russian
+    assert "уже обучается" in busy and "/jobs" in busy and "tunebot" not in busy, busy
+    assert [getattr(e, "code", None) for e in bot.errors] == ["training_busy"]  # worded by the global handler
+    bot.errors.clear()
     jobs = bot.ask(OWNER, "/jobs", **ru)[-1].text
     assert "обучение: в очереди" in jobs, jobs
     assert bot.errors == [], bot.errors

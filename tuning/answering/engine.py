@@ -169,7 +169,7 @@ class Engine(AdapterSlots, SubmittingEngine):
         return generation
 
     def _encode(self, messages: list[dict]):
-        from tuning.generation import encode_prompt
+        from tuning.prompts import encode_prompt
 
         try:
             with self._encode_lock:

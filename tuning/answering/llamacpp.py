@@ -136,7 +136,7 @@ class LlamaCppEngine(SubmittingEngine):
     def submit(self, messages: list[dict], *, adapter_dir: str | Path | None = None,
                max_new_tokens: int | None = None, temperature: float | None = None) -> Generation:
         """Queue a request; iterate the returned Generation for text pieces (as with the torch Engine)."""
-        from tuning.generation import encode_prompt
+        from tuning.prompts import encode_prompt
 
         self.load()
         try:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tuning.answering.requests import AnswerResult, InferenceError, generated_answer, prepare_messages
+from tuning.answering.requests import GeneratedAnswer, InferenceError, prepare_messages
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class RemoteEngine:
         end = time.perf_counter()
         first = first or end
         n = len(pieces)
-        return generated_answer(AnswerResult(
+        return GeneratedAnswer(
             text="".join(pieces), ttft_ms=(first - start) * 1000, n_tokens=n,
             tokens_per_s=(n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
-            stopped=n < (kw.get("max_new_tokens") or self.max_new_tokens)))
+            stopped=n < (kw.get("max_new_tokens") or self.max_new_tokens))

@@ -1,5 +1,5 @@
 """A request to answer, as every engine sees it: the messages, the Generation handle that streams its tokens
-and its result (AnswerResult), the errors answering raises, and stream()/answer() over an engine's submit()."""
+and its result (GeneratedAnswer), the errors answering raises, and stream()/answer() over an engine's submit()."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ class ContextLengthExceeded(InferenceError):
 
 
 @dataclass(frozen=True)
-class AnswerResult:
-    """A generated answer with its timings; `stopped` means it ended on end-of-turn, not the token limit."""
+class GeneratedAnswer:
+    """A generated answer with its timings (every engine's, and what evaluation scores); `stopped` means it ended
+    on end-of-turn, not the token limit."""
 
     text: str
     ttft_ms: float
@@ -57,15 +58,6 @@ class AnswerResult:
     prompt_tokens: int = 0
     token_logprobs: tuple[float, ...] = ()  # of each answer token when it was chosen: how sure the model was
     alternatives: tuple = ()  # of the first ALTERNATIVE_STEPS tokens: the likeliest (text, log-probability) pairs
-
-
-def generated_answer(result: AnswerResult):
-    """The answer as tuning.generation's GeneratedAnswer, the type evaluation and the bot read."""
-    from tuning.generation import GeneratedAnswer
-
-    return GeneratedAnswer(text=result.text, ttft_ms=result.ttft_ms, n_tokens=result.n_tokens,
-                           tokens_per_s=result.tokens_per_s, stopped=result.stopped,
-                           token_logprobs=result.token_logprobs, alternatives=result.alternatives)
 
 
 def _build_messages(question: str, *, system_prompt: str, fewshot: Sequence[tuple[str, str]]) -> list[dict]:
@@ -129,14 +121,14 @@ class Generation:
                 raise item
             yield item
 
-    def result(self) -> AnswerResult:
+    def result(self) -> GeneratedAnswer:
         """Wait for the end and return the whole answer with its timings."""
         for _ in self:
             pass
         end = self.finished_at or time.perf_counter()
         first = self.first_token_at or end
         decode_s = max(end - first, 1e-9)
-        return AnswerResult(
+        return GeneratedAnswer(
             text=self.text, ttft_ms=(first - self.submitted) * 1000, n_tokens=self.n_tokens,
             tokens_per_s=(self.n_tokens - 1) / decode_s if self.n_tokens > 1 else 0.0,
             stopped=self.stopped, prompt_tokens=self.prompt_tokens,
@@ -219,4 +211,4 @@ class SubmittingEngine:
         kw.pop("adapter_name", None)
         messages = prepare_messages(question_or_messages, system_prompt=kw.pop("system_prompt", ""),
                                     fewshot=kw.pop("fewshot", ()))
-        return generated_answer(self.submit(messages, **kw).result())
+        return self.submit(messages, **kw).result()

@@ -146,7 +146,7 @@ def encode_item(tokenizer, question: str, answer: str, *, system_prompt: str = "
     full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to plain concatenation
         full = prompt + answer + (tokenizer.eos_token or "")
-    # The prompt is tokenized on its own, exactly as at inference time (tuning.generation.encode_prompt).
+    # The prompt is tokenized on its own, exactly as at inference time (tuning.prompts.encode_prompt).
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id

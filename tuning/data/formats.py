@@ -9,10 +9,11 @@ import io
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.records import NewExample
 from storage.text import normalize_question
 from tuning.errors import FormatError
 
@@ -53,14 +54,11 @@ MESSAGES: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class Record:
-    """One readable question–answer pair and the line it started on."""
+class Record(NewExample):
+    """One readable question–answer pair (an example to add, split "train" unless the file says) and the line it
+    started on."""
 
-    question: str
-    answer: str
-    line: int
-    must_contain: tuple[str, ...] | None = None
-    split: str | None = None
+    line: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -142,9 +140,9 @@ def _must_contain(value: Any) -> tuple[str, ...] | None:
     return tokens or None
 
 
-def _split(value: Any) -> str | None:
+def _split(value: Any) -> str:
     if value is None or value == "":
-        return None
+        return "train"
     if not isinstance(value, str) or value.strip().lower() not in SPLIT_NAMES:
         raise _Skip("bad_split", value=json.dumps(value, ensure_ascii=False)[:_MAX_PARAM_CHARS])
     return SPLIT_NAMES[value.strip().lower()]
@@ -185,7 +183,7 @@ def record_from_object(obj: Any, *, line: int, max_field_chars: int = 4000) -> R
         answer = _text(obj.get("completion"), "completion", max_field_chars)
     else:
         raise _Skip("unknown_shape", keys=", ".join(map(str, obj)) or "none")
-    return Record(question, answer, line, _must_contain(obj.get("must_contain")), _split(obj.get("split")))
+    return Record(question, answer, _split(obj.get("split")), _must_contain(obj.get("must_contain")), line=line)
 
 
 def _decode_line(raw: bytes) -> str:
@@ -324,7 +322,7 @@ def _read_csv(data: bytes, limit: int, filename: str | None) -> tuple[list[Recor
             must = cell(mc_col)
             must_contain = tuple(t.strip() for t in must.replace(";", "|").split("|") if t.strip()) if must else None
             records.append(Record(_text(cell(q_col), names[q_col], limit), _text(cell(a_col), names[a_col], limit),
-                                  number, must_contain or None, _split(cell(split_col))))
+                                  _split(cell(split_col)), must_contain or None, line=number))
         except _Skip as skip:
             errors.append(LineError(number, str(skip), skip.code, skip.params))
     return records, errors

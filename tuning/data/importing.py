@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from storage import DuplicateExample, InvalidValue, NewExample, StorageError, Store
+from storage import DuplicateExample, InvalidValue, StorageError, Store
 from tuning.data.formats import LineError, line_error, read_examples
 from tuning.data.writing import write_examples
 
@@ -101,7 +101,7 @@ def import_file(store: Store, assistant_id: int, source: str | Path | bytes, *, 
     for start in range(0, total, IMPORT_BATCH):
         batch = records[start:start + IMPORT_BATCH]
         outcomes = store.add_examples(
-            assistant_id, [NewExample(r.question, r.answer, r.split or "train", r.must_contain) for r in batch],
+            assistant_id, batch,
             source=source_kind, status="approved" if approve else "pending", author_id=author_id)
         for record, outcome in zip(batch, outcomes):
             if isinstance(outcome, DuplicateExample):

@@ -1,13 +1,13 @@
-"""Variations from a larger model over any OpenAI-compatible endpoint: paraphrases, new pairs, pairs from documents."""
+"""Variations from a larger model over any OpenAI-compatible endpoint: paraphrases, new pairs, pairs from documents.
+
+The client (budget, retries) is in `synthetic_client`, the prompts and reply parsing in `synthetic_prompts`."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from storage.errors import DuplicateExample
@@ -15,156 +15,13 @@ from tuning.data.dedup import DEFAULT_THRESHOLD, detect_language, index_for_assi
 from tuning.data.synthetic_prompts import (CHUNK_CHARS, SCORE_SCHEMA, SHOTS, BadOutput, document_messages, extract_pairs,
                                           extract_questions, extract_score, judge_messages, new_pairs_messages,
                                           pairs_schema, paraphrase_messages, parse_json_payload, questions_schema)
+from tuning.data.synthetic_client import Budget, ClientConfig, BudgetedClient, RunStopped
 from tuning.errors import GenerationError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("paraphrase", "new", "document")
 STOP_POLL_S = 0.2  # how often generate() checks should_stop
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How to reach the larger model and how patiently to talk to it."""
-
-    base_url: str = ""
-    api_key: str = field(default="", repr=False)  # kept out of logs and tracebacks
-    model: str = "gpt-4o-mini"
-    timeout_s: float = 60.0
-    concurrency: int = 4
-    max_retries: int = 4  # per request, on 429, 5xx, timeouts and connection errors
-    backoff_s: float = 1.0  # first wait; doubles each retry, Retry-After wins when the server sends one
-    max_backoff_s: float = 30.0
-    temperature: float = 0.8
-    max_completion_tokens: int = 700
-    price_per_1k_tokens: float = 0.0006
-    json_schema: bool = False  # also send a JSON schema (llama.cpp's server enforces it; OpenAI ignores json_object's)
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Per-run limits; reaching one stops the run cleanly (it can be resumed)."""
-
-    max_requests: int = 200
-    max_tokens: int = 200_000
-
-
-class _Stop(Exception):
-    """The whole run must stop (budget spent, endpoint unusable)."""
-
-
-# ------------------------------------------------------------------ parsing
-def _retry_after(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    if headers.get("retry-after-ms"):
-        try:
-            return float(headers["retry-after-ms"]) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else None
-
-
-def _describe(exc: Exception) -> str:
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
-        return "the request timed out"
-    if isinstance(exc, openai.APIConnectionError):
-        return f"cannot connect to the endpoint ({exc.__cause__ or exc})"
-    if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code} from the endpoint ({str(exc.message)[:120]})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-class _Runner:
-    """One generation run: a client, a budget, bounded concurrency, and items saved as they arrive."""
-
-    def __init__(self, store, run, *, config: ClientConfig, budget: Budget, client=None):
-        from openai import AsyncOpenAI
-
-        self.store, self.run, self.config, self.budget = store, run, config, budget
-        self.client = client or AsyncOpenAI(base_url=config.base_url or None, api_key=config.api_key or "sk-no-key",
-                                            timeout=config.timeout_s, max_retries=0)
-        self.semaphore = asyncio.Semaphore(max(1, config.concurrency))
-        self.requests = self.tokens = 0
-        self.stop_reason: str | None = None
-        self.stop_status = "stopped"
-        self.problems: list[str] = []
-
-    def _halt(self, reason: str, status: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason, self.stop_status = reason, status
-        raise _Stop(reason)
-
-    async def call(self, messages: list[dict], *, schema: dict | None, seed_offset: int = 0) -> str:
-        """One chat completion with retries and backoff; returns the message text (may be empty)."""
-        import openai
-
-        cfg = self.config
-        response_format: dict[str, Any] = {"type": "json_object"}
-        if cfg.json_schema and schema is not None:
-            response_format["schema"] = schema
-        extra: dict[str, Any] = {}
-        if cfg.seed is not None:
-            extra["seed"] = cfg.seed + seed_offset
-        last = ""
-        for attempt in range(cfg.max_retries + 1):
-            async with self.semaphore:
-                if self.stop_reason is not None:
-                    raise _Stop(self.stop_reason)
-                if self.requests >= self.budget.max_requests:
-                    self._halt(f"budget spent: {self.requests} requests (the limit is {self.budget.max_requests})"
-                               + (f"; last error: {last}" if last else ""), "stopped")
-                if self.tokens >= self.budget.max_tokens:
-                    self._halt(f"budget spent: {self.tokens} tokens (the limit is {self.budget.max_tokens})", "stopped")
-                self.requests += 1
-                try:
-                    response = await self.client.chat.completions.create(
-                        model=cfg.model, messages=messages, temperature=cfg.temperature,
-                        max_tokens=cfg.max_completion_tokens, response_format=response_format, **extra)
-                except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                        openai.APIConnectionError) as exc:
-                    error = exc
-                except openai.APIStatusError as exc:
-                    if exc.status_code >= 500 or exc.status_code in (408, 409):
-                        error = exc
-                    else:
-                        self.store.add_generation_usage(self.run.id, requests=1)
-                        hint = {401: "check OPENAI_API_KEY", 403: "check OPENAI_API_KEY",
-                                404: "check OPENAI_BASE_URL and the model name"}.get(exc.status_code, "")
-                        self._halt(_describe(exc) + (f"; {hint}" if hint else ""), "failed")
-                else:
-                    return self._record(response)
-            self.store.add_generation_usage(self.run.id, requests=1)
-            last = _describe(error)
-            if attempt == cfg.max_retries:
-                self._halt(f"{last} (after {cfg.max_retries + 1} tries)", "failed")
-            wait = _retry_after(error)
-            if wait is None:
-                wait = cfg.backoff_s * 2 ** attempt
-            log.info("generation request failed (%s); retrying in %.2fs", last, wait)
-            await asyncio.sleep(min(wait, cfg.max_backoff_s))
-        raise AssertionError("unreachable")
-
-    def _record(self, response) -> str:
-        usage = getattr(response, "usage", None)
-        prompt = getattr(usage, "prompt_tokens", 0) or 0
-        completion = getattr(usage, "completion_tokens", 0) or 0
-        self.tokens += prompt + completion
-        cost = (prompt + completion) / 1000 * self.config.price_per_1k_tokens
-        self.store.add_generation_usage(self.run.id, requests=1, prompt_tokens=prompt,
-                                        completion_tokens=completion, cost_usd=cost)
-        choices = getattr(response, "choices", None) or []
-        return (choices[0].message.content or "") if choices else ""
 
 
 # --------------------------------------------------------------- what to ask for, per method
@@ -296,7 +153,7 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
         document_id = previous.params.get("document_id", document_id)
         judge = bool(previous.params.get("judge", judge))
     if per_example < 1:
-        raise GenerationError("--per-example must be at least 1")
+        raise GenerationError("variations per example must be at least 1", code="per_example_min")
     tasks = _plan(store, assistant, method=method, per_example=per_example, document_id=document_id,
                   chunk_chars=chunk_chars, shots=shots)
     if resume_run_id is not None:
@@ -313,7 +170,7 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
                     "base_url": client_config.base_url, "max_requests": budget.max_requests,
                     "max_tokens": budget.max_tokens})
     generation = _Generation(
-        store, assistant, run, method=method, runner=_Runner(store, run, config=client_config, budget=budget,
+        store, assistant, run, method=method, runner=BudgetedClient(store, run, config=client_config, budget=budget,
                                                              client=client),
         index=index_for_assistant(store, assistant_id, threshold=dedup_threshold), judge=judge,
         auto_approve_above=auto_approve_above, author_id=author_id, max_chars=max_chars, max_rounds=max_rounds,
@@ -325,7 +182,7 @@ async def generate(store, assistant_id: int, *, method: str, per_example: int, c
 class _Generation:
     """The units of one run, worked on concurrently; each item checked, judged and saved as it arrives."""
 
-    def __init__(self, store, assistant, run, *, method: str, runner: _Runner, index, judge: bool,
+    def __init__(self, store, assistant, run, *, method: str, runner: BudgetedClient, index, judge: bool,
                  auto_approve_above: float, author_id: int | None, max_chars: int, max_rounds: int,
                  on_progress: Callable[[dict], None] | None) -> None:
         self.store, self.assistant, self.run, self.method, self.runner, self.index = (
@@ -363,16 +220,17 @@ class _Generation:
     def finish(self, n_tasks: int):
         runner, run_id = self.runner, self.run.id
         final = self.store.get_generation_run(run_id)
-        resume = f"resume with `tunebot generate --assistant {self.assistant.name} --resume {run_id}`"
+        # The error says what happened in the run's own terms; how to resume is the front end's to say
+        # (the CLI prints its --resume, the bot its own words).
         if runner.stop_reason is not None:
             return self.store.finish_generation_run(
                 run_id, status=runner.stop_status,
-                error=f"{runner.stop_reason}; {final.kept} items kept, {self.done} of {n_tasks} done; {resume}")
+                error=f"{runner.stop_reason}; {final.kept} items kept, {self.done} of {n_tasks} done")
         if runner.problems:
             return self.store.finish_generation_run(
                 run_id, status="failed",
                 error=f"{len(runner.problems)} of {n_tasks} got no usable answer ({runner.problems[-1]}); "
-                      f"{final.kept} items kept; {resume}")
+                      f"{final.kept} items kept")
         return self.store.finish_generation_run(run_id, status="succeeded")
 
     async def _watch(self, futures: list, should_stop: Callable[[], bool]) -> None:
@@ -387,7 +245,7 @@ class _Generation:
     async def _guarded(self, task: _Task) -> None:
         try:
             await self._work(task)
-        except _Stop:
+        except RunStopped:
             return
         self.done += 1
         self.report()

@@ -51,11 +51,13 @@ def enqueue_training(store: Store, assistant_id: int, *, at: dt.datetime | str |
     """Queue (or schedule, with `at`) a training run of the assistant's approved examples."""
     assistant = store.get_assistant(assistant_id)
     if store.count_approved_since(assistant_id, None) == 0:
-        raise JobError(f"assistant {assistant.name!r} has no approved examples yet; add or import some first")
+        raise JobError(f"assistant {assistant.name!r} has no approved examples yet; add or import some first",
+                       code="no_approved_examples", params={"name": assistant.name})
     busy = [j for j in store.list_jobs(assistant_id=assistant_id, status=("queued", "running")) if j.kind == "train"]
     if busy and at is None:
         raise JobError(f"training of {assistant.name!r} is already {busy[0].status} as job #{busy[0].id}; "
-                       f"wait for it or cancel it with `tunebot jobs cancel {busy[0].id}`")
+                       f"wait for it or cancel job #{busy[0].id}", code="training_busy",
+                       params={"name": assistant.name, "id": busy[0].id})
     return _create(store, "train", assistant_id, at=at, priority=priority, params=params,
                    created_by=created_by, tg_chat_id=tg_chat_id, gpus=gpus, max_attempts=max_attempts)
 

@@ -155,5 +155,5 @@ def set_policy(store: Store, assistant_id: int, *, cron: str, min_new: int = 1, 
     """Validate the cron line and store the assistant's retraining policy (it survives restarts)."""
     cron_trigger(cron, timezone)
     if min_new < 0:
-        raise JobError("--min-new must be 0 or more")
+        raise JobError("the number of new examples that starts a run must be 0 or more", code="min_new_negative")
     return store.set_retrain_policy(assistant_id, cron=cron, min_new=min_new, enabled=enabled)
