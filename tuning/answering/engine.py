@@ -3,7 +3,6 @@ requests in batches per adapter, the batches taking decode steps in turn."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import queue
@@ -11,48 +10,15 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from pathlib import Path
 
+from tuning.answering.batch import Batch, Row, stackable_cache
 from tuning.answering.lora import AdapterSlots
 from tuning.answering.requests import (ALTERNATIVE_STEPS, ALTERNATIVES, MIN_TEMPERATURE, ContextLengthExceeded,
                                        Detokenizer, Generation, InferenceError, SubmittingEngine)
 from tuning.errors import TuningError
 
 log = logging.getLogger(__name__)
-
-def _stackable_cache(model) -> bool:
-    """Whether the model's KV cache is plain growing tensors (no sliding window), so rows can be padded and stacked."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    try:
-        layers = DynamicCache(config=model.config).layers
-    except Exception:  # a model whose cache transformers builds differently: serve its requests one at a time
-        return False
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-
-@dataclass
-class _Row:
-    """A request inside the running batch: the token it feeds next and at which position."""
-
-    generation: Generation
-    detok: Detokenizer
-    last: int = 0
-    position: int = 0
-
-
-class _Batch:
-    """Requests decoded together on one adapter: one KV cache, left-padded, with a mask of the real tokens."""
-
-    def __init__(self, adapter_dir: str | None):
-        self.adapter_dir = adapter_dir
-        self.rows: list[_Row] = []
-        self.cache = None
-        self.mask = None  # (rows, cache length) long: 1 where a row has a real token
-        self.context = contextlib.ExitStack()
 
 
 class Engine(AdapterSlots, SubmittingEngine):
@@ -80,7 +46,7 @@ class Engine(AdapterSlots, SubmittingEngine):
         self._adapters: OrderedDict[str, str] = OrderedDict()  # resolved folder -> peft adapter name
         self._names = itertools.count()
         self._active: str | None = None  # None: the base model
-        self._current: _Batch | None = None  # the batch whose adapter the LoRA layers point at
+        self._current: Batch | None = None  # the batch whose adapter the LoRA layers point at
         self._lora_layers: list | None = None  # peft's LoRA layers, found once per set of loaded adapters
         self._aux = False  # some adapter has modules_to_save: switch with peft's own set_adapter
         self.stop_ids: set[int] = set()
@@ -117,7 +83,7 @@ class Engine(AdapterSlots, SubmittingEngine):
             self.stop_ids = {i for i in (*configured, tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
                               if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
             self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-            self._batchable = _stackable_cache(model)
+            self._batchable = stackable_cache(model)
             self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
             self.tokenizer = tok
             self.model = model
@@ -237,7 +203,7 @@ class Engine(AdapterSlots, SubmittingEngine):
         except queue.Empty:
             return closing
 
-    def _activate(self, batch: _Batch) -> None:
+    def _activate(self, batch: Batch) -> None:
         """Point the LoRA layers at the batch's adapter (a resident one: a few ms), unless they already are."""
         if self._current is batch:
             return
@@ -250,13 +216,13 @@ class Engine(AdapterSlots, SubmittingEngine):
                 self._use_base(batch)
         self._current = batch
 
-    def _start_batch(self, generation: Generation) -> _Batch | None:
+    def _start_batch(self, generation: Generation) -> Batch | None:
         """A batch on the request's adapter with the request in it (None when it was cancelled or failed)."""
         if generation.cancelled.is_set():
             self.cancellations += 1
             generation._finish()
             return None
-        batch = _Batch(generation.adapter_dir)
+        batch = Batch(generation.adapter_dir)
         try:
             self._activate(batch)
         except TuningError as exc:  # reported to the waiting caller, the thread keeps serving
@@ -270,7 +236,7 @@ class Engine(AdapterSlots, SubmittingEngine):
         self._join(batch, generation)
         return batch
 
-    def _admit(self, batches: list[_Batch], pending: deque) -> None:
+    def _admit(self, batches: list[Batch], pending: deque) -> None:
         """Waiting requests join the batch of their adapter while it has room, or start one while fewer than
         _max_batches run; the others wait for a batch to finish."""
         for generation in list(pending):
@@ -301,12 +267,12 @@ class Engine(AdapterSlots, SubmittingEngine):
             inputs["logits_to_keep"] = 1
         return self.model(**inputs, use_cache=True).logits[:, -1].float()
 
-    def _join(self, batch: _Batch, generation: Generation) -> None:
+    def _join(self, batch: Batch, generation: Generation) -> None:
         """Prefill the request alone (exactly as an unbatched generate would), then stack its cache onto the batch's."""
         import torch
         from transformers import DynamicCache
 
-        row = _Row(generation, Detokenizer(self.tokenizer))
+        row = Row(generation, Detokenizer(self.tokenizer))
         try:
             input_ids = generation.input_ids
             n = int(input_ids.shape[1])
@@ -318,7 +284,7 @@ class Engine(AdapterSlots, SubmittingEngine):
             row.position = n
             if self._accept(row, self._choose(logits, [row])[0]):
                 return
-            self._stack(batch, cache, n)
+            batch.stack(cache, n, self.model.device)
         except Exception as exc:
             if not isinstance(exc, TuningError):
                 log.exception("generation failed")
@@ -328,29 +294,7 @@ class Engine(AdapterSlots, SubmittingEngine):
         batch.rows.append(row)
         self.largest_batch = max(self.largest_batch, len(batch.rows))
 
-    def _stack(self, batch: _Batch, cache, n: int) -> None:
-        """Add a prefilled cache of n tokens to the batch: both left-padded with zeros to the longer length."""
-        import torch
-        import torch.nn.functional as F
-        mask = torch.ones(1, n, dtype=torch.long, device=self.model.device)
-        if batch.cache is None:
-            batch.cache, batch.mask = cache, mask
-            return
-        length = max(batch.mask.shape[1], n)
-
-        def pad(t, size):  # (rows, heads, time, dim) or (rows, time): zeros on the left of time
-            extra = length - size
-            if not extra:
-                return t
-            return F.pad(t, (0, 0, extra, 0)) if t.dim() == 4 else F.pad(t, (extra, 0))
-
-        old = batch.mask.shape[1]
-        for mine, new in zip(batch.cache.layers, cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, old), pad(new.keys, n)])
-            mine.values = torch.cat([pad(mine.values, old), pad(new.values, n)])
-        batch.mask = torch.cat([pad(batch.mask, old), pad(mask, n)])
-
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: Batch) -> None:
         """One decoding step for every row of the batch; finished rows leave it."""
         import torch
 
@@ -370,29 +314,17 @@ class Engine(AdapterSlots, SubmittingEngine):
                 done.append(i)
         self._drop(batch, done)
 
-    def _drop(self, batch: _Batch, indices: list[int]) -> None:
+    def _drop(self, batch: Batch, indices: list[int]) -> None:
         """Remove finished rows from the batch, and the cache columns that only they used."""
         if not indices:
             return
-        import torch
-
         for i in indices:
             row = batch.rows[i]
             if not row.generation.finished_at:
                 self._finish(row)
-        keep = [i for i in range(len(batch.rows)) if i not in set(indices)]
-        batch.rows = [batch.rows[i] for i in keep]
-        if not keep:
-            return
-        index = torch.tensor(keep, device=batch.mask.device)
-        mask = batch.mask.index_select(0, index)
-        start = int(mask.any(dim=0).nonzero()[0])  # leading columns that are padding in every remaining row
-        batch.mask = mask[:, start:]
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        batch.keep([i for i in range(len(batch.rows)) if i not in set(indices)])
 
-    def _choose(self, logits, rows: list[_Row]) -> list[int]:
+    def _choose(self, logits, rows: list[Row]) -> list[int]:
         """The next token of each row: the most likely one, or a sample for rows with a temperature."""
         import torch
 
@@ -414,7 +346,7 @@ class Engine(AdapterSlots, SubmittingEngine):
                     (self.tokenizer.decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices))
         return tokens
 
-    def _accept(self, row: _Row, token: int) -> bool:
+    def _accept(self, row: Row, token: int) -> bool:
         """Stream a chosen token; True when the row is finished (end of turn, token limit or cancelled)."""
         generation = row.generation
         if token in self.stop_ids:
@@ -437,7 +369,7 @@ class Engine(AdapterSlots, SubmittingEngine):
             return True
         return False
 
-    def _finish(self, row: _Row) -> None:
+    def _finish(self, row: Row) -> None:
         if row.generation.cancelled.is_set():
             self.cancellations += 1
         piece = row.detok.flush()

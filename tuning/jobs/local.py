@@ -34,25 +34,54 @@ def job_log_path(log_dir: str | Path, job: Job) -> Path:
     return Path(log_dir) / f"{job_key(job)}.log"
 
 
-def start_child(job: Job, *, python: str, db_path: str, artifacts, default_base_model: str, cache_dir,
-                auto_promote: bool, devices: tuple[int, ...], log_path: Path, worker_id: str) -> "LocalRun":
-    """Start the job's process on `devices`, its output appended to its log (raises OSError)."""
-    cmd = [python, "-m", "tuning.jobs.child", "--db", db_path, "--job", str(job.id),
-           "--artifacts", str(artifacts), "--base-model", default_base_model, "--parent-pid", str(os.getpid())]
-    if cache_dir:
-        cmd += ["--cache-dir", str(cache_dir)]
-    if auto_promote:
-        cmd.append("--auto-promote")
-    env = job_environment(job.kind, os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    with open(log_path, "ab") as out:
-        out.write(f"--- attempt {job.attempts} by {worker_id} on devices {list(devices)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    return LocalRun(job.id, proc, devices, log_path)
+class LaunchFailed(Exception):
+    """A job could not be started; `retry` when another attempt may work (a cluster hiccup), else it fails."""
+
+    def __init__(self, reason: str, *, retry: bool, failure: dict | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retry, self.failure = reason, retry, failure
+
+
+class LocalExecutor:
+    """Runs every job kind as a subprocess of this worker, on the devices the worker gives it.
+
+    tuning.jobs.ray_executor.RayExecutor has the same interface: tick(), launch(), close().
+    """
+
+    def __init__(self, *, python: str, db_path: str, artifacts, default_base_model: str, cache_dir,
+                 auto_promote: bool, worker_id: str) -> None:
+        self.python, self.db_path, self.artifacts = python, db_path, artifacts
+        self.default_base_model, self.cache_dir, self.auto_promote = default_base_model, cache_dir, auto_promote
+        self.worker_id = worker_id
+
+    def tick(self, store: Store, running: set[int]) -> None:
+        """Nothing to relay: a local child writes its own progress."""
+
+    def launch(self, store: Store, job: Job, *, devices: tuple[int, ...], log_path: Path) -> "LocalRun":
+        """Start the job's process on `devices`, its output appended to its log."""
+        cmd = [self.python, "-m", "tuning.jobs.child", "--db", self.db_path, "--job", str(job.id),
+               "--artifacts", str(self.artifacts), "--base-model", self.default_base_model,
+               "--parent-pid", str(os.getpid())]
+        if self.cache_dir:
+            cmd += ["--cache-dir", str(self.cache_dir)]
+        if self.auto_promote:
+            cmd.append("--auto-promote")
+        env = job_environment(job.kind, os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            with open(log_path, "ab") as out:
+                out.write(f"--- attempt {job.attempts} by {self.worker_id} on devices {list(devices)}\n".encode())
+                out.flush()
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True)
+        except OSError as exc:
+            raise LaunchFailed(f"could not start the job process: {exc}", retry=False) from None
+        return LocalRun(job.id, proc, devices, log_path)
+
+    def close(self) -> None:
+        """Nothing held: the worker stops the children itself."""
 
 
 def describe_exit(code: int, log_path: Path | None = None) -> str:

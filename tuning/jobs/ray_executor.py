@@ -196,8 +196,9 @@ class RayExecutor:
     """Connects to a Ray cluster, submits portable jobs as tasks, relays their progress."""
 
     def __init__(self, *, address: str, artifacts: str, cache_dir: str | None, default_base_model: str,
-                 auto_promote: bool, namespace: str = "tunebot") -> None:
+                 auto_promote: bool, namespace: str = "tunebot", worker_id: str = "") -> None:
         self.address = address
+        self.worker_id = worker_id
         self.artifacts = artifacts
         self.cache_dir = cache_dir
         self.default_base_model = default_base_model
@@ -230,15 +231,35 @@ class RayExecutor:
         self._remote = ray.remote(execute_remote)
         log.info("connected to Ray at %s: %s", self.address or "auto", ray.cluster_resources())
 
-    def launch(self, store: Store, job: Job, *, log_path: Path | None) -> RayRun:
-        """Submit the job as a task asking for its GPUs (one when it asks for none on a GPU cluster)."""
+    def tick(self, store: Store, running: set[int]) -> None:
+        """Each pass of the worker: connect (once), and write the tasks' progress."""
         self.connect()
-        spec = executors.job_spec(store, job, default_base_model=self.default_base_model,
-                                  auto_promote=self.auto_promote)
-        gpus = job.gpus or (1 if self.cluster_gpus else 0)
-        ref = self._remote.options(num_cpus=1, num_gpus=gpus, max_retries=0, retry_exceptions=False,
-                                   name=f"tunebot-job-{job.id}").remote(
-            spec, self.channel, artifacts=self.artifacts, cache_dir=self.cache_dir)
+        self.drain(store, running)
+
+    def launch(self, store: Store, job: Job, *, devices: tuple[int, ...] = (), log_path: Path | None) -> RayRun:
+        """Submit the job as a task asking for its GPUs (one when it asks for none on a GPU cluster); `devices`
+        are this host's and not used: the cluster's GPUs are."""
+        from tuning.errors import TuningError
+        from tuning.jobs.local import LaunchFailed
+        from tuning.jobs.queue import domain_failure
+
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as out:
+                out.write(f"--- attempt {job.attempts} by {self.worker_id} on Ray at {self.address or 'auto'}\n")
+        try:
+            self.connect()
+            spec = executors.job_spec(store, job, default_base_model=self.default_base_model,
+                                      auto_promote=self.auto_promote)
+            gpus = job.gpus or (1 if self.cluster_gpus else 0)
+            ref = self._remote.options(num_cpus=1, num_gpus=gpus, max_retries=0, retry_exceptions=False,
+                                       name=f"tunebot-job-{job.id}").remote(
+                spec, self.channel, artifacts=self.artifacts, cache_dir=self.cache_dir)
+        except TuningError as exc:  # bad data or settings: retrying cannot help
+            raise LaunchFailed(str(exc), retry=False, failure=domain_failure(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the cluster hiccuped: like a crash, retried
+            log.exception("job #%s could not be submitted to Ray", job.id)
+            raise LaunchFailed(f"could not be submitted to Ray ({type(exc).__name__}: {exc})", retry=True,
+                               failure={"code": "ray_submit", "params": {}}) from None
         return RayRun(self, job, ref, log_path)
 
     def drain(self, store: Store, running: set[int]) -> None:

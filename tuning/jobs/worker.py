@@ -18,8 +18,8 @@ from storage import Job, Store, ThreadStores
 from storage.common import utcnow
 from tuning.jobs import events
 from tuning.jobs.executors import PORTABLE_KINDS
-from tuning.jobs.local import job_log_path, start_child
-from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, domain_failure, new_worker_id, prune_workers, recover_stale
+from tuning.jobs.local import LaunchFailed, LocalExecutor, job_log_path
+from tuning.jobs.queue import EXIT_STOPPED, EXIT_USER_ERROR, new_worker_id, prune_workers, recover_stale
 from tuning.jobs.scheduler import Scheduler, is_quiet
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ class Worker:
             Path(tempfile.gettempdir()) / "tunebot-logs" if is_remote(artifacts) else Path(artifacts))
         self.cache_dir = cache_dir
         self.executor = executor
+        self.id = new_worker_id()
+        # Every kind runs here as a subprocess; with executor="ray" the portable kinds run on the cluster.
+        self._local = LocalExecutor(python=python, db_path=self.db_path, artifacts=self.artifacts,
+                                    default_base_model=default_base_model, cache_dir=cache_dir,
+                                    auto_promote=auto_promote, worker_id=self.id)
         self._ray = None
         self._ray_slots = slots
         if executor == "ray":
@@ -79,7 +84,8 @@ class Worker:
 
             self._ray = RayExecutor(address=ray_address, artifacts=str(artifacts),
                                     cache_dir=str(cache_dir) if cache_dir else None,
-                                    default_base_model=default_base_model, auto_promote=auto_promote)
+                                    default_base_model=default_base_model, auto_promote=auto_promote,
+                                    worker_id=self.id)
             gpus = 0  # this host's GPUs are not used: the cluster's are
         if gpus is None:
             gpus = visible_gpus()
@@ -103,7 +109,6 @@ class Worker:
         self.clock = clock
         self.bus = bus
         self.python = python
-        self.id = new_worker_id()
         self._children: dict = {}  # job id -> LocalRun or RayRun
         self._stores = ThreadStores(db_path, clock=clock)
         self._stop = threading.Event()
@@ -148,9 +153,10 @@ class Worker:
                 self._publish("state", job)
             prune_workers(store, stale_after_s=self.stale_after_s)
             self._recovered, self._last_recover = True, mono
-        if self._ray is not None:
-            self._connect_ray(store)
-            self._ray.drain(store, set(self._children))
+        for executor in self._executors:
+            executor.tick(store, set(self._children))
+        if self._ray is not None and not self._ray_slots:
+            self.cpu_slots = max(1, self._ray.cluster_gpus)  # slots default to the cluster's GPU count
         self._reap(store)
         self._watch(store)
         if mono - self._last_beat >= self.heartbeat_s:
@@ -167,12 +173,9 @@ class Worker:
         if not self._stop.is_set():
             self._start_jobs(store)
 
-    def _connect_ray(self, store: Store) -> None:
-        """Connect to the cluster once; slots default to its GPU count (at least 1)."""
-        if self._ray.channel is None:
-            self._ray.connect()
-            if not self._ray_slots:
-                self.cpu_slots = max(1, self._ray.cluster_gpus)
+    @property
+    def _executors(self) -> list:
+        return [self._local] + ([self._ray] if self._ray is not None else [])
 
     def run_forever(self) -> None:
         """Loop until stop() (or SIGTERM handled by the caller); then stop the children and requeue their jobs."""
@@ -212,8 +215,8 @@ class Worker:
         with self._lock:
             children, self._children = self._children, {}
         if not children:
-            if self._ray is not None:
-                self._ray.close()
+            for executor in self._executors:
+                executor.close()
             return
         store = self.store
         for child in children.values():
@@ -230,7 +233,7 @@ class Worker:
                 except subprocess.TimeoutExpired:
                     log.warning("job #%s did not stop after a kill", child.job_id)
         if self._ray is not None:
-            self._ray.drain(store, set(children))
+            self._ray.drain(store, set(children))  # the last progress the tasks sent
         for job_id, child in children.items():
             job = store.get_job(job_id)
             if child.returncode == 0 and job.status == "running":
@@ -239,8 +242,8 @@ class Worker:
                                       devices=None, attempts=max(0, job.attempts - 1),
                                       error="requeued: the worker was stopped"):
                 self._publish("state", store.get_job(job_id))
-        if self._ray is not None:
-            self._ray.close()
+        for executor in self._executors:
+            executor.close()
 
     # ------------------------------------------------------------ children
     def _start_jobs(self, store: Store) -> None:
@@ -256,44 +259,24 @@ class Worker:
     def _launch(self, store: Store, job: Job, devices: tuple[int, ...]) -> None:
         log_path = job_log_path(self.log_dir, job)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        if self._ray is not None and job.kind in PORTABLE_KINDS:
-            self._launch_ray(store, job, log_path)
-            return
+        executor = self._ray if self._ray is not None and job.kind in PORTABLE_KINDS else self._local
         try:
-            child = start_child(job, python=self.python, db_path=self.db_path, artifacts=self.artifacts,
-                                default_base_model=self.default_base_model, cache_dir=self.cache_dir,
-                                auto_promote=self.auto_promote, devices=devices, log_path=log_path,
-                                worker_id=self.id)
-        except OSError as exc:
+            run = executor.launch(store, job, devices=devices, log_path=log_path)
+        except LaunchFailed as exc:
+            if exc.retry:
+                self._retry_or_fail(store, job, exc.reason, exc.failure or {})
+                return
+            failure = {"result": {**(job.result or {}), "failure": exc.failure}} if exc.failure else {}
             store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
-                                 error=f"could not start the job process: {exc}")
+                                 error=exc.reason, **failure)
             self._publish("state", store.get_job(job.id))
-            return
-        self._children[job.id] = child
-        store.transition_job(job.id, from_states=("running",), pid=child.pid,
-                             devices=",".join(str(d) for d in devices))
-        log.info("job #%s (%s) started: pid %s, devices %s", job.id, job.kind, child.pid, list(devices))
-        self._publish("state", store.get_job(job.id))
-
-    def _launch_ray(self, store: Store, job: Job, log_path: Path) -> None:
-        from tuning.errors import TuningError
-
-        with open(log_path, "a", encoding="utf-8") as out:
-            out.write(f"--- attempt {job.attempts} by {self.id} on Ray at {self._ray.address or 'auto'}\n")
-        try:
-            run = self._ray.launch(store, job, log_path=log_path)
-        except TuningError as exc:  # bad data or settings: retrying cannot help
-            store.transition_job(job.id, from_states=("running",), status="failed", finished_at=store.now(),
-                                 error=str(exc), result={**(job.result or {}), "failure": domain_failure(exc)})
-            self._publish("state", store.get_job(job.id))
-            return
-        except Exception as exc:  # noqa: BLE001 - the cluster hiccuped: like a crash, retried
-            log.exception("job #%s could not be submitted to Ray", job.id)
-            self._retry_or_fail(store, job, f"could not be submitted to Ray ({type(exc).__name__}: {exc})",
-                                {"code": "ray_submit", "params": {}})
             return
         self._children[job.id] = run
-        log.info("job #%s (%s) submitted to Ray", job.id, job.kind)
+        if run.pid is not None:  # a local child: its pid and devices, for `tunebot jobs` and recovery
+            store.transition_job(job.id, from_states=("running",), pid=run.pid,
+                                 devices=",".join(str(d) for d in devices))
+        log.info("job #%s (%s) started: %s", job.id, job.kind,
+                 f"pid {run.pid}, devices {list(devices)}" if run.pid is not None else "submitted to Ray")
         self._publish("state", store.get_job(job.id))
 
     def _watch(self, store: Store) -> None:
