@@ -182,42 +182,43 @@ def _evaluate_version(spec: dict, items: list, config, out_dir: Path, *, metrics
 
     params = spec.get("params") or {}
     max_new_tokens = int(params.get("eval_max_new_tokens", 128))
-    evaluation, incumbent = None, None
     test_items, eval_on = eval_items(items, spec.get("test_items") or [], config,
                                      limit=int(params.get("eval_max_items", EVAL_MAX_ITEMS)))
     metrics["eval_on"] = eval_on
-    if test_items:
-        from tuning.evaluate import evaluate, markdown_table
-        from tuning.grounding import answer_mode
+    if not test_items:
+        return None, None
+    from tuning.evaluate import evaluate, markdown_table
+    from tuning.grounding import answer_mode
 
-        progress.phase("evaluating")
-        mode = answer_mode(out_dir)  # what users will get from this version
-        evaluation = evaluate(test_items, base_model=config.base_model, adapter_dir=str(out_dir),
-                              modes=("base", "fewshot", "lookup", "tuned", "grounded"),
-                              system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
-                              max_new_tokens=max_new_tokens, on_progress=progress.evaluating, include_answers=True)
-        correct = judge(evaluation, test_items)
-        evaluation["modes"]["answer"] = evaluation["modes"][mode]  # the summary promotion compares
-        metrics.update(eval_summary(evaluation["modes"], "answer"))
-        metrics["answer_mode"] = mode
-        metrics["eval_table"] = markdown_table({**evaluation, "modes": {m: v for m, v in evaluation["modes"].items()
-                                                                        if m != "answer"}})
-        metrics["base_accuracy"] = evaluation["modes"].get("base", {}).get("accuracy")
-        metrics["n_test"] = evaluation.get("n")
-        metrics["eval_correct"] = correct
-        metrics["eval_by_overlap"] = sum(1 for it in test_items if not it.get("must_contain"))
-        metrics["eval_examples"] = before_after_examples(evaluation, test_items, after=mode)
-        (out_dir / "evaluation.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=2, default=str))
-        evaluation.pop("answers", None)
-        if spec.get("incumbent"):
-            theirs = spec["incumbent"]
-            their_dir = str(local_dir(theirs["adapter_path"], cache_dir=cache_dir))
-            their_mode = answer_mode(their_dir)
-            result = evaluate(test_items, base_model=theirs["base_model"], adapter_dir=their_dir,
-                              modes=(their_mode,), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
-                              max_new_tokens=max_new_tokens, include_answers=True)
-            judge(result, test_items)
-            incumbent = {"id": theirs["id"], "summary": eval_summary(result["modes"], their_mode)}
+    progress.phase("evaluating")
+    mode = answer_mode(out_dir)  # what users will get from this version
+    evaluation = evaluate(test_items, base_model=config.base_model, adapter_dir=str(out_dir),
+                          modes=("base", "fewshot", "lookup", "tuned", "grounded"),
+                          system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
+                          max_new_tokens=max_new_tokens, on_progress=progress.evaluating, include_answers=True)
+    correct = judge(evaluation, test_items)
+    evaluation["modes"]["answer"] = evaluation["modes"][mode]  # the summary promotion compares
+    metrics.update(eval_summary(evaluation["modes"], "answer"))
+    metrics["answer_mode"] = mode
+    metrics["eval_table"] = markdown_table({**evaluation, "modes": {m: v for m, v in evaluation["modes"].items()
+                                                                    if m != "answer"}})
+    metrics["base_accuracy"] = evaluation["modes"].get("base", {}).get("accuracy")
+    metrics["n_test"] = evaluation.get("n")
+    metrics["eval_correct"] = correct
+    metrics["eval_by_overlap"] = sum(1 for it in test_items if not it.get("must_contain"))
+    metrics["eval_examples"] = before_after_examples(evaluation, test_items, after=mode)
+    (out_dir / "evaluation.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=2, default=str))
+    evaluation.pop("answers", None)
+    incumbent = None
+    if spec.get("incumbent"):
+        theirs = spec["incumbent"]
+        their_dir = str(local_dir(theirs["adapter_path"], cache_dir=cache_dir))
+        their_mode = answer_mode(their_dir)
+        result = evaluate(test_items, base_model=theirs["base_model"], adapter_dir=their_dir,
+                          modes=(their_mode,), system_prompt=spec.get("system_prompt", ""), cache_dir=cache_dir,
+                          max_new_tokens=max_new_tokens, include_answers=True)
+        judge(result, test_items)
+        incumbent = {"id": theirs["id"], "summary": eval_summary(result["modes"], their_mode)}
     return evaluation, incumbent
 
 

@@ -158,6 +158,7 @@ class _Loop:
         self.per_step = ranks.world * config.accumulate  # packed rows per optimizer step, over all ranks
         self.steps_per_epoch = [math.ceil(len(self.rows(e)) / self.per_step) for e in range(self.hyper.epochs)]
         self.total_steps = sum(self.steps_per_epoch)
+        self.warmup = max(1, int(config.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule)
         self.val_rows = pack(data.val_enc, batch_tokens=data.batch_tokens)
         self.ckpt_dir = out / "checkpoints"
@@ -171,10 +172,9 @@ class _Loop:
 
     def _schedule(self, step: int) -> float:
         """Linear warmup, cosine decay to 10%."""
-        warmup = max(1, int(self.config.warmup_ratio * self.total_steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     # -------------------------------------------------------------- 3. resume or start
