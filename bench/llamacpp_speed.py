@@ -2,11 +2,12 @@
 tokens/s with 1 and 8 clients, adapter switches with 20 resident, equivalence of greedy answers on 40 probe
 questions, and the time to export a version as GGUF + Ollama folder.
 
-Prints JSON and writes bench/results/llamacpp_speed.json. The "version" is a random LoRA on every linear layer
-(A and B ~ N(0, 0.02), rank 16, as in serve_latency.py): it changes the weights as a trained adapter does, but
-it was not trained, so the probe accuracy measures the two backends against each other, not learning. The
-probes are ACME's 40 held-out questions with the 4 nearest FAQ examples in the prompt (few-shot), so that
-must_contain accuracy means something for both.
+Prints JSON and writes bench/results/llamacpp_speed.json. The version is trained here on ACME's FAQ as
+`tunebot train --data` trains one (mutations, the grounded recipe, hyperparameters from the data size), or
+given with --version DIR (a folder `train --out` wrote). The probes are ACME's 40 held-out questions asked as
+the version answers them (the nearest FAQ examples in the prompt, as in grounded answers), so that
+must_contain accuracy means something for both. The other adapters (switches, 8 adapters at once) are random
+LoRAs on every linear layer (A and B ~ N(0, 0.02), rank 16, as in serve_latency.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 TARGETS = {"decode_ratio_1_client": 4.0, "decode_ratio_8_clients": 4.0, "ttft_ms": 100, "switch_ms": 10,
            "identical_share": 0.95, "accuracy_gap_points": 2, "export_s": 60,
            "torch_eight_adapters_ttft_ratio": 3.0, "llamacpp_eight_adapters_ttft_ratio": 3.0}
+
+
+SYSTEM = "You answer for ACME Parcel."
+
+
+def tuned_version(faq, out: Path, *, base_model: str, cache_dir: str) -> str:
+    """A version trained on the FAQ as `tunebot train --data` trains one (mutations, default recipe)."""
+    from tuning.data.dataset import TrainItem, add_mutations
+    from tuning.training.config import TrainConfig
+    from tuning.training.run import train
+
+    items = add_mutations([TrainItem(r.question, r.answer, group=f"line{r.line}") for r in faq], n=2, seed=0)
+    t0 = time.perf_counter()
+    report = train(items, out_dir=out, config=TrainConfig(base_model=base_model), system_prompt=SYSTEM,
+                   cache_dir=cache_dir)
+    note(f"version trained in {time.perf_counter() - t0:.0f} s (best val loss {report.best_val_loss})")
+    return str(out)
 
 
 def note(text: str) -> None:
@@ -58,11 +76,15 @@ def clients(engine, n: int, questions, *, adapter, max_new_tokens: int) -> dict:
 
 
 def first_tokens(engine, questions, adapters, *, max_new_tokens: int) -> dict:
-    """8 clients at once, each on its own adapter: p50 time to first token, beside one client's alone."""
-    alone = median([engine.answer(questions[0], adapter_dir=adapters[0], max_new_tokens=max_new_tokens).ttft_ms
-                    for _ in range(3)])
+    """8 clients at once, each on its own adapter (resident: each answered once before), each with a question
+    not asked before: p50 time to first token, beside one client's alone, also on new questions."""
+    n = len(adapters)
+    for q, a in zip(questions, adapters):
+        engine.answer(q, adapter_dir=a, max_new_tokens=1)
+    alone = median([engine.answer(q, adapter_dir=adapters[0], max_new_tokens=max_new_tokens).ttft_ms
+                    for q in questions[n:n + 3]])
     pending = [engine.submit([{"role": "user", "content": q}], adapter_dir=a, max_new_tokens=max_new_tokens)
-               for q, a in zip(questions, adapters)]
+               for q, a in zip(questions[n + 3:], adapters)]
     return {"alone": alone, "p50": median([g.result().ttft_ms for g in pending])}
 
 
@@ -80,6 +102,7 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--version", help="a trained folder (train --out) to probe; default: train one on ACME")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "llamacpp_speed.json"))
     args = parser.parse_args()
 
@@ -95,22 +118,25 @@ def main() -> int:
     from tuning.answering.llamacpp import LlamaCppEngine
     from tuning.models import materialize
     from tuning.prompts import build_messages
+    from tuning.grounding import Grounding, render_question
     from tuning.retrieval import Retriever, docs_from_pairs
 
     faq = read_examples(ROOT / "examples" / "acme_faq.jsonl").records
     held_out = read_examples(ROOT / "examples" / "acme_eval.jsonl").records[:40]
     index = Retriever(docs_from_pairs((r.question, r.answer) for r in faq))
-    probes = [build_messages(r.question, system_prompt="You answer for ACME Parcel.",
-                             fewshot=[(h.question, h.answer) for h in reversed(index.search(r.question, 4))])
-              for r in held_out]
     model_dir = materialize(args.base_model, args.cache_dir)
     n_tok = args.max_new_tokens
     short = "Do you deliver on Sundays?"
     result: dict = {"base_model": args.base_model, "threads": args.threads, "max_new_tokens": n_tok,
-                    "probes": len(probes), "backends": {}}
+                    "version": args.version or "trained on examples/acme_faq.jsonl", "backends": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(model_dir, Path(tmp), args.adapters, rank=16)
-        version = adapters[0]
+        version = args.version or tuned_version(faq, Path(tmp) / "version", base_model=args.base_model,
+                                                cache_dir=args.cache_dir)
+        k = Grounding.load(version).k
+        probes = [build_messages(render_question(r.question, index.search(r.question, k)), system_prompt=SYSTEM)
+                  for r in held_out]
+        result["probes"] = len(probes)
+        adapters = [version] + make_adapters(model_dir, Path(tmp), args.adapters - 1, rank=16)
         answers = {}
         for name, make in (("torch", lambda: Engine(args.base_model, cache_dir=args.cache_dir,
                                                     adapter_cache_size=args.adapters, max_new_tokens=n_tok)),
@@ -132,10 +158,10 @@ def main() -> int:
                 engine.answer(short, adapter_dir=adapters[1 + i % (len(adapters) - 1)], max_new_tokens=2)
                 switch_ms.append(engine.last_switch_ms)
             note(f"{name}: latency measured; concurrency next")
-            questions = [m[-1]["content"] for m in probes[:8]]
+            questions = [r.question for r in held_out]  # each asked once per measurement (no cached prompt)
             one = [clients(engine, 1, [q], adapter=version, max_new_tokens=n_tok) for q in questions[:4]]
-            eight = clients(engine, 8, questions, adapter=version, max_new_tokens=n_tok)
-            many = first_tokens(engine, questions, adapters[:8], max_new_tokens=n_tok)
+            eight = clients(engine, 8, questions[4:12], adapter=version, max_new_tokens=n_tok)
+            many = first_tokens(engine, questions[12:31], adapters[:8], max_new_tokens=n_tok)
             note(f"{name}: probes next")
             t0 = time.perf_counter()
             answers[name] = probe_answers(engine, probes, adapter=version, max_new_tokens=n_tok)

@@ -285,3 +285,43 @@ def test_requests_submitted_together_answer_as_alone(model_cache, all_adapter):
     finally:
         engine.close()
 
+
+
+def test_a_long_answer_does_not_hold_back_other_adapters(model_cache, all_adapter, gentle_adapter):
+    """One llama.cpp context per adapter, decoding in turns: requests on other adapters that arrive while a long
+    answer is decoding get their first tokens and finish long before it (before, they waited for its end)."""
+    from tuning.answering.llamacpp import LlamaCppEngine
+    from tuning.prompts import build_messages
+
+    engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, n_threads=2)
+    try:
+        alone = {a: engine.answer(QUESTIONS[1], adapter_dir=a, max_new_tokens=8).text for a in (all_adapter, None)}
+        long = engine.submit(build_messages("Count from one to two hundred, in words."), adapter_dir=gentle_adapter,
+                             max_new_tokens=200, temperature=0.0)
+        next(iter(long))  # it is decoding
+        others = [engine.submit(build_messages(QUESTIONS[1]), adapter_dir=a, max_new_tokens=8) for a in alone]
+        texts = [g.result().text for g in others]
+        assert long.finished_at is None, "the short answers waited for the long one"
+        assert texts == list(alone.values())  # decoded beside another context: the same answers as alone
+        assert len(engine._contexts) == 3 and engine.resident_adapters[-1] == str(all_adapter.resolve())
+        long.cancel()
+        assert long.result().n_tokens < 200
+    finally:
+        engine.close()
+
+
+def test_batched_requests_share_a_context_within_its_kv_cells(model_cache, all_adapter):
+    """With max_batch_size > 1, requests of one adapter decode together in one context while its KV cells hold
+    their prompts and answers; one that would not fit waits for room instead of failing."""
+    from tuning.answering.llamacpp import LlamaCppEngine
+    from tuning.prompts import build_messages
+
+    engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, n_threads=2, max_slots=1, max_batch_size=4, n_ctx=160)
+    try:
+        prompt = build_messages(QUESTIONS[0])
+        pending = [engine.submit(prompt, adapter_dir=all_adapter, max_new_tokens=24) for _ in range(4)]
+        results = [g.result() for g in pending]  # no "no room left in the KV cache"
+        assert all(r.n_tokens > 0 for r in results)
+        assert len(engine._contexts) == 1 and 1 <= engine.largest_batch <= 160 // (results[0].prompt_tokens + 24)
+    finally:
+        engine.close()

@@ -7,7 +7,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 import weakref
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -189,20 +188,6 @@ class Engine(AdapterSlots, SubmittingEngine):
         adapter has modules_to_save (peft's own context switches those, and it cannot be interleaved)."""
         return 1 if self._aux else max(1, min(self.adapter_cache_size, 8))
 
-    def _take_requests(self, pending: deque, *, block: bool) -> bool:
-        """Move queued requests to pending (waiting for one if block); True when close() asked to stop."""
-        closing = False
-        try:
-            item = self._requests.get() if block else self._requests.get_nowait()
-            while True:
-                if item is None:
-                    closing = True
-                else:
-                    pending.append(item)
-                item = self._requests.get_nowait()
-        except queue.Empty:
-            return closing
-
     def _activate(self, batch: Batch) -> None:
         """Point the LoRA layers at the batch's adapter (a resident one: a few ms), unless they already are."""
         if self._current is batch:
@@ -345,34 +330,3 @@ class Engine(AdapterSlots, SubmittingEngine):
                 row.generation._step_alternatives = tuple(
                     (self.tokenizer.decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices))
         return tokens
-
-    def _accept(self, row: Row, token: int) -> bool:
-        """Stream a chosen token; True when the row is finished (end of turn, token limit or cancelled)."""
-        generation = row.generation
-        if token in self.stop_ids:
-            generation.stopped = True
-            self._finish(row)
-            return True
-        generation.n_tokens += 1
-        generation.token_ids.append(token)
-        generation.token_logprobs.append(generation._chosen_logprob)
-        if len(generation.alternatives) < ALTERNATIVE_STEPS:
-            generation.alternatives.append(generation._step_alternatives)
-        piece = row.detok.push(token)
-        if piece:
-            generation._emit(piece)
-        elif generation.first_token_at is None:
-            generation.first_token_at = time.perf_counter()
-        row.last = token
-        if generation.n_tokens >= generation.max_new_tokens or generation.cancelled.is_set():
-            self._finish(row)
-            return True
-        return False
-
-    def _finish(self, row: Row) -> None:
-        if row.generation.cancelled.is_set():
-            self.cancellations += 1
-        piece = row.detok.flush()
-        if piece:
-            row.generation._emit(piece)
-        row.generation._finish()

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Deque, Iterator, Sequence
 
 from tuning.errors import ModelLoadError, TuningError
 
@@ -182,7 +182,8 @@ class Detokenizer:
 
 class SubmittingEngine:
     """stream() and answer() of an engine whose submit(messages, ...) returns a Generation (torch, llama.cpp),
-    which keeps its adapters in `_adapters` (LRU first) and its requests in `_submitted`."""
+    which keeps its adapters in `_adapters` (LRU first), its requests in `_submitted` and its queue in
+    `_requests`; and what both decoding loops do with the queue and each chosen token."""
 
     @property
     def resident_adapters(self) -> list[str]:
@@ -212,3 +213,49 @@ class SubmittingEngine:
         messages = prepare_messages(question_or_messages, system_prompt=kw.pop("system_prompt", ""),
                                     fewshot=kw.pop("fewshot", ()))
         return self.submit(messages, **kw).result()
+
+    # ------------------------------------------- shared by the decoding loops
+    def _take_requests(self, pending: Deque, *, block: bool) -> bool:
+        """Move queued requests to pending (waiting for one if block); True when close() asked to stop."""
+        closing = False
+        try:
+            item = self._requests.get() if block else self._requests.get_nowait()
+            while True:
+                if item is None:
+                    closing = True
+                else:
+                    pending.append(item)
+                item = self._requests.get_nowait()
+        except queue.Empty:
+            return closing
+
+    def _accept(self, row, token: int) -> bool:
+        """Stream a chosen token of a row (its generation, detok and last token); True when it is finished (end of turn, token limit or cancelled)."""
+        generation = row.generation
+        if token in self.stop_ids:
+            generation.stopped = True
+            self._finish(row)
+            return True
+        generation.n_tokens += 1
+        generation.token_ids.append(token)
+        generation.token_logprobs.append(generation._chosen_logprob)
+        if len(generation.alternatives) < ALTERNATIVE_STEPS:
+            generation.alternatives.append(generation._step_alternatives)
+        piece = row.detok.push(token)
+        if piece:
+            generation._emit(piece)
+        elif generation.first_token_at is None:
+            generation.first_token_at = time.perf_counter()
+        row.last = token
+        if generation.n_tokens >= generation.max_new_tokens or generation.cancelled.is_set():
+            self._finish(row)
+            return True
+        return False
+
+    def _finish(self, row) -> None:
+        if row.generation.cancelled.is_set():
+            self.cancellations += 1
+        piece = row.detok.flush()
+        if piece:
+            row.generation._emit(piece)
+        row.generation._finish()
