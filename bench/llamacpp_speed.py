@@ -77,15 +77,19 @@ def clients(engine, n: int, questions, *, adapter, max_new_tokens: int) -> dict:
 
 def first_tokens(engine, questions, adapters, *, max_new_tokens: int) -> dict:
     """8 clients at once, each on its own adapter (resident: each answered once before), each with a question
-    not asked before: p50 time to first token, beside one client's alone, also on new questions."""
+    not asked before: p50 time to first token, beside one client's alone, also on new questions (the same
+    messages as answer() builds, so that both reuse the same cached prompt prefix)."""
+    from tuning.answering.requests import prepare_messages
+
     n = len(adapters)
     for q, a in zip(questions, adapters):
         engine.answer(q, adapter_dir=a, max_new_tokens=1)
     alone = median([engine.answer(q, adapter_dir=adapters[0], max_new_tokens=max_new_tokens).ttft_ms
                     for q in questions[n:n + 3]])
-    pending = [engine.submit([{"role": "user", "content": q}], adapter_dir=a, max_new_tokens=max_new_tokens)
+    pending = [engine.submit(prepare_messages(q), adapter_dir=a, max_new_tokens=max_new_tokens)
                for q, a in zip(questions[n + 3:], adapters)]
-    return {"alone": alone, "p50": median([g.result().ttft_ms for g in pending])}
+    ttfts = sorted(round(g.result().ttft_ms, 1) for g in pending)
+    return {"alone": alone, "p50": median(ttfts), "ttfts": ttfts}
 
 
 def probe_answers(engine, probes, *, adapter, max_new_tokens: int) -> list[str]:
@@ -174,6 +178,7 @@ def main() -> int:
                 "eight_clients_tokens_per_s": eight["tokens_per_s"],
                 "eight_adapters_ttft_ms_p50": many["p50"], "one_client_ttft_ms": many["alone"],
                 "eight_adapters_ttft_ratio": round(many["p50"] / many["alone"], 1),
+                "eight_adapters_ttfts_ms": many["ttfts"],
                 "adapter_first_use_ms": median(first_ms), "switch_ms": median(switch_ms),
                 "switch_ms_max": round(max(switch_ms), 1), "resident_adapters": args.adapters,
                 "probes_s": round(probes_s, 1),
@@ -195,6 +200,10 @@ def main() -> int:
         "export_s": round(export_s, 1), "targets": TARGETS,
         "torch_eight_adapters_ttft_ratio": t["eight_adapters_ttft_ratio"],
         "llamacpp_eight_adapters_ttft_ratio": c["eight_adapters_ttft_ratio"],
+        # Where the answers part: a grounded answer's first word is its citation ("[2]"), the choice whose top
+        # two candidates are closest; an answer that parts there cites (or abstains) otherwise.
+        "differing_at_first_word": sum(a != b and a.split()[:1] != b.split()[:1]
+                                       for a, b in zip(answers["torch"], answers["llamacpp"])),
         "differing_examples": [{"question": r.question, "torch": a, "llamacpp": b}
                                for r, a, b in zip(held_out, answers["torch"], answers["llamacpp"]) if a != b][:5]})
     higher = {"decode_ratio_1_client", "decode_ratio_8_clients", "identical_share"}
