@@ -325,3 +325,24 @@ def test_batched_requests_share_a_context_within_its_kv_cells(model_cache, all_a
         assert len(engine._contexts) == 1 and 1 <= engine.largest_batch <= 160 // (results[0].prompt_tokens + 24)
     finally:
         engine.close()
+
+
+def test_a_burst_on_one_adapter_leaves_a_context_for_the_others(model_cache, all_adapter, gentle_adapter):
+    from tuning.answering.llamacpp import LlamaCppEngine
+    from tuning.prompts import build_messages
+
+    engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, n_threads=2, max_slots=2)
+    try:
+        count = build_messages("Count from one to two hundred, in words.")
+        first = engine.submit(count, adapter_dir=gentle_adapter, max_new_tokens=200)
+        next(iter(first))
+        second = engine.submit(count, adapter_dir=gentle_adapter, max_new_tokens=200)  # waits: one context is kept
+        other = engine.submit(build_messages(QUESTIONS[1]), adapter_dir=all_adapter, max_new_tokens=8).result()
+        assert other.n_tokens > 0 and first.finished_at is None and second.first_token_at is None
+        first.cancel()
+        assert first.result().n_tokens < 200
+        next(iter(second))  # the freed context takes the waiting request
+        second.cancel()
+        assert second.result().n_tokens < 200 and len(engine._contexts) == 2
+    finally:
+        engine.close()

@@ -242,7 +242,8 @@ class LlamaCppEngine(SubmittingEngine):
 
     def _place(self, generation: Generation) -> tuple[Context, int] | None:
         """A context and sequence for the request: one on its adapter with room, else an idle context (which
-        takes the adapter), else a new context while fewer than max_slots exist; None: it waits."""
+        takes the adapter), else a new context while fewer than max_slots exist; None: it waits (also while its
+        adapter already decodes in all contexts but one)."""
         key = generation.adapter_dir
         need = len(generation.input_ids) + generation.max_new_tokens
         tokens = generation.input_ids
@@ -255,6 +256,8 @@ class LlamaCppEngine(SubmittingEngine):
                 seq = self._sequence(context, tokens, need)
                 if seq is not None:
                     return self._touch(context), seq
+        if sum(1 for c in self._contexts if c.adapter == key and self._rows[c]) >= max(1, self.max_slots - 1):
+            return None  # one context stays for the other adapters: a burst on one never locks them out
         idle = [c for c in self._contexts if not self._rows[c]]
         if not idle and len(self._contexts) < self.max_slots:
             context = self.model.context(n_ctx=self.context_length, n_seq=self.max_batch_size)
