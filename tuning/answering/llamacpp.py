@@ -251,13 +251,15 @@ class LlamaCppEngine(SubmittingEngine):
         def fit(c: Context):  # join running batches first, then reuse the longest cached prefix
             return len(self._rows[c]), max(c.common_prefix(s, tokens) for s in range(len(c.cached)))
 
+        # One context stays for the other adapters: a burst on one never locks them out.
+        capped = sum(1 for c in self._contexts if c.adapter == key and self._rows[c]) >= max(1, self.max_slots - 1)
         for context in sorted((c for c in self._contexts if c.adapter == key), key=fit, reverse=True):
-            if len(self._rows[context]) < self.max_batch_size:
+            if len(self._rows[context]) < self.max_batch_size and (self._rows[context] or not capped):
                 seq = self._sequence(context, tokens, need)
                 if seq is not None:
                     return self._touch(context), seq
-        if sum(1 for c in self._contexts if c.adapter == key and self._rows[c]) >= max(1, self.max_slots - 1):
-            return None  # one context stays for the other adapters: a burst on one never locks them out
+        if capped:
+            return None
         idle = [c for c in self._contexts if not self._rows[c]]
         if not idle and len(self._contexts) < self.max_slots:
             context = self.model.context(n_ctx=self.context_length, n_seq=self.max_batch_size)
