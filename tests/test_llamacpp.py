@@ -346,3 +346,33 @@ def test_a_burst_on_one_adapter_leaves_a_context_for_the_others(model_cache, all
         assert second.result().n_tokens < 200 and len(engine._contexts) == 2
     finally:
         engine.close()
+
+
+def test_a_new_context_copies_the_prompt_prefix_of_another_on_the_same_adapter(model_cache, gentle_adapter):
+    """A context that starts on an adapter takes the KV of the shared prompt prefix from another context on that
+    adapter instead of evaluating it again; the answers are exactly those of a context that evaluated it all."""
+    from tuning.answering.llamacpp import LlamaCppEngine
+    from tuning.prompts import build_messages
+
+    system = "You answer for ACME Parcel, a parcel delivery company in the Netherlands. Be brief and exact."
+    cold = LlamaCppEngine(BUNDLED, cache_dir=model_cache, n_threads=2, max_slots=1, max_new_tokens=12)
+    try:
+        cold.load()
+        alone = []
+        for q in QUESTIONS[:2]:
+            cold._contexts[0].clear()  # (the engine is idle) its whole prompt evaluated, nothing reused
+            alone.append(cold.answer(build_messages(q, system_prompt=system), adapter_dir=gentle_adapter).text)
+    finally:
+        cold.close()
+    engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, n_threads=2, max_new_tokens=12)
+    try:
+        engine.answer(build_messages("Hello", system_prompt=system), adapter_dir=gentle_adapter)
+        busy = engine.submit(build_messages("Count to one hundred.", system_prompt=system),
+                             adapter_dir=gentle_adapter, max_new_tokens=200)
+        next(iter(busy))  # the warm context is taken: the next requests start new contexts
+        texts = [engine.submit(build_messages(q, system_prompt=system), adapter_dir=gentle_adapter).result().text
+                 for q in QUESTIONS[:2]]
+        busy.cancel()
+        assert engine.prefix_copies >= 1 and texts == alone
+    finally:
+        engine.close()

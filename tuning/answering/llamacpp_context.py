@@ -122,6 +122,22 @@ class Context:
                 raise InferenceError("llama.cpp could not shorten a cached sequence")
             del self.cached[seq][length:]
 
+    def adopt(self, seq: int, source: "Context", source_seq: int, length: int) -> bool:
+        """Copy the KV of the first `length` cached tokens of another context's sequence (same model and
+        adapter: the same values this context would compute) into this context's sequence, replacing it."""
+        api = self.api
+        size = api.llama_state_seq_get_size(source.pointer, source_seq)
+        data = (ctypes.c_uint8 * size)()
+        if not size or api.llama_state_seq_get_data(source.pointer, data, size, source_seq) != size:
+            return False
+        self.truncate(seq, 0)
+        if not api.llama_state_seq_set_data(self.pointer, data, size, seq):
+            api.llama_memory_seq_rm(self.memory, seq, 0, -1)
+            return False
+        self.cached[seq] = list(source.cached[source_seq])
+        self.truncate(seq, length)
+        return True
+
     # ------------------------------------------------------------ decoding
     def prefill(self, seq: int, tokens: list[int]) -> None:
         """Evaluate a prompt in a sequence after the prefix its cache shares (at least its last token, for
