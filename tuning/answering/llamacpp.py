@@ -9,15 +9,16 @@ adapters costs nothing while they stay set. One thread serves them all:
 
 - a request goes to an idle context already on its adapter (the one whose KV cache shares the longest prefix
   with the prompt), else to the least recently used idle context, which takes its adapter, else to a new
-  context; with max_batch_size > 1, requests of one adapter also decode together in one context, one sequence
-  each, in one llama_decode per step;
+  context (which copies the longest shared prompt prefix from another context on its adapter); one adapter
+  never takes the last context while others may need it; with max_batch_size > 1, requests of one adapter also
+  decode together in one context, one sequence each, in one llama_decode per step;
 - new requests are prefilled as soon as they arrive, before the next decoding step, so that a client's first
   token never waits for another client's answer to end;
 - the busy contexts take decoding steps in turn, so 8 clients on 8 adapters all advance together.
 
-Measured on this 2-core machine (bench/llamacpp_speed.py): one context switching adapters between steps cost
-20 ms a step against 14 ms on a context that keeps its adapter, and 8 sequences of one adapter decoded together
-166 tokens/s against 68 for one.
+Measured on this 2-core machine: one context switching adapters between steps cost 20 ms a step against 14 ms
+on a context that keeps its adapter, and 8 sequences of one adapter decoded together 166 tokens/s against 68
+for one (bench/llamacpp_speed.py compares the engines).
 """
 
 from __future__ import annotations
