@@ -376,3 +376,20 @@ def test_a_new_context_copies_the_prompt_prefix_of_another_on_the_same_adapter(m
         assert engine.prefix_copies >= 1 and texts == alone
     finally:
         engine.close()
+
+
+def test_adapters_asked_in_turn_keep_their_own_warm_contexts(model_cache, all_adapter, gentle_adapter):
+    """While fewer than max_slots contexts exist, a new adapter gets a new context rather than another adapter's
+    warm cache (taking the least recently used one instead, 8 adapters on 7 contexts evicted each other in turn)."""
+    from tuning.answering.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(BUNDLED, cache_dir=model_cache, n_threads=2, max_slots=3, max_new_tokens=2)
+    try:
+        for _ in range(2):
+            for adapter in (all_adapter, gentle_adapter, None):
+                engine.answer(QUESTIONS[0], adapter_dir=adapter)
+        held = {c.adapter for c in engine._contexts}
+        assert held == {str(all_adapter.resolve()), str(gentle_adapter.resolve()), None} and len(engine._contexts) == 3
+        assert engine.adapter_loads == 2 and all(c.used for c in engine._contexts)
+    finally:
+        engine.close()

@@ -8,10 +8,11 @@ contexts (tuning/answering/llamacpp_context.py), each with its own adapter and K
 adapters costs nothing while they stay set. One thread serves them all:
 
 - a request goes to an idle context already on its adapter (the one whose KV cache shares the longest prefix
-  with the prompt), else to the least recently used idle context, which takes its adapter, else to a new
-  context (which copies the longest shared prompt prefix from another context on its adapter); one adapter
-  never takes the last context while others may need it; with max_batch_size > 1, requests of one adapter also
-  decode together in one context, one sequence each, in one llama_decode per step;
+  with the prompt), else to a new context while fewer than max_slots exist, else to the least recently used
+  idle context, which takes its adapter; a context new to an adapter copies the longest shared prompt prefix
+  from another context on that adapter; one adapter never takes the last context while others may need it;
+- with max_batch_size > 1, requests of one adapter also decode together in one context, one sequence each,
+  in one llama_decode per step;
 - new requests are prefilled as soon as they arrive, before the next decoding step, so that a client's first
   token never waits for another client's answer to end;
 - the busy contexts take decoding steps in turn, so 8 clients on 8 adapters all advance together.
@@ -244,9 +245,9 @@ class LlamaCppEngine(SubmittingEngine):
                 generation._finish(exc if isinstance(exc, InferenceError) else InferenceError(str(exc)))
 
     def _place(self, generation: Generation) -> tuple[Context, int] | None:
-        """A context and sequence for the request: one on its adapter with room, else an idle context (which
-        takes the adapter), else a new context while fewer than max_slots exist; None: it waits (also while its
-        adapter already decodes in all contexts but one)."""
+        """A context and sequence for the request: one on its adapter with room, else an empty or new context,
+        else an idle one (which takes the adapter); None: it waits (also while its adapter already decodes in
+        all contexts but one)."""
         key = generation.adapter_dir
         need = len(generation.input_ids) + generation.max_new_tokens
         tokens = generation.input_ids
@@ -263,15 +264,21 @@ class LlamaCppEngine(SubmittingEngine):
                     return self._touch(context), seq
         if capped:
             return None
+        # An empty context, else a new one while fewer than max_slots exist, else the least recently used idle
+        # one: another adapter's warm cache is taken last (taking it first, 8 adapters on 7 contexts evicted
+        # each other in turn and every request started cold).
         idle = [c for c in self._contexts if not self._rows[c]]
-        if not idle and len(self._contexts) < self.max_slots:
+        empty = [c for c in idle if not c.used]
+        if empty:
+            context = empty[0]
+        elif len(self._contexts) < self.max_slots:
             context = self.model.context(n_ctx=self.context_length, n_seq=self.max_batch_size)
             self._contexts.insert(0, context)
             self._rows[context] = []
-            idle = [context]
-        if not idle:
+        elif idle:
+            context = idle[0]
+        else:
             return None
-        context = idle[0]  # the least recently used
         if context.adapter != key:
             self._switch(context, key)
         seq = self._sequence(context, generation.input_ids, need)
