@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuning.answering.llamacpp_context import Context, Model
@@ -69,7 +69,7 @@ class _Row:
     context: Context
     seq: int
     last: int = 0
-    rng: object = field(default=None)
+    rng: object = None  # numpy Generator, made on the first sampled token
 
 
 class LlamaCppEngine(SubmittingEngine):
@@ -237,7 +237,7 @@ class LlamaCppEngine(SubmittingEngine):
             row = _Row(generation, Detokenizer(self.tokenizer), context, seq)
             try:
                 context.prefill(seq, list(generation.input_ids))
-                if not self._accept(row, self._choose(context.logits(-1), generation, row)):
+                if not self._accept(row, self._choose(context.logits(-1), row)):
                     self._rows[context].append(row)
                     self.largest_batch = max(self.largest_batch, len(self._rows[context]))
             except Exception as exc:  # noqa: BLE001 - this request fails; the thread keeps serving
@@ -281,7 +281,7 @@ class LlamaCppEngine(SubmittingEngine):
             return None
         if context.adapter != key:
             self._switch(context, key)
-        seq = self._sequence(context, generation.input_ids, need)
+        seq = self._sequence(context, tokens, need)
         if seq is None:  # the idle context's cache is in the way: start it afresh
             context.clear()
             seq = 0
@@ -336,7 +336,7 @@ class LlamaCppEngine(SubmittingEngine):
         if not rows:
             return
         context.step([(row.seq, row.last) for row in rows])
-        done = [row for i, row in enumerate(rows) if self._accept(row, self._choose(context.logits(i), row.generation, row))]
+        done = [row for i, row in enumerate(rows) if self._accept(row, self._choose(context.logits(i), row))]
         self._rows[context] = [row for row in rows if row not in done]
 
     def _fail(self, context: Context, exc: BaseException) -> None:
@@ -347,11 +347,12 @@ class LlamaCppEngine(SubmittingEngine):
         self._rows[context] = []
         context.clear()
 
-    def _choose(self, logits, generation: Generation, row: _Row) -> int:
+    def _choose(self, logits, row: _Row) -> int:
         """The next token (greedy, or sampled with the request's temperature and the model's top_k), its
         log-probability and, for the first steps, the likeliest alternatives, kept on the generation."""
         import numpy as np
 
+        generation = row.generation
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         token = int(logits.argmax())

@@ -147,21 +147,21 @@ class Context:
         rest = tokens[keep:]
         for start in range(0, len(rest), N_BATCH):
             piece = rest[start:start + N_BATCH]
-            last = start + len(piece) == len(rest)
-            self._decode([(seq, t) for t in piece], logits_for_last=last)
+            self._decode([(seq, t) for t in piece], all_logits=False)
 
     def step(self, feeds: list[tuple[int, int]]) -> None:
         """One token for each of several sequences, in one llama_decode; logits(i) is the i-th feed's."""
-        self._decode(feeds, logits_for_last=False, logits_each=True)
+        self._decode(feeds, all_logits=True)
 
-    def _decode(self, feeds: list[tuple[int, int]], *, logits_for_last: bool, logits_each: bool = False) -> None:
+    def _decode(self, feeds: list[tuple[int, int]], *, all_logits: bool) -> None:
+        """Feed (sequence, token) pairs; logits for every feed, or for the last one only."""
         batch = self._batch
         for i, (seq, token) in enumerate(feeds):
             batch.token[i] = token
             batch.pos[i] = len(self.cached[seq])
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
-            batch.logits[i] = 1 if logits_each or (logits_for_last and i == len(feeds) - 1) else 0
+            batch.logits[i] = 1 if all_logits or i == len(feeds) - 1 else 0
             self.cached[seq].append(token)
         batch.n_tokens = len(feeds)
         code = self.api.llama_decode(self.pointer, batch)
