@@ -18,6 +18,9 @@ from storage.records import (
     AuditEntry,
     Unanswered,
     User,
+    Publication,
+    Customer,
+    CHANNELS,
     ROLES,
     SOURCES,
     STATUSES,
@@ -34,6 +37,7 @@ __all__ = [
     "StorageError", "NotFound", "DuplicateExample", "InvalidValue", "NotOpen",
     "Assistant", "Member", "Invite", "Example", "ExampleRevision", "NewExample", "Document", "GenerationRun",
     "Job", "ModelVersion", "RetrainPolicy", "ApiKey", "AuditEntry", "Unanswered", "User",
+    "Publication", "Customer", "CHANNELS",
     "ROLES", "SOURCES", "STATUSES", "SPLITS", "JOB_KINDS", "JOB_STATES", "UNANSWERED_STATES",
     "normalize_question", "question_hash",
 ]

@@ -86,9 +86,14 @@ class ConversationStore:
         if not question:
             raise InvalidValue("the question must not be empty")
         self.get_assistant(assistant_id)
+        # A customer's conversation: the item carries the customer and their chat, so the answer goes back there.
+        customer = None if conversation_id is None else self.db.execute(
+            "select cu.id, cu.chat_id from conversations c join customers cu on cu.id = c.customer_id "
+            "where c.id = ? and cu.assistant_id = ?", [conversation_id, assistant_id]).fetchone()
         item_id = self.db["unanswered"].insert({
             "assistant_id": assistant_id, "question": question, "user_id": user_id,
             "conversation_id": conversation_id, "message_id": message_id, "status": "open",
+            "customer_id": customer[0] if customer else None, "chat_id": customer[1] if customer else None,
             "created_at": self.now()}).last_pk
         return self.get_unanswered(item_id)
 

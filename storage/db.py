@@ -177,12 +177,56 @@ def m0005_grounding_and_unanswered(db: sqlite_utils.Database) -> None:
     db["unanswered"].create_index(["assistant_id", "status"], if_not_exists=True)
 
 
+def m0006_customers(db: sqlite_utils.Database) -> None:
+    """Published assistants, their customers, where each question came from (so the team's answer goes back)."""
+    db["publications"].create(
+        {"assistant_id": int, "token": str, "active": int, "link": int, "groups": int, "business": int,
+         "greeting": str, "created_by": int, "created_at": str, "updated_at": str},
+        pk="assistant_id", not_null={"token"},
+        defaults={"active": 1, "link": 1, "groups": 0, "business": 0, "greeting": ""},
+        foreign_keys=[("assistant_id", "assistants", "id")], if_not_exists=True,
+    )
+    db["publications"].create_index(["token"], unique=True, if_not_exists=True)
+    db["customers"].create(
+        {"id": int, "assistant_id": int, "user_id": int, "chat_id": int, "channel": str, "language": str,
+         "business_connection_id": str, "conversation_id": int, "started_at": str, "last_seen_at": str,
+         "forgotten_at": str},
+        pk="id", not_null={"assistant_id", "user_id", "chat_id", "channel"},
+        foreign_keys=[("assistant_id", "assistants", "id"), ("conversation_id", "conversations", "id")],
+        if_not_exists=True,
+    )
+    db["customers"].create_index(["assistant_id", "user_id", "chat_id"], unique=True, if_not_exists=True)
+    db["customers"].create_index(["chat_id", "started_at"], if_not_exists=True)
+    db["customer_groups"].create(
+        {"chat_id": int, "assistant_id": int, "title": str, "added_by": int, "added_at": str, "removed_at": str},
+        pk="chat_id", foreign_keys=[("assistant_id", "assistants", "id")], if_not_exists=True,
+    )
+    db["business_connections"].create(
+        {"id": str, "assistant_id": int, "user_id": int, "user_chat_id": int, "can_reply": int, "enabled": int,
+         "updated_at": str},
+        pk="id", foreign_keys=[("assistant_id", "assistants", "id")], if_not_exists=True,
+    )
+    if "customer_id" not in db["conversations"].columns_dict:
+        db["conversations"].add_column("customer_id", int)
+    messages = db["messages"].columns_dict
+    if "tg_message_id" not in messages:
+        db["messages"].add_column("tg_message_id", int)  # the Telegram message of a customer's question or answer
+    if "deleted_at" not in messages:
+        db["messages"].add_column("deleted_at", str)
+    unanswered = db["unanswered"].columns_dict
+    for name, typ in (("customer_id", int), ("chat_id", int), ("reply_to_message_id", int), ("delivered_at", str)):
+        if name not in unanswered:
+            db["unanswered"].add_column(name, typ)
+    db["unanswered"].create_index(["status", "delivered_at"], if_not_exists=True)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", m0001_initial),
     ("0002_dedup_index_and_policies", m0002_dedup_index_and_policies),
     ("0003_bot_state", m0003_bot_state),
     ("0004_workers", m0004_workers),
     ("0005_grounding_and_unanswered", m0005_grounding_and_unanswered),
+    ("0006_customers", m0006_customers),
 ]
 
 

@@ -229,6 +229,49 @@ class Unanswered:
     created_at: str | None = None
     answered_at: str | None = None
     notified_at: str | None = None
+    customer_id: int | None = None  # a customer asked: the team's answer goes back to chat_id
+    chat_id: int | None = None
+    reply_to_message_id: int | None = None
+    delivered_at: str | None = None
+
+
+CHANNELS = ("link", "groups", "business")
+
+
+@dataclass(frozen=True)
+class Publication:
+    """An assistant offered to customers: the link's token, which channels answer, the greeting."""
+
+    assistant_id: int
+    token: str
+    active: int = 1
+    link: int = 1
+    groups: int = 0
+    business: int = 0
+    greeting: str = ""
+    created_by: int | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    def answers_on(self, channel: str) -> bool:
+        return bool(self.active) and bool(getattr(self, channel))
+
+
+@dataclass(frozen=True)
+class Customer:
+    """Someone outside the team who asks an assistant, in one chat (private, a group, a business chat)."""
+
+    id: int
+    assistant_id: int
+    user_id: int
+    chat_id: int
+    channel: str
+    language: str | None = None
+    business_connection_id: str | None = None
+    conversation_id: int | None = None
+    started_at: str | None = None
+    last_seen_at: str | None = None
+    forgotten_at: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Typed access to the database: the only place that writes SQL for the other layers. One Store class over
-one connection, assembled from a part per concept (people, examples, jobs, conversations)."""
+one connection, assembled from a part per concept (people, examples, jobs, conversations, customers)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from storage.people import PeopleStore
 from storage.examples import ExampleStore
 from storage.jobs import JobStore
 from storage.conversations import ConversationStore
+from storage.customers import CustomerStore
 
 
-class Store(PeopleStore, ExampleStore, JobStore, ConversationStore):
+class Store(PeopleStore, ExampleStore, JobStore, ConversationStore, CustomerStore):
     """Methods over one `sqlite_utils.Database`; `clock` is injectable for tests."""
 
     def __init__(self, db: sqlite_utils.Database, *, clock: Callable[[], dt.datetime] = utcnow):
