@@ -51,6 +51,8 @@ class Settings:
     timezone: str = "UTC"
     auto_promote: bool = False
     unanswered_notify_minutes: float = 10.0  # batch notices of questions the assistant could not answer; 0: off
+    customer_per_minute: int = 10  # questions one customer may ask one assistant a minute (a polite refusal beyond)
+    customer_per_day: int = 200  # ... and in 24 hours
     adapter_cache_size: int = 8
     embedding_model: str = ""  # a sentence-transformers hub id or folder, blended into retrieval; "": n-grams only
     embedding_weight: float = 0.5  # share of the embedding similarity in the retrieval score
@@ -99,7 +101,7 @@ _CHOICES = {
 _SECRETS = {"telegram_token", "openai_api_key"}
 # Numbers where 0 would silently break a feature (every upload too big, no answer tokens, jobs never tried).
 _POSITIVE = {"max_upload_mb", "max_field_chars", "generator_concurrency", "generator_timeout_s", "job_max_attempts",
-             "max_new_tokens", "adapter_cache_size", "max_engines"}
+             "max_new_tokens", "adapter_cache_size", "max_engines", "customer_per_minute", "customer_per_day"}
 
 
 def env_name(name: str) -> str:

@@ -54,6 +54,9 @@ class FakeOpenAI:
                     reply = fake.default(request)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
+                if reply.body is None and reply.status == 200 and request.get("stream"):
+                    self._stream(reply.content or "", request.get("model", "fake"))
+                    return
                 if reply.body is not None:
                     payload = reply.body.encode()
                 elif reply.status == 200:
@@ -72,6 +75,18 @@ class FakeOpenAI:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)
+
+            def _stream(self, content: str, model: str) -> None:
+                """stream=True: the content word by word as server-sent chunks, as the OpenAI API streams."""
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+                for piece in re.findall(r"\S+\s*|\s+", content):
+                    chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                             "model": model, "choices": [{"index": 0, "delta": {"content": piece},
+                                                          "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -113,3 +128,9 @@ def paraphrases_for(request: dict, *, prefix: str = "") -> Reply:
               "What are your opening hours on holidays?", "How do I print a return label?"]
     return Reply(json.dumps({"pairs": [{"question": prefix + t, "answer": f"Answer {i}."}
                                        for i, t in enumerate(topics[:k])]}))
+
+
+def nearest_answer(request: dict) -> Reply:
+    """A model that answers with the last example answer in its prompt (few-shot puts the nearest one last)."""
+    shown = [m["content"] for m in request["messages"] if m["role"] == "assistant"]
+    return Reply(shown[-1] if shown else "I can help with that.")

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "bot.cli.jobs",
     "bot.cli.train",
     "bot.cli.export",
+    "bot.cli.customers",
 ]
 
 EXIT_USAGE = exitcodes.USAGE

@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   description="Counts of examples by source, status and split, and a token estimate.")
     stats.add_argument("--assistant", required=True, metavar="NAME")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument("--customers", action="store_true",
+                       help="customers' questions per day, share answered and \"don't know\", 👍/👎, the team's "
+                            "answers and the questions most often left unanswered")
+    stats.add_argument("--days", type=int, default=30, metavar="N", help="with --customers: the last N days")
     stats.set_defaults(func=cmd_stats)
 
 
@@ -186,6 +190,11 @@ def cmd_stats(args, app) -> int:
     """Print counts by source, status and split, and the token estimate."""
     from tuning.data.importing import dataset_stats
 
+    if args.customers:
+        from bot.cli.customers import print_customer_stats
+
+        return print_customer_stats(app, app.store.assistant_by_name(args.assistant), days=args.days,
+                                    as_json=args.json)
     stats = dataset_stats(app.store, app.store.assistant_by_name(args.assistant).id)
     if args.json:
         _print_json(stats)

@@ -16,7 +16,7 @@ from telegram.ext import AIORateLimiter, Application, ContextTypes, TypeHandler
 
 from bot.telegram.checklist import refresh_after_update
 from bot.telegram.common import reply, tr, tr_error
-from bot.telegram.handlers import all_handlers
+from bot.telegram.handlers import all_handlers, customers
 from bot.telegram.handlers.review import notify_unanswered
 from bot.telegram.menus import set_command_menus
 from bot.telegram.persistence import StorePersistence
@@ -86,11 +86,15 @@ def build_application(app) -> Application:
     application = builder.build()
     application.bot_data["app"] = app
     application.bot_data["stopping"] = threading.Event()  # set when the bot begins to shut down
+    # Customers' updates are answered before the team's handlers see them, and go no further (customers.route).
+    application.add_handler(TypeHandler(Update, customers.route), group=-1)
     for handler in all_handlers():
         application.add_handler(handler)
     application.add_handler(TypeHandler(Update, refresh_after_update), group=1)  # after the handler that answered
     application.add_error_handler(error_handler)
     application.job_queue.run_repeating(poll_jobs, interval=POLL_S, first=POLL_S, name="job-progress")
+    application.job_queue.run_repeating(customers.deliver_job, interval=customers.DELIVER_EVERY_S,
+                                        first=customers.DELIVER_EVERY_S, name="team-answers")
     if settings.unanswered_notify_minutes > 0:
         every_s = settings.unanswered_notify_minutes * 60
         application.job_queue.run_repeating(notify_unanswered, interval=every_s, first=every_s,

@@ -9,8 +9,8 @@ from bot.telegram.texts import LANGUAGES, t
 # In menu order; each has a "cmd_<name>" text in every catalogue. Every CommandHandler the bot registers is here
 # or in HIDDEN (a test checks both ways).
 MENU = ("start", "help", "create", "add", "examples", "review", "generate", "train", "jobs", "chat", "stop",
-        "compare", "export", "stats", "use", "invite", "members", "schedule", "apikey", "apikeys", "lang", "cancel")
-HIDDEN: tuple[str, ...] = ()  # commands that work but are not offered in the menu
+        "compare", "export", "stats", "use", "invite", "members", "schedule", "apikey", "apikeys", "publish", "lang", "cancel")
+HIDDEN: tuple[str, ...] = ("forget",)  # commands that work but are not offered in the menu
 DEFAULT_MENU_LANGUAGE = "en"  # for clients whose language has no menu of its own
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 from emulator import Emulator, EmulatorUnavailable
+from fake_openai import FakeOpenAI, nearest_answer
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +13,10 @@ def emulator():
         pytest.skip(str(exc))
     yield emu
     emu.close()
+
+
+@pytest.fixture(scope="module")
+def nearest_llm():
+    """An OpenAI-compatible model server on loopback that answers with the nearest example in its prompt."""
+    with FakeOpenAI(default=nearest_answer) as fake:
+        yield fake

@@ -9,7 +9,8 @@ from telegram.warnings import PTBUserWarning
 from telegram.ext import CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
 from bot.telegram.common import button_invalid, current_assistant, reply, role_at_least, tr
-from bot.telegram.handlers import admin, chat, examples, firstrun, generate, onboarding, review, training
+from bot.telegram.handlers import (admin, chat, customers, examples, firstrun, generate, onboarding, publish, review,
+                                   training)
 
 # Our conversations are per user and chat on purpose: a button tapped on an older message still counts.
 warnings.filterwarnings("ignore", message="If 'per_message=False'", category=PTBUserWarning)
@@ -22,6 +23,7 @@ AWAITING = {
     "answer_unanswered": review.answer_unanswered_text,
     "train_time": training.train_time_text,
     "correction": chat.correction_text,
+    "publish_greeting": publish.greeting_text,
 }
 
 
@@ -83,6 +85,8 @@ def all_handlers() -> list:
         *training.handlers(),
         *chat.handlers(),
         *admin.handlers(),
+        *publish.handlers(),
+        *customers.handlers(),
         *firstrun.handlers(),
         CallbackQueryHandler(unknown_button),
         MessageHandler(filters.Document.ALL, examples.upload),

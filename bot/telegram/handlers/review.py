@@ -14,6 +14,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
 from bot.telegram.common import (ID, app_of, awaiting, button_invalid, button_object, can_edit, lang_of, reply,
                                  requires, role_at_least, short, store_of, tr, tr_error, with_thread_store)
+from bot.telegram.handlers.customers import deliver_team_answers
 from bot.telegram.import_report import plural_form
 from bot.telegram.texts import label, t
 from storage import NotFound, NotOpen, StorageError, Store
@@ -235,6 +236,8 @@ async def answer_unanswered_text(update: Update, context: ContextTypes.DEFAULT_T
         return
     await reply(update, tr(update, context, "un_answered", id=ex.id, question=short(ex.question, 800),
                            answer=short(ex.answer, 1500)))
+    if item.customer_id is not None:  # a customer asked: the answer goes back to their chat now
+        await deliver_team_answers(context)
     await _show_card(update, context, store.get_assistant(item.assistant_id), edit=False)
 
 
