@@ -9,7 +9,7 @@ import secrets
 from storage.common import check_value, fmt_time, one_row
 from storage.db import transaction
 from storage.errors import InvalidValue, NotFound
-from storage.records import CHANNELS, Customer, Publication, Unanswered, from_row
+from storage.records import CHANNELS, Customer, Example, Publication, Unanswered, from_row
 from storage.text import question_hash
 
 TOKEN_PREFIX = "c_"  # a customer link's start payload; invites have none (Telegram allows A-Z a-z 0-9 _ -, 64)
@@ -241,6 +241,28 @@ class CustomerStore:
     def release_delivery(self, item_id: int) -> None:
         """Sending failed for a passing reason: the next delivery run tries again."""
         self.db.execute("update unanswered set delivered_at = null where id = ?", [item_id])
+
+    def human_answered(self, customer_id: int, answer: str, *, by: int | None) -> Example | None:
+        """A person answered a business customer themselves: the customer's latest open question and that reply
+        become a pending example for the experts, and the item is closed as answered (and already delivered)."""
+        answer = answer.strip()
+        if not answer:
+            return None
+        now = self.now()
+        with transaction(self.db):
+            row = self.db.execute("select id from unanswered where customer_id = ? and status = 'open' "
+                                  "order by id desc limit 1", [customer_id]).fetchone()
+            if row is None:
+                return None
+            item = self.get_unanswered(row[0])
+            example_id = self._insert_example({
+                "assistant_id": item.assistant_id, "question": item.question, "answer": answer, "source": "expert",
+                "status": "pending", "split": "train", "author_id": by}, now)
+            self.db.execute("update unanswered set status = 'answered', example_id = ?, answered_by = ?, "
+                            "answered_at = ?, delivered_at = ? where id = ?", [example_id, by, now, now, item.id])
+            self.audit("unanswered.human_reply", user_id=by, assistant_id=item.assistant_id,
+                       details={"item_id": item.id, "example_id": example_id})
+        return self.get_example(example_id)
 
     # ------------------------------------------------------ groups, business
     def link_group(self, chat_id: int, assistant_id: int, *, by: int | None = None, title: str = "") -> None:

@@ -16,7 +16,7 @@ from telegram.ext import AIORateLimiter, Application, ContextTypes, TypeHandler
 
 from bot.telegram.checklist import refresh_after_update
 from bot.telegram.common import reply, tr, tr_error
-from bot.telegram.handlers import all_handlers, customers
+from bot.telegram.handlers import all_handlers, business, customers
 from bot.telegram.handlers.review import notify_unanswered
 from bot.telegram.menus import set_command_menus
 from bot.telegram.persistence import StorePersistence
@@ -86,7 +86,9 @@ def build_application(app) -> Application:
     application = builder.build()
     application.bot_data["app"] = app
     application.bot_data["stopping"] = threading.Event()  # set when the bot begins to shut down
-    # Customers' updates are answered before the team's handlers see them, and go no further (customers.route).
+    # Customers' updates are answered before the team's handlers see them, and go no further: business chats
+    # first, then the link's private chats and customers' groups.
+    application.add_handler(TypeHandler(Update, business.route), group=-2)
     application.add_handler(TypeHandler(Update, customers.route), group=-1)
     for handler in all_handlers():
         application.add_handler(handler)

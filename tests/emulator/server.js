@@ -5,6 +5,10 @@
 // language_code, edited messages
 // returned by editMessageText, file routes (sendDocument, sendPhoto, getFile, /file/bot...),
 // sendMessageDraft (kept for tests to read; /refuseDrafts makes it 404 like an older server), short long-polling on getUpdates, and a /userDocument route for the test user.
+// Telegram Business: /userUpdate queues any update as given (business_connection, business_message,
+// edited_business_message, deleted_business_messages); connections are remembered, getBusinessConnection
+// returns them, and sendMessage with a business_connection_id fails as Telegram does when the connection is
+// unknown, disabled or has no right to reply. See README.md.
 'use strict';
 
 const http = require('http');
@@ -24,6 +28,7 @@ const tg = new TelegramServer({ port, host, storeTimeout: 24 * 3600 });
 const upload = multer({ storage: multer.memoryStorage(), limits: { fileSize: 200 * 1024 * 1024 } });
 const files = new Map(); // file_id -> {buffer, name, mime}
 const drafts = []; // sendMessageDraft calls, for tests to read
+const businessConnections = new Map(); // `${token}:${id}` -> the business_connection as last sent
 
 const BOT = { id: 666, is_bot: true, first_name: 'Tunebot Test', username: 'TunebotTestBot' };
 
@@ -95,9 +100,28 @@ api.all('/deleteWebhook', (req, res) => {
   tg.deleteWebhook(req.params.token);
   res.ok(true);
 });
+function businessRefusal(req) {
+  // Why Telegram would refuse to send on behalf of a business account (null when it would send).
+  const id = req.body.business_connection_id;
+  if (id === undefined || id === null || id === '') return null;
+  const conn = businessConnections.get(`${req.params.token}:${id}`);
+  if (!conn) return 'Bad Request: business connection not found';
+  if (!conn.is_enabled) return 'Bad Request: BUSINESS_CONNECTION_NOT_ALLOWED';
+  const canReply = conn.rights ? conn.rights.can_reply : conn.can_reply;
+  if (!canReply) return 'Bad Request: BUSINESS_CONNECTION_NOT_ALLOWED';
+  if (String(conn.user_chat_id) === String(req.body.chat_id)) return 'Bad Request: BUSINESS_PEER_INVALID';
+  return null;
+}
+api.all('/getBusinessConnection', (req, res) => {
+  const conn = businessConnections.get(`${req.params.token}:${req.body.business_connection_id}`);
+  if (!conn) return res.fail(400, 'Bad Request: business connection not found');
+  res.ok(conn);
+});
 api.all('/sendMessage', (req, res) => {
   if (!req.body.text) return res.fail(400, 'Bad Request: message text is empty');
   if (String(req.body.text).length > 4096) return res.fail(400, 'Bad Request: message is too long');
+  const refusal = businessRefusal(req);
+  if (refusal) return res.fail(400, refusal);
   res.ok(botMessageResult(tg.addBotMessage(req.body, req.params.token)));
 });
 const refusingDrafts = new Set(); // tokens whose server acts as one before Bot API 9.3 (no sendMessageDraft)
@@ -193,7 +217,10 @@ api.all('/getUpdates', async (req, res) => {
     });
   }
   if (gone || res.writableEnded) return;
-  const updates = tg.getUpdates(token).map((u) => {
+  const unread = tg.storage.userMessages.filter((u) => u.botToken === token && !u.isRead);
+  for (const u of unread) u.isRead = true;
+  const updates = unread.map((u) => (u.raw ? { update_id: u.updateId, ...u.raw } : TelegramServer.formatUpdate(u)))
+    .map((u) => {
     if (u.message) u.message = { ...u.message, date: seconds(u.message.date) };
     if (u.callback_query) {
       const cq = u.callback_query;
@@ -219,6 +246,30 @@ front.post('/userDocument', (req, res) => {
   if (req.body.caption) message.caption = req.body.caption;
   tg.addUserMessage({ ...message, botToken: token });
   res.ok(info);
+});
+// Any update as Telegram would send it (business_connection, business_message, ...), queued for getUpdates.
+// A business_message gets a message_id and date when it has none; a business_connection is remembered.
+front.post('/userUpdate', (req, res) => {
+  const { token, update } = req.body;
+  if (!token || !update || typeof update !== 'object') return res.fail(400, 'token and update are required');
+  const raw = { ...update };
+  for (const kind of ['business_message', 'edited_business_message']) {
+    if (raw[kind]) {
+      raw[kind] = { date: Math.floor(Date.now() / 1000), ...raw[kind] };
+      if (raw[kind].message_id === undefined) raw[kind].message_id = tg.messageId++;
+    }
+  }
+  if (raw.business_connection) {
+    raw.business_connection = { date: Math.floor(Date.now() / 1000), ...raw.business_connection };
+    businessConnections.set(`${token}:${raw.business_connection.id}`, raw.business_connection);
+  }
+  const message = raw.business_message || raw.edited_business_message;
+  // messageId: what history readers use as a mark (the newest message id given out so far)
+  const entry = { time: Date.now(), botToken: token, updateId: tg.updateId++, isRead: false, raw,
+    messageId: message ? message.message_id : Math.max(tg.messageId - 1, 0) };
+  tg.storage.userMessages.push(entry);
+  tg.emit('AddedUserMessage');
+  res.ok({ update_id: entry.updateId, ...raw });
 });
 front.post('/getDrafts', (req, res) => res.ok(drafts.filter((d) => d.token === req.body.token)));
 front.post('/refuseDrafts', (req, res) => {
