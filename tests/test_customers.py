@@ -227,3 +227,18 @@ def test_groups_and_business_connections(cstore, acme):
     cstore.save_business_connection("bc1", assistant_id=acme.id, user_id=OWNER, user_chat_id=OWNER,
                                     can_reply=False, enabled=False)
     assert cstore.business_connection("bc1")["enabled"] == 0 and cstore.business_connection("nope") is None
+
+
+def test_a_persons_own_reply_in_a_business_chat_becomes_a_pending_example(cstore, acme):
+    cstore.publish(acme.id)
+    buyer = cstore.open_customer(acme.id, ALICE, ALICE, channel="business", business_connection_id="bc1")
+    assert cstore.human_answered(buyer.id, "Anything?", by=OWNER) is None  # nothing open: nothing to pair
+    _, item = ask(cstore, buyer, "Do you gift-wrap?", "passed on", abstained=True)
+    assert cstore.human_answered(buyer.id, "   ", by=OWNER) is None
+    example = cstore.human_answered(buyer.id, "Yes, for free.", by=OWNER)
+    assert (example.question, example.answer, example.status, example.author_id) == (
+        "Do you gift-wrap?", "Yes, for free.", "pending", OWNER)
+    done = cstore.get_unanswered(item.id)
+    assert (done.status, done.example_id) == ("answered", example.id) and done.delivered_at  # nothing to send
+    assert cstore.undelivered_team_answers() == []
+    assert cstore.human_answered(buyer.id, "Again.", by=OWNER) is None
