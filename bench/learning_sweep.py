@@ -6,6 +6,7 @@ greedily in every mode, and an out-of-scope file for the abstain rates. Data set
 
 - `acme` (examples/acme_faq.jsonl + acme_eval.jsonl): the set hyperparameters were chosen on;
 - `harbor` (en) and `ru` (examples/harbor_*.jsonl, ru_*.jsonl): written separately, the report sets;
+- `harbor_ru`: Russian customers asking the English Harbor Line FAQ (cross-lingual; examples/harbor_ru_*.jsonl);
 - `gen:N[:LANG[:SEED]]`: N invented facts from bench/faqgen.py (names and numbers no model knows).
 
     python bench/learning_sweep.py --data acme "recipe=grounded" "recipe=closed,epochs=12" [--out FILE]
@@ -28,6 +29,8 @@ SYSTEMS = {"acme": "You answer customer questions for ACME Parcel, a parcel deli
            "harbor": "You answer customer questions for Harbor Line, a ferry and marina company.",
            "ru": "Ты отвечаешь на вопросы пациентов клиники «Здоровье+»."}
 MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
+FAQ_OF = {"harbor_ru": "harbor"}  # a question set asked of another set's FAQ
+SYSTEMS["harbor_ru"] = SYSTEMS["harbor"]
 
 
 def parse_setting(text: str) -> dict:
@@ -56,7 +59,7 @@ def load_data(name: str):
         # out of scope: the same kinds of question about 20 invented entities the FAQ does not have
         oos = [t["question"] for t in test if t["answer"] not in known][::2]
         return [(p["question"], p["answer"]) for p in pairs[:n]], [t for t in test if t["answer"] in known], oos, ""
-    faq = read_examples(ROOT / "examples" / f"{name}_faq.jsonl").records
+    faq = read_examples(ROOT / "examples" / f"{FAQ_OF.get(name, name)}_faq.jsonl").records
     held_out = jsonl(ROOT / "examples" / f"{name}_eval.jsonl")
     oos_path = ROOT / "examples" / f"{name}_out_of_scope.jsonl"
     oos = [r["question"] for r in jsonl(oos_path)] if oos_path.exists() else []

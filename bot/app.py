@@ -36,11 +36,13 @@ class App:
     @cached_property
     def indexes(self):
         """Each assistant's retriever over its approved examples, kept in sync and saved under the data dir."""
-        from tuning.retrieval import AssistantIndexes, sentence_embedder
+        from tuning.embedding import load_embedder
+        from tuning.retrieval import AssistantIndexes
 
         s = self.settings
-        embed = sentence_embedder(s.embedding_model, cache_dir=s.models_cache) if s.embedding_model else None
-        return AssistantIndexes(s.data_dir / "retrieval", embed=embed, embed_weight=s.embedding_weight)
+        return AssistantIndexes(s.data_dir / "retrieval", embedder=load_embedder(s.embedding_model,
+                                                                                cache_dir=s.models_cache),
+                                embed_weight=s.embedding_weight)
 
     @property
     def engine(self):

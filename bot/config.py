@@ -54,8 +54,9 @@ class Settings:
     customer_per_minute: int = 10  # questions one customer may ask one assistant a minute (a polite refusal beyond)
     customer_per_day: int = 200  # ... and in 24 hours
     adapter_cache_size: int = 8
-    embedding_model: str = ""  # a sentence-transformers hub id or folder, blended into retrieval; "": n-grams only
-    embedding_weight: float = 0.5  # share of the embedding similarity in the retrieval score
+    embedding_model: str = "bundled:multilingual-e5-small"  # or a sentence-transformers hub id or folder; "none":
+    #   character n-grams only
+    embedding_weight: float = 0.7  # share of the embedding similarity in the retrieval score
     max_new_tokens: int = 256
     temperature: float = 0.0
     api_host: str = "127.0.0.1"

@@ -165,9 +165,41 @@ def test_render_question_and_grounding_file(tmp_path):
 
 def test_calibrated_threshold_sits_below_the_in_scope_questions():
     scores = [0.3, 0.25, 0.5, 0.1, 0.4]
-    assert calibrate_threshold(scores) == pytest.approx(0.05)
+    assert calibrate_threshold(scores) == pytest.approx(0.05)  # nothing left out to compare with: a margin
     assert all(s > calibrate_threshold(scores) for s in scores)
     assert calibrate_threshold([]) > 0
+
+
+def test_threshold_withholds_most_left_out_questions_but_few_in_scope_ones():
+    inside = [0.80 + i / 100 for i in range(20)]  # 0.80 .. 0.99
+    outside = [0.50 + i / 100 for i in range(20)]  # 0.50 .. 0.69
+    t = calibrate_threshold(inside, outside)
+    assert sum(s < t for s in outside) / 20 >= 0.7 and sum(s < t for s in inside) == 0
+    # overlapping: the left-out quantile would withhold a third of the in-scope ones; at most 5% are
+    inside = [0.60 + i / 100 for i in range(20)]  # 0.60 .. 0.79
+    t = calibrate_threshold(inside, outside)
+    assert sum(s < t for s in inside) <= 1 and t == pytest.approx(0.61)
+
+
+def test_retrieval_scores_leave_the_questions_own_fact_out():
+    from tuning.grounding import retrieval_scores
+
+    train = facts(5, 2)
+    index = training_index(train)
+    inside, outside = retrieval_scores(index, train[:4])
+    assert all(i > o for i, o in zip(inside, outside))
+
+
+def test_retrieval_decides_i_dont_know_when_training_said_so(tmp_path):
+    from tuning.grounding import NEVER
+
+    assert Grounding(no_answer_above=0.4).model_no_answer_above == 0.4  # older adapters: the model too
+    assert Grounding(no_answer_above=0.4, abstain_by="retrieval").model_no_answer_above == NEVER
+    choice = {0: 0.9, 1: 0.05, 2: 0.05}
+    read = read_grounded("[0] I don't know.", [hit(1, "A one."), hit(2, "A two.")], (),
+                         [[("0", math.log(0.9)), ("1", math.log(0.05)), ("2", math.log(0.05))]],
+                         no_answer_above=NEVER)
+    assert not read.abstained and read.text == "A one." and read.choice == pytest.approx(choice)
 
 
 def test_training_calibrates_both_thresholds_and_saves_the_index(tiny_model_dir, tmp_path):

@@ -87,21 +87,39 @@ def test_save_and_load_give_the_same_scores(retriever, tmp_path):
         Retriever.load(tmp_path / "idx")
 
 
-def test_embeddings_are_blended_in_when_configured(tmp_path):
-    # A toy embedding that knows "cost" and "price" mean the same: n-grams alone cannot.
-    def embed(texts):
+class ToyEmbedder:
+    """Knows that "cost" and "price" mean the same: n-grams alone cannot."""
+
+    name = "toy"
+
+    def passages(self, texts):
         return [[1.0 if ("cost" in t.lower() or "price" in t.lower()) else 0.0, 1.0] for t in texts]
 
-    plain = Retriever(docs_from_pairs(PAIRS[:3]))
-    blended = Retriever(docs_from_pairs(PAIRS[:3]), embed=embed, embed_weight=0.8)
+    queries = passages
+
+
+def test_embeddings_are_blended_in_when_configured(tmp_path):
+    plain = Retriever(docs_from_pairs(PAIRS[:3]), embedder=None)
+    blended = Retriever(docs_from_pairs(PAIRS[:3]), embedder=ToyEmbedder(), embed_weight=0.8)
     assert blended.search("what's the price", 1)[0].key == "p0"
     assert blended.scores("what's the price")[0] > plain.scores("what's the price")[0]
+    hit = blended.search("what's the price", 1)[0]
+    assert hit.similarity == pytest.approx(1.0) and plain.search("price", 1)[0].similarity is None
     blended.save(tmp_path / "e")
-    again = Retriever.load(tmp_path / "e", embed=embed, embed_weight=0.8)
+    again = Retriever.load(tmp_path / "e", embedder=ToyEmbedder(), embed_weight=0.8)
     np.testing.assert_allclose(again.scores("price"), blended.scores("price"), rtol=1e-6)
-    Retriever(docs_from_pairs(PAIRS[:3])).save(tmp_path / "plain")
-    with pytest.raises(ValueError, match="embeddings"):  # saved without the embedding model: rebuilt by the caller
-        Retriever.load(tmp_path / "plain", embed=embed)
+    plain.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="embedding model"):  # saved without the embedding model: rebuilt
+        Retriever.load(tmp_path / "plain", embedder=ToyEmbedder())
+    assert Retriever.load(tmp_path / "plain").embedder is None  # by default: the embedder it was built with
+
+
+def test_a_family_counts_once_by_its_best_wording():
+    docs = [Doc(key="1", question="How much is a small parcel?", answer="€4.90.", group="f1"),
+            Doc(key="2", question="small parcel price??", answer="A small parcel costs €4.90 (edited).", group="f1"),
+            Doc(key="3", question="Where is the depot?", answer="In Utrecht.", group="f2")]
+    hits = Retriever(docs, embedder=None).search("small parcel price", 3)
+    assert [h.key for h in hits] == ["2", "3"]
 
 
 def test_assistant_index_follows_the_store_and_persists(tmp_path):

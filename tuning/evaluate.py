@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,11 @@ from typing import Callable, Sequence
 
 from tuning.answering.service import FEWSHOT_K  # one selector (retrieval) for chat, API and eval
 from tuning.errors import ModelLoadError
+from tuning.scoring import contains_all, normalize, rouge_l, token_f1, words  # noqa: F401 (the scoring, re-exported)
 
 MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
 MODEL_FREE = ("lookup",)  # answered without any model: the nearest example's answer, a baseline
 NEEDS_ADAPTER = ("tuned", "grounded")
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 @dataclass(frozen=True)
@@ -25,58 +24,6 @@ class EvalItem:
     question: str
     answer: str
     must_contain: tuple[str, ...] | None = None
-
-
-def normalize(text: str) -> str:
-    """Case-folded, non-breaking spaces as spaces, whitespace collapsed."""
-    text = text.replace("\u00a0", " ").replace("\u202f", " ").replace("\u2009", " ")
-    return " ".join(text.split()).casefold()
-
-
-def contains_all(answer: str, must_contain: Sequence[str]) -> bool:
-    norm = normalize(answer)
-    return all(normalize(token) in norm for token in must_contain)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(normalize(text))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1."""
-    pred, ref = words(prediction), words(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    common: dict[str, int] = {}
-    for w in ref:
-        common[w] = common.get(w, 0) + 1
-    overlap = 0
-    for w in pred:
-        if common.get(w, 0) > 0:
-            overlap += 1
-            common[w] -= 1
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred), overlap / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure from the longest common subsequence of words."""
-    pred, ref = words(prediction), words(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    prev = [0] * (len(ref) + 1)
-    for p in pred:
-        cur = [0]
-        for j, r in enumerate(ref):
-            cur.append(prev[j] + 1 if p == r else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def as_eval_items(items: Sequence) -> list[EvalItem]:
@@ -286,10 +233,11 @@ def _read_citations(answers: list, hits_of: Sequence, abstained: list[bool], *, 
     from tuning.answering.service import grounded_unsure
     from tuning.grounding import read_grounded
 
-    read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives, no_answer_above=grounding.no_answer_above)
-            for a, h in zip(answers, hits_of)]
+    read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives,
+                          no_answer_above=grounding.model_no_answer_above) for a, h in zip(answers, hits_of)]
     answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
-    abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability, grounding.no_answer_above)
+    abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability,
+                                                     grounding.model_no_answer_above)
                  for x, r in zip(abstained, read)]
     return answers, abstained, read
 

@@ -1,5 +1,6 @@
-"""Finding the examples a question is about: character n-gram TF-IDF (typos, layout, translit) plus word terms,
-optionally blended with an embedding model; one index per assistant, updated incrementally and kept on disk.
+"""Finding the examples a question is about: a multilingual sentence embedder (paraphrases, other languages)
+blended with character n-gram TF-IDF (typos, layout, translit) plus word terms; one index per assistant, updated
+incrementally and kept on disk. Without an embedder (package missing, or configured off) n-grams alone.
 
 Hashed features (scikit-learn's HashingVectorizer) instead of a fitted vocabulary: adding or removing an example
 only changes its own row and the document frequencies, so an update never refits the whole index, and the
@@ -16,11 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from tuning.embedding import DEFAULT_EMBEDDER, load_embedder
+
 log = logging.getLogger(__name__)
 
 N_FEATURES = 2 ** 20
 CHAR_WEIGHT = 0.75  # of the TF-IDF score; the rest is word terms (measured on ACME: see bench/retrieval_speed.py)
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+EMBED_WEIGHT = 0.7  # share of the embedding similarity in the hybrid score (chosen on ACME and invented FAQs:
+#   bench/retrieval_quality.py)
+DEFAULT = object()  # "the default embedder": the bundled multilingual-e5-small when installed
 
 # Russian keyboard layout: what a Russian word typed with the English layout on looks like, and back.
 _EN = "`qwertyuiop[]asdfghjkl;'zxcvbnm,."
@@ -73,13 +79,19 @@ class Doc:
 
 @dataclass(frozen=True)
 class Hit:
-    """A retrieved example and how similar it is to the question (cosine, 0..1)."""
+    """A retrieved example and how similar it is to the question: score (the hybrid, 0..1) ranks, similarity (the
+    embedding's cosine alone; the score without an embedder) tells whether the question is about it at all."""
 
     key: str
     question: str
     answer: str
     group: str
     score: float
+    similarity: float | None = None
+
+    @property
+    def evidence(self) -> float:
+        return self.score if self.similarity is None else self.similarity
 
     @property
     def example_id(self) -> int | None:
@@ -98,13 +110,18 @@ def _normalize_answer(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-class Retriever:
-    """TF-IDF over hashed character 3-5-grams and words of question + answer; cosine similarity, best first."""
+def embedding_text(question: str, answer: str) -> str:
+    """What an example is embedded as (a passage): its question and answer."""
+    return f"{question}\n{answer}"
 
-    def __init__(self, docs: Iterable[Doc] = (), *, embed: Callable[[list[str]], "object"] | None = None,
-                 embed_weight: float = 0.5):
-        self.embed = embed
-        self.embed_weight = embed_weight if embed is not None else 0.0
+
+class Retriever:
+    """Embedding cosine blended with TF-IDF over hashed character 3-5-grams and words of question + answer; best
+    first. embedder: an tuning.embedding.Embedder, None for n-grams only, DEFAULT for the bundled one."""
+
+    def __init__(self, docs: Iterable[Doc] = (), *, embedder=DEFAULT, embed_weight: float = EMBED_WEIGHT):
+        self.embedder = load_embedder(DEFAULT_EMBEDDER) if embedder is DEFAULT else embedder
+        self.embed_weight = embed_weight if self.embedder is not None else 0.0
         self._chars, self._words = _vectorizers()
         self.docs: list[Doc] = []
         self._tf = None  # (docs, 2 * N_FEATURES) sublinear term frequencies: chars | words
@@ -127,10 +144,15 @@ class Retriever:
         rows.data = 1.0 + np.log(rows.data)  # sublinear tf: a repeated n-gram counts, but not linearly
         return rows
 
-    def _embed_rows(self, texts: list[str]):
+    @property
+    def embedder_name(self) -> str | None:
+        return self.embedder.name if self.embedder is not None else None
+
+    def _embed_rows(self, texts: list[str], *, query: bool = False):
         import numpy as np
 
-        vectors = np.asarray(self.embed(texts), dtype=np.float32)
+        encode = self.embedder.queries if query else self.embedder.passages
+        vectors = np.asarray(encode(texts), dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, 1e-9)
 
@@ -154,17 +176,17 @@ class Retriever:
                 return False
             width = 2 * N_FEATURES
             fresh = self._term_rows([document_text(d.question, d.answer) for d in new_docs]) if new_docs else None
-            fresh_emb = self._embed_rows([document_text(d.question, d.answer) for d in new_docs]) \
-                if new_docs and self.embed is not None else None
+            fresh_emb = self._embed_rows([embedding_text(d.question, d.answer) for d in new_docs]) \
+                if new_docs and self.embedder is not None else None
             parts, emb_parts = [], []
             for kind, index, _ in order:
                 source = self._tf if kind == "old" else fresh
                 parts.append(source[index])
-                if self.embed is not None:
+                if self.embedder is not None:
                     emb_parts.append((self._emb if kind == "old" else fresh_emb)[index:index + 1])
             self.docs = [d for _, _, d in order]
             self._tf = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, width), dtype=np.float32)
-            if self.embed is not None:
+            if self.embedder is not None:
                 self._emb = np.vstack(emb_parts) if emb_parts else None
             self._reweight()
             return True
@@ -199,23 +221,28 @@ class Retriever:
 
     # ------------------------------------------------------------ searching
     def scores(self, question: str):
-        """Similarity of the question to every doc (the best of its keyboard-layout forms)."""
+        """Similarity of the question to every doc (the n-grams: the best of its keyboard-layout forms)."""
+        return self._scores(question)[0]
+
+    def _scores(self, question: str):
+        """(hybrid scores, embedding cosines or None) of the question against every doc."""
         import numpy as np
 
         if self._weighted is None:
-            return np.zeros(0, dtype=np.float32)
+            return np.zeros(0, dtype=np.float32), None
         best = (self._query_vectors(query_forms(question)) @ self._by_feature).toarray().max(axis=0)
-        if self.embed is not None and self._emb is not None:
-            q = self._embed_rows([question])[0]
-            best = (1 - self.embed_weight) * best + self.embed_weight * np.clip(self._emb @ q, 0.0, 1.0)
-        return best
+        if self.embedder is None or self._emb is None:
+            return best, None
+        cosine = np.clip(self._emb @ self._embed_rows([question], query=True)[0], 0.0, 1.0)
+        return (1 - self.embed_weight) * best + self.embed_weight * cosine, cosine
 
     def search(self, question: str, k: int = 4, *, distinct_answers: bool = True,
                exclude: Callable[[Doc], bool] | None = None) -> list[Hit]:
-        """The k most similar docs, best first; variations sharing an answer count once (their best question)."""
+        """The k most similar docs, best first; a family (an example and its variations) and docs sharing an
+        answer count once, by their best-scoring wording."""
         import numpy as np
 
-        scores = self.scores(question)
+        scores, cosine = self._scores(question)
         if scores.size == 0 or k <= 0:
             return []
         hits, seen = [], set()
@@ -224,11 +251,13 @@ class Retriever:
             if exclude is not None and exclude(doc):
                 continue
             answer = _normalize_answer(doc.answer)
-            if distinct_answers and answer in seen:
+            family = ("family", doc.group) if doc.group else answer
+            if distinct_answers and (answer in seen or family in seen):
                 continue
-            seen.add(answer)
+            seen.update((answer, family))
             hits.append(Hit(key=doc.key, question=doc.question, answer=doc.answer, group=doc.group,
-                            score=float(scores[index])))
+                            score=float(scores[index]),
+                            similarity=None if cosine is None else float(cosine[index])))
             if len(hits) == k:
                 break
         return hits
@@ -251,11 +280,15 @@ class Retriever:
             if self._emb is not None:
                 np.save(tmp / "embeddings.npy", self._emb)
             (tmp / "meta.json").write_text(json.dumps({"version": INDEX_VERSION, "n": len(self.docs),
-                                                       "n_features": N_FEATURES, "char_weight": CHAR_WEIGHT}))
+                                                       "n_features": N_FEATURES, "char_weight": CHAR_WEIGHT,
+                                                       "embedder": self.embedder_name,
+                                                       "embed_weight": self.embed_weight}))
 
     @classmethod
-    def load(cls, folder: str | Path, *, embed=None, embed_weight: float = 0.5) -> "Retriever":
-        """An index saved by save(); a missing, older or damaged one raises FileNotFoundError or ValueError."""
+    def load(cls, folder: str | Path, *, embedder=DEFAULT, embed_weight: float | None = None) -> "Retriever":
+        """An index saved by save(); a missing, older or damaged one, or one built with another embedder than the
+        given one, raises FileNotFoundError or ValueError. With DEFAULT, the embedder (and weight) it was built
+        with; when that one cannot be loaded here, its n-grams alone (with a warning)."""
         import numpy as np
         import scipy.sparse as sp
 
@@ -264,19 +297,26 @@ class Retriever:
         if meta.get("version") != INDEX_VERSION or meta.get("n_features") != N_FEATURES \
                 or meta.get("char_weight") != CHAR_WEIGHT:
             raise ValueError("index written by another version")
+        if embedder is DEFAULT:
+            embedder = load_embedder(meta.get("embedder"))
+            if embed_weight is None:
+                embed_weight = meta.get("embed_weight", EMBED_WEIGHT)
+        elif (embedder.name if embedder is not None else None) != meta.get("embedder"):
+            raise ValueError("index built with another embedding model")
+        embed_weight = EMBED_WEIGHT if embed_weight is None else embed_weight
         docs = []
         with open(folder / "docs.jsonl", encoding="utf-8") as fp:
             for line in fp:
                 row = json.loads(line)
                 docs.append(Doc(key=row["key"], question=row["question"], answer=row["answer"],
                                 group=row.get("group", "")))
-        retriever = cls(embed=embed, embed_weight=embed_weight)
+        retriever = cls(embedder=embedder, embed_weight=embed_weight)
         if docs:
             tf = sp.load_npz(folder / "terms.npz").tocsr().astype(np.float32)
             if tf.shape != (len(docs), 2 * N_FEATURES):
                 raise ValueError("index arrays do not match its documents")
             emb = None
-            if embed is not None:
+            if embedder is not None:
                 path = folder / "embeddings.npy"
                 if not path.exists():
                     raise ValueError("index has no embeddings for the configured model")
@@ -286,19 +326,6 @@ class Retriever:
             retriever.docs, retriever._tf, retriever._emb = docs, tf, emb
             retriever._reweight()
         return retriever
-
-
-def sentence_embedder(model_id: str, *, cache_dir=None) -> Callable[[list[str]], object]:
-    """An embed function from a sentence-transformers model (a hub id or a local folder)."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        from tuning.errors import ModelLoadError
-
-        raise ModelLoadError("an embedding model is configured but sentence-transformers is not installed: "
-                             "pip install sentence-transformers") from exc
-    model = SentenceTransformer(model_id, cache_folder=str(cache_dir) if cache_dir else None)
-    return lambda texts: model.encode(list(texts), normalize_embeddings=True, show_progress_bar=False)
 
 
 def docs_from_pairs(pairs: Iterable[tuple[str, str]]) -> list[Doc]:
@@ -318,9 +345,9 @@ def docs_from_store(store, assistant_id: int) -> list[Doc]:
 class AssistantIndexes:
     """One retriever per assistant, kept in sync with its approved examples and saved under the data dir."""
 
-    def __init__(self, root: str | Path | None, *, embed=None, embed_weight: float = 0.5):
+    def __init__(self, root: str | Path | None, *, embedder=DEFAULT, embed_weight: float = EMBED_WEIGHT):
         self.root = Path(root) if root else None
-        self.embed = embed
+        self.embedder = load_embedder(DEFAULT_EMBEDDER) if embedder is DEFAULT else embedder
         self.embed_weight = embed_weight
         self._cache: dict[int, tuple[str, Retriever]] = {}
         self._lock = threading.Lock()
@@ -345,7 +372,7 @@ class AssistantIndexes:
         folder = self.folder(assistant_id)
         if folder is not None and (folder / "meta.json").exists():
             try:
-                return Retriever.load(folder, embed=self.embed, embed_weight=self.embed_weight)
+                return Retriever.load(folder, embedder=self.embedder, embed_weight=self.embed_weight)
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("rebuilding the retrieval index of assistant %s: %s", assistant_id, exc)
-        return Retriever(embed=self.embed, embed_weight=self.embed_weight)
+        return Retriever(embedder=self.embedder, embed_weight=self.embed_weight)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from tuning.answering.requests import MODES, InferenceError, NoActiveVersion, prepare_messages
-from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, confidence, read_grounded,
-                              render_question)
+from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, confidence, default_threshold,
+                              read_grounded, render_question)
 
 ABSTAIN_TEXT = ("I'm not sure about this one, so I've passed your question to our experts: "
                 "they will add the answer.")
@@ -126,9 +126,11 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
         mode = ("grounded" if grounding.recipe == "grounded" else "tuned") if version is not None else "fewshot"
     retriever = _retriever(store, assistant_id, indexes)
     hits = tuple(retriever.search(question, max(grounding.k, fewshot_k)))
+    threshold = grounding.threshold if grounding.calibrated_on else default_threshold(retriever)
     common = {"assistant_id": assistant_id, "system_prompt": assistant.system_prompt, "confidence": confidence(hits),
-              "threshold": grounding.threshold, "min_choice_probability": grounding.min_choice_probability,
-              "no_answer_above": grounding.no_answer_above, "may_abstain": auto, "retrieved_from": len(retriever)}
+              "threshold": threshold, "min_choice_probability": grounding.min_choice_probability,
+              "no_answer_above": grounding.model_no_answer_above, "may_abstain": auto,
+              "retrieved_from": len(retriever)}
     if mode in ("tuned", "grounded"):
         shown = hits[:grounding.k] if mode == "grounded" else ()
         return AnswerPlan(mode=mode, version_id=version.id, adapter_dir=version.adapter_path,

@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 from tuning.data.dataset import Encoded, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
-from tuning.grounding import (Grounding, calibrate_no_answer, calibrate_threshold,
-                              citation_distributions, confidence, grounded_items, training_index, unanswerable_items)
+from tuning.grounding import (Grounding, calibrate_no_answer, calibrate_threshold, citation_distributions,
+                              grounded_items, retrieval_scores, training_index, unanswerable_items)
 from tuning.retrieval import Retriever
 from tuning.training import hparams as hp
 from tuning.training.checkpoints import TrainState, load_best, resume as resume_from, save_best, save_checkpoint
@@ -340,9 +340,8 @@ def _write_results(loop: _Loop, out: Path, *, n_items: int, started: float) -> T
         loop.tokenizer.save_pretrained(out)
     data.index.save(out / "retrieval")
     grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
-                          threshold=calibrate_threshold([confidence(data.index.search(i.question, 1))
-                                                         for i in splits.val]),
-                          no_answer_above=no_answer, calibrated_on=len(splits.val))
+                          threshold=calibrate_threshold(*retrieval_scores(data.index, splits.val)),
+                          no_answer_above=no_answer, calibrated_on=len(splits.val), abstain_by="retrieval")
     grounding.save(out)
     plot_loss_curve(state.epochs, out / "loss_curve.png", step_losses=state.step_losses)
     note = {"recall": "validation = held-out variations of trained examples: it measures recall of the facts",
