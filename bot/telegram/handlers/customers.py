@@ -163,13 +163,14 @@ async def _stream(update: Update, context: ContextTypes.DEFAULT_TYPE, customer: 
         finally:
             loop.call_soon_threadsafe(pieces.put_nowait, None)
 
-    await update.effective_chat.send_action("typing")
     producer = asyncio.create_task(with_thread_store(context, produce))
     private = update.effective_chat.type == ChatType.PRIVATE
     stream = AnswerStream(context.bot, update.effective_chat, context.bot_data, drafts=app.settings.telegram_drafts,
                           draft_id=update.message.message_id, placeholder="…") if private else None
-    if stream is not None:
-        await stream.start()
+    if stream is not None:  # its placeholder shows at once; "typing" as well would be one more request to wait
+        await stream.start()  # for under the bot's rate limit (the limit of 50 customers asking at once)
+    else:
+        await update.effective_chat.send_action("typing")
     text = ""
     while (piece := await pieces.get()) is not None:
         text += piece
