@@ -98,6 +98,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------ train --assistant
+def train_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line (other than the base model, which has its own default):
+    what `train --data` runs with and what `train --assistant` puts in the job's params."""
+    from tuning.training.config import TrainConfig
+
+    given = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name != "base_model" and value != f.default:
+            given[f.name] = value
+    return given
+
+
 def add_assistant_arguments(parser: argparse.ArgumentParser) -> None:
     """The `train` options for queueing a run of an assistant (bot.cli.train calls this)."""
     parser.add_argument("--assistant", metavar="NAME",
@@ -136,8 +149,6 @@ def train_assistant(args: argparse.Namespace, app) -> int:
     store = app.store
     assistant = store.assistant_by_name(args.assistant)
     params: dict = {}
-    from bot.cli.train import train_options
-
     options = train_options(args)
     if options:
         params["config"] = options

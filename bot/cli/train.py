@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,19 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--answers", action="store_true", help="include every answer in the output")
     ev.add_argument("--json", action="store_true", help='print one JSON object {"n", "modes": {…}}')
     ev.set_defaults(func=cmd_eval)
-
-
-def train_options(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields given on the command line (other than the base model, which has its own default):
-    what `train --data` runs with and what `train --assistant` puts in the job's params."""
-    from tuning.training.config import TrainConfig
-
-    given = {}
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None and f.name != "base_model" and value != f.default:
-            given[f.name] = value
-    return given
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +189,8 @@ def cmd_train(args, app) -> int:
         n = settings.mutations_per_example if not any(i.variation for i in items) else 0
     if n:
         items = add_mutations(items, n=n, seed=args.seed or 0)
+    from bot.cli.jobs import train_options
+
     config = TrainConfig(base_model=args.base_model or settings.base_model, **train_options(args))
     progress = TrainingBar(quiet=False)
     try:
