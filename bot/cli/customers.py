@@ -76,7 +76,9 @@ def print_customer_stats(app, assistant, *, days: int, as_json: bool) -> int:
 
     if days < 1:
         raise CommandError("--days must be at least 1")
-    stats = app.store.customer_stats(assistant.id, days=days)
+    from tuning.customers import customer_report
+
+    stats = customer_report(app.store, assistant.id, days=days, indexes=app.indexes)
     if as_json:
         print(json.dumps({"assistant": assistant.name, **stats}, ensure_ascii=False, indent=2))
         return 0
@@ -91,5 +93,6 @@ def print_customer_stats(app, assistant, *, days: int, as_json: bool) -> int:
         print(f"  {row['day']}  {row['questions']:>5} asked  {row['answered']:>5} answered  "
               f"{row['dont_know']:>5} don't know")
     for group in stats["frequent_unanswered"]:
-        print(f"  ×{group['count']}  {group['question']}")
+        print(f"  ×{group['count']}  {group['question']}" + (f"  ({group['wordings']} wordings)"
+                                                           if group["wordings"] > 1 else ""))
     return 0

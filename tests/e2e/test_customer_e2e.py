@@ -17,6 +17,7 @@ OWNER, EXPERT, ALICE, BOB, IVAN, TESTER = 8001, 8002, 8101, 8102, 8103, 8004
 KNOWN = "How long does delivery take?"
 UNKNOWN = "Zqxj vprk wmbt?"
 ABSTAIN_EN = "I've passed your question to the team: their answer will come to this chat."
+UNAVAILABLE = "This assistant isn't answering at the moment. Please try again later."
 ABSTAIN_RU = "Я передал ваш вопрос команде: их ответ придёт в этот чат."
 
 
@@ -178,8 +179,9 @@ def test_forget_deletes_what_the_customer_sent(bot):
 
 
 def test_owner_stats_show_customers(bot):
-    [stats] = bot.ask(OWNER, "/stats")
+    stats, chart = bot.ask(OWNER, "/stats")
     assert "Customers (30 days):" in stats.text and "Team answers sent back: 1" in stats.text
+    assert chart.photo and chart.text.startswith("📈 Customers' questions per day")
     [tester_stats] = bot.ask(TESTER, "/stats")
     assert "Customers" not in tester_stats.text
 
@@ -192,10 +194,10 @@ def test_revoking_the_link_stops_answers_at_once(bot):
     assert new != old and any(new in m.text for m in replies) and any("old one answers nothing" in m.text
                                                                         for m in replies)
     [said] = bot.ask(BOB, KNOWN)
-    assert said.text == "This assistant isn't answering at the moment. Please try again later."
+    assert said.text == UNAVAILABLE
     assert bot.ask(BOB, f"/start {old}")[0].text == "This link no longer works. Please ask the company for a new one."
     bot.ask(BOB, f"/start {new}")
-    assert bot.ask(BOB, "Are you there?")[-1].text != "This assistant isn't answering at the moment. Please try again later."
+    assert bot.ask(BOB, "Are you there?")[-1].text != UNAVAILABLE
     bot.press(OWNER, f"pub:unpublish:{acme.id}")
     [said] = bot.ask(BOB, KNOWN)
     assert "isn't answering" in said.text

@@ -15,7 +15,7 @@ from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 from bot.telegram.common import (ID, app_of, button_invalid, callback_match, error_reason, lang_of, private_only, reply,
                                  requires, store_of, tr, with_thread_store)
 from bot.telegram.texts import labelled_counts
-from bot.telegram.handlers.publish import stats_addition
+from bot.telegram.handlers.publish import customer_report_for, customer_stats_text, send_customer_chart
 from tuning.errors import TuningError
 
 EXPORT_FORMATS = ("jsonl", "openai")
@@ -185,14 +185,17 @@ async def stats(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, r
     versions = store.list_model_versions(assistant.id)
     feedback = store.feedback_counts(assistant.id)
     lang = lang_of(update, context)
-    customers = await stats_addition(update, context, assistant, role)
+    report = await customer_report_for(update, context, assistant, role)
     await reply(update, tr(update, context, "stats", name=assistant.name,
                            by_status=labelled_counts(lang, "status", counts["status"]),
                            by_source=labelled_counts(lang, "source", counts["source"]),
                            by_split=labelled_counts(lang, "split", counts["split"]), versions=len(versions),
                            active=assistant.active_version_id or "—",
                            jobs=len(store.list_jobs(assistant_id=assistant.id)),
-                           up=feedback.get("up", 0), down=feedback.get("down", 0)) + customers)
+                           up=feedback.get("up", 0), down=feedback.get("down", 0))
+                + (customer_stats_text(update, context, report) if report else ""))
+    if report and report["questions"]:
+        await send_customer_chart(update, context, report)
 
 
 def handlers() -> list:

@@ -9,11 +9,11 @@ from telegram import Update
 from telegram.constants import ChatType
 from telegram.ext import CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, awaiting, button_invalid, callback_match, current_assistant, reply, requires,
-                                 role_at_least, short, store_of, tr, tr_error, with_thread_store)
+from bot.telegram.common import (ID, app_of, awaiting, button_invalid, callback_match, current_assistant, reply,
+                                 requires, role_at_least, short, store_of, tr, tr_error, with_thread_store)
 from storage import StorageError
 from storage.records import CHANNELS
-from tuning.customers import customer_link
+from tuning.customers import customer_link, customer_report, plot_customer_stats
 
 # Callback data is untrusted: only this shape is accepted (fullmatch), for the owner's current assistant.
 PUBLISH_BUTTON = re.compile(rf"pub:(publish|unpublish|revoke|greeting|{'|'.join(CHANNELS)}):(?P<id>{ID})")
@@ -141,12 +141,23 @@ def customer_stats_text(update: Update, context: ContextTypes.DEFAULT_TYPE, stat
     return text
 
 
-async def stats_addition(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> str:
-    """What /stats adds when the assistant is published and the user is an owner or expert ("" otherwise)."""
+async def customer_report_for(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant, role) -> dict | None:
+    """The customers' report for /stats when the assistant is published and the user is an owner or expert."""
     if not role_at_least(role, "expert") or store_of(context).get_publication(assistant.id) is None:
-        return ""
-    stats = await with_thread_store(context, lambda s: s.customer_stats(assistant.id))
-    return customer_stats_text(update, context, stats)
+        return None
+    indexes = app_of(context).indexes
+    return await with_thread_store(context, lambda s: customer_report(s, assistant.id, indexes=indexes))
+
+
+async def send_customer_chart(update: Update, context: ContextTypes.DEFAULT_TYPE, report: dict) -> None:
+    """The owner's chart of customers' questions per day (drawn off the event loop)."""
+    import asyncio
+    import io
+
+    buffer = io.BytesIO()
+    await asyncio.to_thread(plot_customer_stats, report, buffer)
+    buffer.seek(0)
+    await update.effective_chat.send_photo(buffer, caption=tr(update, context, "stats_chart_caption"))
 
 
 def handlers() -> list:
