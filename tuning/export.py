@@ -8,6 +8,9 @@ asked the probe questions; the answers are compared with the torch engine's gree
 an export that disagrees beyond tolerance is flagged in its report (`export_report.json`).
 
 The probes are closed book (the plain question with the system prompt): an exported model has no retriever.
+Given what the chat answers to them (`chat`, grounded), the report also says how many of them each gets right,
+in the user's words: what leaves here is the closed-book model; `tuning.export_assistant` exports what the chat
+answers with.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tuning.errors import TuningError
 
@@ -37,6 +40,7 @@ class ExportError(TuningError):
 class Probe:
     question: str
     must_contain: tuple[str, ...] = ()
+    answer: str = ""  # the approved answer: scores a probe without must_contain (the whole answer must appear)
 
 
 @dataclass
@@ -61,6 +65,9 @@ class ExportReport:
     checks: list[Check]
     seconds: float
     note: str = ""
+    scored: int = 0  # probes that can be scored (must_contain, or an approved answer)
+    closed_book_right: int | None = None  # of them, right closed book (the torch engine, as exported)
+    grounded_right: int | None = None  # ... and right as the chat answers (grounded, "I don't know" counts wrong)
 
     @property
     def flagged(self) -> bool:
@@ -81,7 +88,16 @@ class ExportReport:
                          f"questions{acc}: {verdict}")
         if not self.checks:
             lines.append("  not checked (no probe questions)")
+        if self.grounded_right is not None:
+            lines.append("  " + self.comparison())
         return "\n".join(lines)
+
+    def comparison(self) -> str:
+        """How the exported (closed-book) model scores beside the chat's grounded answers, in the user's words."""
+        advice = (" — to answer like the chat, export --format assistant" if self.grounded_right > self.closed_book_right
+                  else "")
+        return (f"this export answers closed book: {self.closed_book_right} of {self.scored} probe questions right; "
+                f"grounded (as the chat answers): {self.grounded_right} of {self.scored}{advice}")
 
 
 def chatml_template(chat_template: str) -> bool:
@@ -139,6 +155,16 @@ def _accuracy(probes: Sequence[Probe], answers: Sequence[str]) -> float | None:
     return sum(contains_all(a, p.must_contain) for p, a in checked) / len(checked)
 
 
+def probe_right(probe: Probe, answer: str) -> bool | None:
+    """Whether an answer is right: it holds every must_contain token, else the whole approved answer; None when
+    the probe has neither."""
+    from tuning.scoring import contains_all, normalize
+
+    if probe.must_contain:
+        return contains_all(answer, probe.must_contain)
+    return normalize(probe.answer) in normalize(answer) if probe.answer.strip() else None
+
+
 def _answers(engine, probes: Sequence[Probe], *, system_prompt: str, adapter_dir: str | None,
              max_new_tokens: int) -> list[str]:
     from tuning.prompts import build_messages
@@ -150,8 +176,10 @@ def _answers(engine, probes: Sequence[Probe], *, system_prompt: str, adapter_dir
 
 def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Path, fmt: str,
                  probes: Sequence[Probe] = (), system_prompt: str = "", cache_dir: str | Path | None = None,
-                 quant: str = "q8_0", max_new_tokens: int = 48) -> ExportReport:
-    """Write `fmt` into out_dir, check it on `probes` against the torch engine, and save export_report.json."""
+                 quant: str = "q8_0", max_new_tokens: int = 48,
+                 chat: Callable[[object, Sequence[str]], list[str]] | None = None) -> ExportReport:
+    """Write `fmt` into out_dir, check it on `probes` against the torch engine, and save export_report.json.
+    chat(torch engine, questions): what the chat answers them (grounded), scored beside the closed-book answers."""
     from tuning.answering.engine import Engine
 
     if fmt not in FORMATS:
@@ -181,12 +209,15 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
     seconds_written = time.perf_counter() - started
     checks: list[Check] = []
     reference: list[str] = []
+    grounded: list[str] = []
     try:
         if probes:
             torch_engine = Engine(base_model, cache_dir=cache_dir)
             try:
                 reference = _answers(torch_engine, probes, system_prompt=system_prompt,
                                      adapter_dir=str(adapter_dir), max_new_tokens=max_new_tokens)
+                if chat is not None:
+                    grounded = chat(torch_engine, [p.question for p in probes])
             finally:
                 torch_engine.close()
         for artifact, runtime, engine, adapter in targets:
@@ -200,10 +231,22 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
     files = sorted({p.name for p in out.iterdir()} | {"export_report.json"})
     report = ExportReport(format=fmt, path=str(out), files=files, probes=len(probes),
                           reference_accuracy=_accuracy(probes, reference), checks=checks,
-                          seconds=round(seconds_written, 1), note=note)
+                          seconds=round(seconds_written, 1), note=note, **_closed_beside_grounded(probes, reference,
+                                                                                                  grounded))
     (out / "export_report.json").write_text(json.dumps({**asdict(report), "flagged": report.flagged}, indent=2,
                                                        ensure_ascii=False))
     return report
+
+
+def _closed_beside_grounded(probes: Sequence[Probe], closed: Sequence[str], grounded: Sequence[str]) -> dict:
+    """How many scorable probes the closed-book answers and the chat's grounded answers get right."""
+    if not grounded:
+        return {}
+    rows = [(probe_right(p, c), probe_right(p, g)) for p, c, g in zip(probes, closed, grounded)]
+    rows = [r for r in rows if r[0] is not None]
+    if not rows:
+        return {}
+    return {"scored": len(rows), "closed_book_right": sum(c for c, _ in rows), "grounded_right": sum(g for _, g in rows)}
 
 
 def _check(artifact: str, runtime: str, probes: Sequence[Probe], reference: Sequence[str],

@@ -15,10 +15,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve the OpenAI-compatible API",
         description="Serve /v1/models and /v1/chat/completions (with stream) for every assistant: the model id is "
                     "the assistant's name (its active version), NAME:base or NAME:fewshot. Requests need an API key "
-                    "of that assistant (`tunebot apikey create`).")
+                    "of that assistant (`tunebot apikey create`). With --assistant-dir, one assistant folder "
+                    "(`tunebot export-model --format assistant`) instead of the bot's database: its files are "
+                    "checked against the manifest, it answers as the chat does, and the first start prints its "
+                    "API key once.")
     serve.add_argument("--host", default=None, help="address to listen on (default: the api_host setting, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: the api_port setting, else 8000)")
     serve.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted (default: 1024)")
+    serve.add_argument("--assistant-dir", metavar="DIR", help="serve this assistant folder (no bot database)")
+    serve.add_argument("--state-dir", metavar="DIR",
+                       help="where --assistant-dir keeps its conversations, unanswered questions and API keys "
+                            "(default: DIR/.serve)")
+    serve.add_argument("--new-api-key", action="store_true",
+                       help="with --assistant-dir: create another API key and print it once")
     serve.set_defaults(func=cmd_serve)
 
     apikey = subparsers.add_parser("apikey", help="create, list and revoke API keys",
@@ -85,16 +94,39 @@ def cmd_serve(args, app) -> int:
 
     host = args.host or app.settings.api_host
     port = args.port if args.port is not None else (app.settings.api_port or 8000)
-    print(f"loading {app.settings.base_model} …", file=sys.stderr)
-    app.engine.load()
+    if args.assistant_dir:
+        store, engine, indexes = _assistant_dir(app, args)
+    elif args.state_dir or args.new_api_key:
+        from bot.cli import CommandError
+
+        raise CommandError("--state-dir and --new-api-key go with --assistant-dir")
+    else:
+        store, engine, indexes = app.store, app.engine, app.indexes
+        print(f"loading {app.settings.base_model} …", file=sys.stderr)
+    engine.load()
     print(f"serving the OpenAI-compatible API on http://{host}:{port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(create_api_app(app.store, app.engine, engine_for=app.engine_for, indexes=app.indexes,
-                                   max_body_bytes=args.max_body_kb * 1024),
+        uvicorn.run(create_api_app(store, engine, engine_for=None if args.assistant_dir else app.engine_for,
+                                   indexes=indexes, max_body_bytes=args.max_body_kb * 1024),
                     host=host, port=port, log_level=app.settings.log_level.lower())
     finally:
         app.close_engines()
     return 0
+
+
+def _assistant_dir(app, args):
+    """(store, engine, indexes) of an assistant folder, checked against its manifest; a new API key printed once."""
+    from tuning.export_assistant import load_assistant_dir
+
+    served = load_assistant_dir(args.assistant_dir, state_dir=args.state_dir, cache_dir=app.settings.models_cache,
+                                new_key=args.new_api_key)
+    name = served.assistant.name
+    if served.new_key:
+        print(served.new_key)
+        print(f"API key for {name}: shown once, store it now (use it as `Authorization: Bearer <key>`, "
+              f"model {name!r})", file=sys.stderr)
+    print(f"loading {served.base_model} for {name} …", file=sys.stderr)
+    return served.store, app.engine_for(served.base_model), served.indexes
 
 
 # ----------------------------------------------------------------- apikey
