@@ -131,6 +131,34 @@ def test_group_feedback_only_from_the_customer_who_asked(bot):
     assert not bot.errors
 
 
+def added(bot, user_id: int, chat_id: int) -> list:
+    """`user_id` adds the bot to a group; the bot's new messages there."""
+    mark = bot.emu.last_message_id()
+    n = next(_ids)
+    bot.process({"update_id": n, "message": {
+        "message_id": n, "date": int(time.time()), "chat": {"id": chat_id, "type": "group", "title": "New group"},
+        "from": {"id": user_id, "is_bot": False, "first_name": "U"}, "new_chat_members": [BOT_USER]}})
+    return bot.replies(chat_id, mark)
+
+
+def test_added_by_an_owner_the_bot_answers_there_and_removed_it_stops(bot):
+    acme = bot.store.find_assistant("acme")
+    assert added(bot, CAROL, -100_9001) == [] and bot.store.group_assistant(-100_9001) is None  # not the team
+    assert added(bot, EXPERT, -100_9002) == [] and bot.store.group_assistant(-100_9002) is None  # not an owner
+    [linked] = added(bot, OWNER, -100_9003)
+    assert "I'll answer for acme in this group" in linked.text and bot.store.group_assistant(-100_9003) == acme.id
+    assert say(bot, CAROL, KNOWN, chat_id=-100_9003, mention=True)[0].text == "Two days."
+    n = next(_ids)
+    bot.process({"update_id": n, "my_chat_member": {
+        "chat": {"id": -100_9003, "type": "group", "title": "New group"}, "date": int(time.time()),
+        "from": {"id": OWNER, "is_bot": False, "first_name": "O"},
+        "old_chat_member": {"status": "member", "user": BOT_USER},
+        "new_chat_member": {"status": "left", "user": BOT_USER}}})
+    assert bot.store.group_assistant(-100_9003) is None
+    assert not any(m.buttons for m in say(bot, CAROL, KNOWN, chat_id=-100_9003, mention=True))
+    assert not bot.errors
+
+
 def test_turning_groups_off_silences_the_group(bot):
     acme = bot.store.find_assistant("acme")
     bot.press(OWNER, f"pub:groups:{acme.id}")

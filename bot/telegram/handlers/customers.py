@@ -13,8 +13,9 @@ from telegram.constants import ChatType
 from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import ApplicationHandlerStop, CallbackQueryHandler, CommandHandler, ContextTypes
 
-from bot.telegram.common import (ID, app_of, button_invalid, callback_match, keyboard, reply, role_at_least, short,
-                                 split_text, store_of, tr, tr_error, with_thread_store)
+from bot.telegram.common import (ID, app_of, button_invalid, callback_match, current_assistant, keyboard, reply,
+                                 role_at_least, short, split_text, store_of, tr, tr_error, with_thread_store)
+from bot.telegram.handlers.publish import link_group
 from bot.telegram.streaming import AnswerStream
 from bot.telegram.texts import pick_language, t
 from storage import DuplicateExample, NotFound, StorageError
@@ -259,6 +260,13 @@ async def route_group(update: Update, context: ContextTypes.DEFAULT_TYPE) -> boo
     (an owner's /publish links a group). Returns whether the update was handled here."""
     store = store_of(context)
     chat, user, message = update.effective_chat, update.effective_user, update.message
+    if message is not None and any(m.id == context.bot.id for m in message.new_chat_members or ()):
+        await bot_added(update, context)
+        return True
+    member = update.my_chat_member
+    if member is not None and member.new_chat_member.status in ("left", "kicked"):
+        store.unlink_group(chat.id)  # removed from the group: nothing more to answer there
+        return True
     assistant_id = store.group_assistant(chat.id)
     if assistant_id is None:
         return False
@@ -286,6 +294,14 @@ async def route_group(update: Update, context: ContextTypes.DEFAULT_TYPE) -> boo
         assistant_id, user.id, chat.id, channel="groups", language=_language(update, context))
     await answer_text(update, context, customer, question)
     return True
+
+
+async def bot_added(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Added to a group: by an owner, their current assistant answers there (when its groups channel is on);
+    by anyone else, nothing changes."""
+    assistant, role = current_assistant(update, context)
+    if assistant is not None and role == "owner":
+        await link_group(update, context, assistant)
 
 
 async def group_correction(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_id: int,
