@@ -8,6 +8,7 @@ from tuning.data.dataset import IGNORE, PackedRow
 from tuning.errors import TrainingError
 from tuning.training import hparams as hp
 from tuning.training.config import FULL_MAX_PARAMS, METHODS, TrainConfig
+from tuning.training.loss import DEFAULT_CHUNK, chunked_cross_entropy, output_projection
 from tuning.training.speed import segment_bounds, uses_packed_attention
 
 
@@ -68,26 +69,36 @@ def load_for_training(config: TrainConfig, hyper: hp.Hyperparameters, *, cache_d
     return model, tokenizer
 
 
-def row_loss(model, row: PackedRow, device) -> tuple:
-    """(summed token loss, number of answer tokens) of one packed row."""
+def row_loss(model, row: PackedRow, device, *, chunk: int = DEFAULT_CHUNK) -> tuple:
+    """(summed token loss, number of answer tokens) of one packed row.
+
+    The decoder's last hidden states at the answer positions go through the output projection `chunk` at a time
+    (tuning.training.loss): the (answer tokens x vocabulary) logits never exist at once, nor are they kept for
+    the backward pass. A model whose head this cannot split falls back to its own logits at those positions.
+    """
     import torch
     import torch.nn.functional as F
 
     t = row.tensors(device)
     targets = t["labels"][0, 1:]
     keep = (targets != IGNORE).nonzero().squeeze(1)  # positions whose next token is an answer token
-    extra = {}
-    if uses_packed_attention(model):  # tuning.training.speed.fast_training: attention per example of the row
-        extra["cu_seq_lens_q"] = torch.tensor(segment_bounds(row.position_ids), dtype=torch.int32)
     # use_cache=False and no attention_mask: transformers then detects the packed examples from the
     # position ids and keeps them from attending to each other (with a cache it silently does not).
+    inputs = {"input_ids": t["input_ids"], "position_ids": t["position_ids"], "use_cache": False}
+    if uses_packed_attention(model):  # tuning.training.speed.fast_training: attention per example of the row
+        inputs["cu_seq_lens_q"] = torch.tensor(segment_bounds(row.position_ids), dtype=torch.int32)
+    split = output_projection(model)
+    if split is not None:
+        _, decoder, head, softcap = split
+        hidden = decoder(**inputs).last_hidden_state[0, keep]
+        loss = chunked_cross_entropy(hidden, head.weight, targets[keep], bias=head.bias, chunk=chunk,
+                                     softcap=softcap)
+        return loss, int(keep.numel())
     # logits_to_keep: the vocabulary projection runs only where the loss needs it (answer tokens).
     try:
-        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False,
-                       logits_to_keep=keep, **extra).logits
+        logits = model(**inputs, logits_to_keep=keep).logits
     except TypeError:  # an architecture without logits_to_keep: project every position, keep the needed ones
-        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False,
-                       **extra).logits[:, keep]
+        logits = model(**inputs).logits[:, keep]
     loss = F.cross_entropy(logits[0].float(), targets[keep], reduction="sum")
     return loss, int(keep.numel())
 

@@ -34,7 +34,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    if (bounds is None or attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
+            or kwargs.get("softcap") or not getattr(module, "is_causal", True)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -44,8 +45,18 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         value = value[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
     edges = bounds.tolist() if hasattr(bounds, "tolist") else list(bounds)
     sizes = [e - s for s, e in zip(edges[:-1], edges[1:]) if e > s]
+    window = kwargs.get("sliding_window")  # Gemma 3's local layers: a token sees the `window - 1` before it
+
+    def attend(q, k, v):
+        n = q.shape[2]
+        if window and n > window:  # causal and within the window (transformers' sliding_window_overlay)
+            i = torch.arange(n, device=q.device)
+            band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=n > 1)
+
     # split (not slicing): its backward is one concatenation instead of a zero-filled copy per example
-    parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1)
+    parts = [attend(q, k, v)
              for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
