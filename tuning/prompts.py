@@ -30,7 +30,23 @@ def training_messages(question: str, answer: str, *, system_prompt: str = "") ->
     return [*build_messages(question, system_prompt=system_prompt), {"role": "assistant", "content": answer}]
 
 
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    """The chat template's text for messages; a model without a usable template is a one-line ModelLoadError
+    (tuning.models.load_tokenizer gives template-less base models a default one)."""
+    from tuning.errors import ModelLoadError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"{getattr(tokenizer, 'name_or_path', '') or 'this model'} has no chat template: "
+                             "load it with tuning.models.load_tokenizer (which gives it a default one) or pick an "
+                             "instruction-tuned model")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError, or a template that raises on the roles' order
+        raise ModelLoadError(f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'this model'} "
+                             f"cannot render this conversation: {exc}") from exc
+
+
 def encode_prompt(tokenizer, messages: list[dict]):
     """input_ids (1, n) of the chat template with the generation prompt appended."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]

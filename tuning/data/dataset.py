@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from tuning.prompts import build_messages
+from tuning.prompts import build_messages, render_chat
 
 IGNORE = -100
 
@@ -142,8 +142,8 @@ def encode_item(tokenizer, question: str, answer: str, *, system_prompt: str = "
                 max_tokens: int = 1024) -> Encoded:
     """Render with the chat template; labels only on the answer tokens and the end-of-turn token."""
     messages = build_messages(question, system_prompt=system_prompt)
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
+    full = render_chat(tokenizer, [*messages, {"role": "assistant", "content": answer}])
     if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to plain concatenation
         full = prompt + answer + (tokenizer.eos_token or "")
     # The prompt is tokenized on its own, exactly as at inference time (tuning.prompts.encode_prompt).
