@@ -114,8 +114,9 @@ class ConversationStore:
         where, args = self._unanswered_where(assistant_id, status)
         return self.db.execute(f"select count(*) from unanswered where {where}", args).fetchone()[0]
 
-    def answer_unanswered(self, item_id: int, answer: str, *, by: int | None) -> Example:
-        """An expert's answer: an approved example of the question, and the item answered, in one transaction.
+    def answer_unanswered(self, item_id: int, answer: str, *, by: int | None, question: str | None = None) -> Example:
+        """An expert's answer: an approved example of the question (or of `question`, its general form as the
+        expert reworded it: a customer's own words stay on the item), and the item answered, in one transaction.
 
         When a live example already has this question, that example takes the new answer (its old text stays
         in the history) and is approved, instead of a second example that would contradict it.
@@ -128,10 +129,11 @@ class ConversationStore:
             item = self.get_unanswered(item_id)
             if item.status != "open":
                 raise NotOpen(f"question #{item_id} was already {item.status}")
-            dup = self._duplicate_of(item.assistant_id, question_hash(item.question))
+            asked = (question or "").strip() or item.question
+            dup = self._duplicate_of(item.assistant_id, question_hash(asked))
             if dup is None:
                 example_id = self._insert_example({
-                    "assistant_id": item.assistant_id, "question": item.question, "answer": answer,
+                    "assistant_id": item.assistant_id, "question": asked, "answer": answer,
                     "source": "expert", "status": "approved", "split": "train", "author_id": by,
                     "reviewer_id": by}, now)
             else:

@@ -242,3 +242,15 @@ def test_a_persons_own_reply_in_a_business_chat_becomes_a_pending_example(cstore
     assert (done.status, done.example_id) == ("answered", example.id) and done.delivered_at  # nothing to send
     assert cstore.undelivered_team_answers() == []
     assert cstore.human_answered(buyer.id, "Again.", by=OWNER) is None
+
+
+def test_the_team_may_answer_a_customers_question_in_its_general_form(cstore, acme):
+    cstore.publish(acme.id)
+    alice = cstore.open_customer(acme.id, ALICE, ALICE)
+    _, item = ask(cstore, alice, "Where is parcel 42 for Alice Smith?", "passed on", abstained=True)
+    example = cstore.answer_unanswered(item.id, "Track it on acme.test/track.", by=OWNER,
+                                       question="Where is my parcel?")
+    assert (example.question, example.answer) == ("Where is my parcel?", "Track it on acme.test/track.")
+    [(delivered, answer, _)] = cstore.undelivered_team_answers()
+    assert delivered.question == "Where is parcel 42 for Alice Smith?" and answer == "Track it on acme.test/track."
+

@@ -85,8 +85,11 @@ def test_an_unknown_question_goes_to_review_and_the_answer_comes_back_to_that_cu
     assert (item.customer_id, item.chat_id) == (alice.id, ALICE) and item.reply_to_message_id
 
     [card] = bot.ask(EXPERT, "/review")
-    assert f"«{UNKNOWN}»" in card.text
-    bot.press(EXPERT, f"un:a:{item.id}")
+    assert f"«{UNKNOWN}»" in card.text and "✏️ Reword the question first" in card.button_texts  # a customer's words
+    [asked] = bot.press(EXPERT, f"un:q:{item.id}")
+    assert f"The customer asked: «{UNKNOWN}»" in asked.text
+    [asked] = bot.ask(EXPERT, "How fast do you answer?")
+    assert "Send the answer to «How fast do you answer?»" in asked.text
     alice_mark, bob_mark = bot.emu.last_message_id(), bot.emu.last_message_id()
     bot.ask(EXPERT, "We answer within a day, every day.")
     [back] = bot.replies(ALICE, alice_mark)
@@ -94,7 +97,8 @@ def test_an_unknown_question_goes_to_review_and_the_answer_comes_back_to_that_cu
     assert json.loads(back.raw["message"]["reply_parameters"])["message_id"] == item.reply_to_message_id
     assert bot.replies(BOB, bob_mark) == []
     example = bot.store.get_example(bot.store.get_unanswered(item.id).example_id)
-    assert (example.question, example.status) == (UNKNOWN, "approved")
+    assert (example.question, example.answer, example.status) == (
+        "How fast do you answer?", "We answer within a day, every day.", "approved")
     # delivered once: the repeating job finds nothing more to send
     assert bot.store.undelivered_team_answers() == []
 

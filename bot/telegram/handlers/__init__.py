@@ -21,6 +21,7 @@ AWAITING = {
     "forward_answer": examples.forward_answer,
     "edit_variation": review.edit_variation_text,
     "answer_unanswered": review.answer_unanswered_text,
+    "reword_unanswered": review.reword_unanswered_text,
     "train_time": training.train_time_text,
     "correction": chat.correction_text,
     "publish_greeting": publish.greeting_text,

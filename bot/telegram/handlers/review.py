@@ -25,7 +25,7 @@ from tuning.data.review import (approve_all_in_run, approve_variation, edit_vari
 
 log = logging.getLogger("tunebot.telegram")
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
-UNANSWERED_BUTTON = re.compile(rf"un:([ads]):(?P<id>{ID})")
+UNANSWERED_BUTTON = re.compile(rf"un:([adsq]):(?P<id>{ID})")  # q: reword a customer's question first
 CARD_BUTTON = re.compile(rf"rv:([aers]):(?P<id>{ID})")  # approve, edit, reject, skip one example
 RUN_BUTTON = re.compile(rf"rv:all:(?P<id>{ID})")
 REVIEW_RUN_BUTTON = re.compile(rf"rvgo:(?P<id>{ID})")
@@ -90,6 +90,8 @@ async def _show_unanswered(update: Update, context: ContextTypes.DEFAULT_TYPE, s
     rows = [[(tr(update, context, "btn_un_answer"), f"un:a:{item.id}"),
              (tr(update, context, "btn_un_dismiss"), f"un:d:{item.id}"),
              (tr(update, context, "btn_un_skip"), f"un:s:{item.id}")]]
+    if item.customer_id is not None:  # a customer's own words: the FAQ may want them in a general form
+        rows.append([(tr(update, context, "btn_un_reword"), f"un:q:{item.id}")])
     await reply(update, text, buttons=rows, edit=edit)
 
 
@@ -208,6 +210,10 @@ async def unanswered_button(update: Update, context: ContextTypes.DEFAULT_TYPE, 
         awaiting(context, "answer_unanswered", item_id=item.id)
         await reply(update, tr(update, context, "un_answer_ask", question=short(item.question, 800)))
         return
+    elif action == "q":
+        awaiting(context, "reword_unanswered", item_id=item.id)
+        await reply(update, tr(update, context, "un_reword_ask", question=short(item.question, 800)))
+        return
     else:
         uid = update.effective_user.id
         try:
@@ -215,6 +221,18 @@ async def unanswered_button(update: Update, context: ContextTypes.DEFAULT_TYPE, 
         except NotOpen:
             await reply(update, tr(update, context, "un_closed"))
     await _show_card(update, context, assistant, edit=True)
+
+
+async def reword_unanswered_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
+    """The general form of a customer's question: the example will have it; then the answer is asked for."""
+    store = store_of(context)
+    item = store.get_unanswered(pending["item_id"])
+    if not can_edit(store, item.assistant_id, update.effective_user.id):
+        await reply(update, tr(update, context, "not_member"))
+        return
+    question = update.message.text.strip()
+    awaiting(context, "answer_unanswered", item_id=item.id, question=question)
+    await reply(update, tr(update, context, "un_answer_ask", question=short(question, 800)))
 
 
 async def answer_unanswered_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
@@ -225,9 +243,10 @@ async def answer_unanswered_text(update: Update, context: ContextTypes.DEFAULT_T
     if not can_edit(store, item.assistant_id, uid):
         await reply(update, tr(update, context, "not_member"))
         return
-    answer = update.message.text
+    answer, question = update.message.text, pending.get("question")
     try:
-        ex = await with_thread_store(context, lambda s: s.answer_unanswered(item.id, answer, by=uid))
+        ex = await with_thread_store(context, lambda s: s.answer_unanswered(item.id, answer, by=uid,
+                                                                            question=question))
     except NotOpen:
         await reply(update, tr(update, context, "un_closed"))
         return
