@@ -204,3 +204,40 @@ def test_export_assistant_refuses_a_folder_without_adapter(acme, tmp_path):
     with pytest.raises(AssistantDirError, match="holds no LoRA adapter"):
         export_assistant(source, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_tunebot_serve_assistant_dir_prints_its_key_once_and_answers(acme, engine, capsys, tmp_path, monkeypatch):
+    """The real command in its own process: the key on standard output, then the chat's answer over HTTP."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    expected = answer_question(acme["store"], engine, acme["assistant"].id, IN_SCOPE, record=False,
+                               indexes=acme["indexes"]).text
+    out = export(capsys, tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "TUNEBOT_MAX_NEW_TOKENS": "8", "TUNEBOT_LOG_LEVEL": "WARNING",
+           "TUNEBOT_DATABASE": str(tmp_path / "no-bot.db")}
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "bot", "serve", "--assistant-dir", str(out), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        key = proc.stdout.readline().strip()
+        assert key.startswith("tb-"), proc.stderr.read() if proc.poll() is not None else key
+        for line in proc.stderr:  # the server says when it is about to listen
+            if "serving the OpenAI-compatible API" in line:
+                break
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # a full pipe would stall the server
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=8, timeout=60)
+        reply = client.chat.completions.create(model="acme", messages=[{"role": "user", "content": IN_SCOPE}])
+        assert reply.choices[0].message.content == expected
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not (tmp_path / "no-bot.db").exists()  # no bot database was needed
