@@ -177,12 +177,19 @@ async def review_button(update: Update, context: ContextTypes.DEFAULT_TYPE, assi
     await _show_card(update, context, assistant, edit=True)
 
 
+async def _may_edit(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_id: int) -> bool:
+    """Whether this user may still save what they typed for the assistant (else they are told they may not)."""
+    if can_edit(store_of(context), assistant_id, update.effective_user.id):
+        return True
+    await reply(update, tr(update, context, "not_member"))
+    return False
+
+
 async def edit_variation_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
     """The corrected question of a variation: saved and approved."""
     store = store_of(context)
     ex = store.get_example(pending["example_id"])
-    if not can_edit(store, ex.assistant_id, update.effective_user.id):
-        await reply(update, tr(update, context, "not_member"))
+    if not await _may_edit(update, context, ex.assistant_id):
         return
     try:
         edit_variation(store, ex.id, question=update.message.text, by=update.effective_user.id)
@@ -225,10 +232,8 @@ async def unanswered_button(update: Update, context: ContextTypes.DEFAULT_TYPE, 
 
 async def reword_unanswered_text(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: dict) -> None:
     """The general form of a customer's question: the example will have it; then the answer is asked for."""
-    store = store_of(context)
-    item = store.get_unanswered(pending["item_id"])
-    if not can_edit(store, item.assistant_id, update.effective_user.id):
-        await reply(update, tr(update, context, "not_member"))
+    item = store_of(context).get_unanswered(pending["item_id"])
+    if not await _may_edit(update, context, item.assistant_id):
         return
     question = update.message.text.strip()
     awaiting(context, "answer_unanswered", item_id=item.id, question=question)
@@ -240,8 +245,7 @@ async def answer_unanswered_text(update: Update, context: ContextTypes.DEFAULT_T
     store = store_of(context)
     uid = update.effective_user.id
     item = store.get_unanswered(pending["item_id"])
-    if not can_edit(store, item.assistant_id, uid):
-        await reply(update, tr(update, context, "not_member"))
+    if not await _may_edit(update, context, item.assistant_id):
         return
     answer, question = update.message.text, pending.get("question")
     try:
