@@ -138,3 +138,20 @@ def test_chunked_cross_entropy_matches_cross_entropy_with_a_bias():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         chunked_cross_entropy(hidden, weight, targets, chunk=0)
+
+
+def test_gemma3_fast_path_keeps_the_sliding_window_and_the_examples_apart():
+    """The training fast path (packed attention per example, fused LoRA) on Gemma 3's architecture, with an
+    example longer than its sliding window: the same loss and gradients as transformers' own masking."""
+    from tuning.training.model import row_loss
+    from tuning.training.speed import fast_training
+
+    model = _model("gemma3", lora=True)  # sliding_window=16; the row's second example has 25 tokens
+    row = _row(seed=2)
+    ref_loss, ref_grads = _grads(model, lambda: _full_logits_loss(model, row))
+    with fast_training(model):
+        assert model.config._attn_implementation == "tunebot_packed"
+        loss, grads = _grads(model, lambda: row_loss(model, row, torch.device("cpu"), chunk=8)[0])
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-5), name
