@@ -138,8 +138,14 @@ def run(*, customers: int, questions: int, model: str, timeout_s: float, max_new
     watcher = Watcher(emu)
     asked: dict[int, list[str]] = {uid: [] for uid in plan}
     lost = []
-    started = time.monotonic()
     try:
+        # one question first, not counted: the model loaded and the index built, as on a bot that has run a while
+        warm = emu.user(FIRST_ID - 1, "Warm-up")
+        warm.send(f"/start {token}")
+        watcher.wait_for(warm.id, 1, time.monotonic() + timeout_s)
+        warm.send(_lines("acme_faq.jsonl")[0]["question"])
+        watcher.wait_for(warm.id, 2, time.monotonic() + timeout_s)
+        started = time.monotonic()
         barrier = threading.Barrier(len(plan))
 
         def customer(uid: int) -> None:
@@ -194,7 +200,8 @@ def run(*, customers: int, questions: int, model: str, timeout_s: float, max_new
             signs = [d["time"] for d in all_drafts if asked_at <= d["time"] <= reply["time"]]
             sign_ms.append(min(signs + [reply["time"]]) - asked_at)
     queued = Store(open_db(workdir / "tunebot.db")).db.execute(
-        "select count(*) from unanswered where assistant_id = ? and customer_id is not null", [acme.id]).fetchone()[0]
+        "select count(*) from unanswered u join customers c on c.id = u.customer_id where u.assistant_id = ? "
+        "and c.user_id != ?", [acme.id, FIRST_ID - 1]).fetchone()[0]
     return {
         "model": model, "customers": customers, "questions_per_customer": questions,
         "questions": sum(len(v) for v in asked.values()), "replies": len(final_ms), "answered": answered,
