@@ -27,7 +27,6 @@ log = logging.getLogger("tunebot.telegram")
 # Callback data is untrusted: only this shape is accepted (fullmatch), and the message must be this customer's.
 CUSTOMER_FEEDBACK = re.compile(rf"cf:([ud]):({ID})")
 START_TOKEN = re.compile(rf"/start(?:@\w+)?\s+({re.escape(TOKEN_PREFIX)}[A-Za-z0-9_-]{{1,62}})\s*")
-CUSTOMER_COMMANDS = ("start", "help", "forget")
 DELIVER_EVERY_S = 15  # the repeating retry of team answers that could not be sent at once
 
 
@@ -68,7 +67,7 @@ async def route(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         return
     customer = store.link_customer(user.id)
     if customer is None:
-        if not store.is_customer_anywhere(user.id) or _is_command(update, ("start", "create", "lang", "forget")):
+        if not store.is_customer_anywhere(user.id) or _command(update) in ("start", "create", "lang", "forget"):
             return  # a stranger (or an old customer starting something else): onboarding answers
         if update.callback_query:
             await update.callback_query.answer()
@@ -79,9 +78,12 @@ async def route(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     raise ApplicationHandlerStop
 
 
-def _is_command(update: Update, names: tuple[str, ...]) -> bool:
+def _command(update: Update) -> str | None:
+    """The command a message gives ("start" for "/start@TunebotTestBot x"), "" for a lone "/", else None."""
     text = update.message.text if update.message is not None and update.message.text else ""
-    return text.startswith("/") and text[1:].split(maxsplit=1)[0].split("@")[0].lower() in names if text else False
+    if not text.startswith("/"):
+        return None
+    return (text[1:].split(maxsplit=1) or [""])[0].split("@")[0].lower()
 
 
 async def customer_start(update: Update, context: ContextTypes.DEFAULT_TYPE, token: str) -> None:
@@ -98,7 +100,15 @@ async def customer_start(update: Update, context: ContextTypes.DEFAULT_TYPE, tok
         return
     store.upsert_user(user.id, name=user.full_name)
     store.open_customer(assistant.id, user.id, update.effective_chat.id, language=_language(update, context))
-    await reply(update, publication.greeting or tr(update, context, "customer_welcome", name=assistant.name))
+    await greet(update, context, assistant.id)
+
+
+async def greet(update: Update, context: ContextTypes.DEFAULT_TYPE, assistant_id: int) -> None:
+    """The owner's greeting, or the standard welcome naming the assistant."""
+    store = store_of(context)
+    greeting = store.get_publication(assistant_id).greeting
+    await reply(update, greeting or tr(update, context, "customer_welcome",
+                                       name=store.get_assistant(assistant_id).name))
 
 
 async def customer_update(update: Update, context: ContextTypes.DEFAULT_TYPE, customer: Customer) -> None:
@@ -112,18 +122,17 @@ async def customer_update(update: Update, context: ContextTypes.DEFAULT_TYPE, cu
     if message.text is None:
         await reply(update, tr(update, context, "customer_text_only"))
         return
-    if message.text.startswith("/"):
-        name = message.text[1:].split(maxsplit=1)[0].split("@")[0].lower() if len(message.text) > 1 else ""
-        if name == "forget":
-            await forget(update, context)
-        elif name in ("start", "help"):
-            assistant = store_of(context).get_assistant(customer.assistant_id)
-            await reply(update, tr(update, context, "customer_help" if name == "help" else "customer_welcome",
-                                   name=assistant.name))
-        else:
-            await reply(update, tr(update, context, "customer_no_commands"))
-        return
-    await answer_text(update, context, customer)
+    name = _command(update)
+    if name == "forget":
+        await forget(update, context)
+    elif name == "help":
+        await reply(update, tr(update, context, "customer_help"))
+    elif name == "start":
+        await greet(update, context, customer.assistant_id)
+    elif name is not None:
+        await reply(update, tr(update, context, "customer_no_commands"))
+    else:
+        await answer_text(update, context, customer)
 
 
 async def answer_text(update: Update, context: ContextTypes.DEFAULT_TYPE, customer: Customer,
