@@ -80,6 +80,9 @@ def test_an_owner_links_a_group_once_groups_are_on(bot):
 
 def test_only_mentions_and_replies_are_answered(bot):
     assert say(bot, CAROL, "Hi all, anyone know the delivery time?") == []
+    assert say(bot, CAROL, f"@{BOT_USER['username']}X {KNOWN}") == []  # another bot's name
+    [emoji_first] = say(bot, DAVE, f"👋🏽👋🏽 @{BOT_USER['username'].lower()} {KNOWN}")
+    assert emoji_first.text == "Two days."
     [answer] = say(bot, CAROL, KNOWN, mention=True)
     assert answer.button_texts == ["👍", "👎"]
     assert replied_to(answer) is not None

@@ -253,13 +253,11 @@ def _addressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> tuple[bool
     replied = message.reply_to_message
     to_bot = replied.message_id if replied is not None and replied.from_user is not None and \
         replied.from_user.id == bot.id else None
-    mention = f"@{bot.username}".lower() if bot.username else None
-    mentioned = bool(mention) and any(
-        e.type == "mention" and text[e.offset:e.offset + e.length].lower() == mention for e in message.entities or ())
-    if mention and not mentioned and mention in text.lower():  # clients that send no entities
-        mentioned = True
+    # the @username as written (Telegram's entity offsets count UTF-16 units; the text itself is enough)
+    mention = re.compile(rf"@{re.escape(bot.username)}\b", re.IGNORECASE) if bot.username else None
+    mentioned = bool(mention and mention.search(text))
     if mention:
-        text = re.sub(re.escape(mention), " ", text, flags=re.IGNORECASE)
+        text = mention.sub(" ", text)
     return mentioned or to_bot is not None, " ".join(text.split()), to_bot
 
 
