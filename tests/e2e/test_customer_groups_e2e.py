@@ -33,7 +33,7 @@ def bot(emulator, tmp_path_factory, nearest_llm):
 
 
 def say(bot, user_id: int, text: str, *, chat_id: int = GROUP, mention: bool = False, reply_to: int | None = None,
-        edited: bool = False) -> list:
+        edited: bool = False, is_bot: bool = False) -> list:
     """A group message (mentioning the bot, or replying to its message); the bot's new messages in the group."""
     mark = bot.emu.last_message_id()
     n = next(_ids)
@@ -41,7 +41,7 @@ def say(bot, user_id: int, text: str, *, chat_id: int = GROUP, mention: bool = F
         text = f"@{BOT_USER['username']} {text}"
     message = {"message_id": n, "date": int(time.time()), "chat": {"id": chat_id, "type": "supergroup",
                                                                    "title": "ACME customers"},
-               "from": {"id": user_id, "is_bot": False, "first_name": f"U{user_id}", "language_code": "en"},
+               "from": {"id": user_id, "is_bot": is_bot, "first_name": f"U{user_id}", "language_code": "en"},
                "text": text}
     if mention:
         message["entities"] = [{"type": "mention", "offset": 0, "length": len(BOT_USER["username"]) + 1}]
@@ -89,6 +89,7 @@ def test_only_mentions_and_replies_are_answered(bot):
     [again] = say(bot, DAVE, "Do you deliver on Sundays?", reply_to=answer.message_id)
     assert again.text
     assert say(bot, CAROL, "thanks!", edited=True) == []
+    assert say(bot, 5555, KNOWN, mention=True, is_bot=True) == []  # other bots are never answered
     elsewhere = say(bot, CAROL, KNOWN, chat_id=OTHER_GROUP, mention=True)  # not linked there: the usual hint only
     assert not any(m.buttons or "Two days" in m.text for m in elsewhere)
     customers = {c["user_id"]: c for c in bot.store.db.query("select * from customers")}

@@ -50,13 +50,13 @@ async def route(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if not isinstance(update, Update):
         return
     chat, user = update.effective_chat, update.effective_user
-    if chat is None or user is None or user.is_bot:
+    if chat is None or user is None:
         return
     if chat.type in (ChatType.GROUP, ChatType.SUPERGROUP):
         if await route_group(update, context):
             raise ApplicationHandlerStop
         return
-    if chat.type != ChatType.PRIVATE:
+    if chat.type != ChatType.PRIVATE or user.is_bot:
         return
     store = store_of(context)
     message = update.message
@@ -283,7 +283,7 @@ async def route_group(update: Update, context: ContextTypes.DEFAULT_TYPE) -> boo
             return False
         await feedback_button(update, context)
         return True
-    if message is None:  # edits and other updates of a customers' group: nothing to say
+    if message is None or user.is_bot:  # edits, other bots: nothing to say in a customers' group
         return True
     if message.text and message.text.startswith("/"):
         return False
