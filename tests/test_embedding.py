@@ -55,3 +55,19 @@ def test_embedder_specs():
     assert load_embedder(BUNDLED_E5) is load_embedder(BUNDLED_E5)  # one model per process
     with pytest.raises(ModelLoadError, match="unknown bundled embedder"):
         load_embedder("bundled:nope")
+
+
+def test_an_assistant_before_training_is_unsure_of_unrelated_questions_only(tmp_path):
+    from storage import Store, open_db
+    from tuning.answering.service import plan_answer
+    from tuning.retrieval import AssistantIndexes
+
+    store = Store(open_db(tmp_path / "t.db"))
+    a = store.create_assistant("harbor")
+    store.add_example(a.id, "Can I bring my dog on the ferry?", "Dogs travel on a leash for €2.00 per crossing.")
+    store.add_example(a.id, "Is there Wi-Fi on board?", "Free Wi-Fi on all ferries: password SEAGULL24.")
+    indexes = AssistantIndexes(tmp_path / "retrieval")
+    sure = plan_answer(store, a.id, "можно взять собаку на паром?", indexes=indexes)
+    assert not sure.unsure and sure.hits[0].answer.startswith("Dogs")
+    unsure = plan_answer(store, a.id, "What is the capital of Mongolia?", indexes=indexes)
+    assert unsure.unsure and unsure.threshold == pytest.approx(0.6)

