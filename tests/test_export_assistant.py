@@ -15,8 +15,8 @@ from bot.cli import main
 from tuning.answering.api import create_api_app
 from tuning.answering.engine import Engine
 from tuning.answering.service import ABSTAIN_TEXT, answer_question
-from tuning.export_assistant import (MANIFEST, chat_answers, export_assistant, load_assistant_dir,
-                                     source_from_version)
+from tuning.export_assistant import (MANIFEST, AssistantDirError, chat_answers, export_assistant,
+                                     load_assistant_dir, source_from_version)
 from tuning.grounding import Grounding, confidence
 from tuning.retrieval import AssistantIndexes, Retriever, docs_from_pairs
 
@@ -156,6 +156,11 @@ def test_a_later_start_keeps_its_store_and_key(acme, capsys, tmp_path):
     extra = load_assistant_dir(out, new_key=True).new_key
     assert extra and extra != first.new_key
     assert len(again.store.list_examples(again.assistant.id, status="approved")) == 6
+    other = export_assistant(source_from_version(acme["store"], acme["assistant"], acme["version"],
+                                                 adapter_dir=acme["adapter"], indexes=acme["indexes"]),
+                             tmp_path / "other")
+    with pytest.raises(AssistantDirError, match="state of another export"):
+        load_assistant_dir(other.path, state_dir=out / ".serve")
 
 
 def test_a_train_out_folder_exports_and_serves_with_sources(acme, engine, capsys, tmp_path, tiny_model_dir):
@@ -199,8 +204,6 @@ def test_the_closed_book_export_reports_the_chats_grounded_score(acme, engine, t
 def test_export_assistant_refuses_a_folder_without_adapter(acme, tmp_path):
     source = source_from_version(acme["store"], acme["assistant"], acme["version"], adapter_dir=tmp_path,
                                  indexes=acme["indexes"])
-    from tuning.export_assistant import AssistantDirError
-
     with pytest.raises(AssistantDirError, match="holds no LoRA adapter"):
         export_assistant(source, tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -80,10 +80,8 @@ def source_from_version(store, assistant, version, *, adapter_dir, indexes) -> A
                            examples=examples)
 
 
-def source_from_train_folder(folder) -> AssistantSource:
+def source_from_train_folder(folder, *, cache_dir=None) -> AssistantSource:
     """A `tunebot train --data … --out DIR` folder: its adapter and the index it saved beside it (retrieval/)."""
-    from tuning.retrieval import Retriever
-
     folder = Path(folder)
     config = folder / "train_config.json"
     if not config.exists():
@@ -92,12 +90,12 @@ def source_from_train_folder(folder) -> AssistantSource:
         raise AssistantDirError(f"{folder} has no retrieval index (retrieval/): train it again with this version "
                                 "of tunebot, or export an assistant's version with --assistant")
     snapshot = json.loads(config.read_text())
-    index = Retriever.load(folder / "retrieval")
+    index = _load_index(folder / "retrieval", cache_dir=cache_dir)
     keys = {d.key for d in index.docs}
     examples = tuple({"key": d.key, "question": d.question, "answer": d.answer, "split": "train",
                       "parent": d.group if d.group in keys and d.group != d.key else None, "must_contain": []}
                      for d in index.docs)
-    return AssistantSource(name=folder.resolve().name or "assistant", version_id=None,
+    return AssistantSource(name=folder.resolve().name[:64] or "assistant", version_id=None,
                            base_model=snapshot["config"]["base_model"],
                            system_prompt=snapshot.get("system_prompt", ""), adapter_dir=folder, index=index,
                            examples=examples)
@@ -119,10 +117,11 @@ class AssistantExport:
         m, g = self.manifest, self.grounding
         version = f" version #{m['version_id']}" if m["version_id"] else ""
         answers = "grounded (shown the retrieved examples)" if g.get("recipe") == "grounded" else "closed book"
+        threshold = g["threshold"] if g.get("calibrated_on") else "the default"
         return (f"assistant export in {self.path} (written in {self.seconds:.0f} s): {m['assistant']}{version}, "
                 f"{self.examples} approved examples, the retrieval index ({m['embedder'] or 'n-grams only'}); "
-                f"it answers {answers}, \"I don't know\" below a retrieval confidence of "
-                f"{g.get('threshold', 'the default')}, as the chat does.\n"
+                f"it answers {answers}, \"I don't know\" below a retrieval confidence of {threshold}, as the chat "
+                "does.\n"
                 f"Serve it: tunebot serve --assistant-dir {self.path} (base model: {m['base_model']})")
 
 
@@ -226,23 +225,26 @@ class ServedAssistant:
         return self.manifest["base_model"]
 
 
-def _load_index(folder: Path, manifest: dict, *, cache_dir=None):
-    """The folder's retriever with the embedder that built it (refused when that one cannot be loaded here:
-    n-grams alone would answer other questions than the chat did)."""
+def _load_index(index_dir: Path, *, cache_dir=None):
+    """A saved retriever with the embedder that built it (refused when that one cannot be loaded here: n-grams
+    alone would find other examples than the chat did)."""
     from tuning.embedding import load_embedder
     from tuning.retrieval import Retriever
 
-    meta = json.loads((folder / "retrieval" / "meta.json").read_text())
+    try:
+        meta = json.loads((index_dir / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AssistantDirError(f"the retrieval index in {index_dir} cannot be read ({exc})") from None
     name = meta.get("embedder")
     try:
         embedder = load_embedder(name, cache_dir=cache_dir, required=True) if name else None
     except (TuningError, OSError, ImportError, ValueError) as exc:
-        raise AssistantDirError(f"{folder} answers with the embedder {name}, which cannot be loaded here ({exc}); "
-                                "install it, then serve again") from None
+        raise AssistantDirError(f"the retrieval index in {index_dir} was made with the embedder {name}, which cannot "
+                                f"be loaded here ({exc}): install it, then try again") from None
     try:
-        return Retriever.load(folder / "retrieval", embedder=embedder, embed_weight=meta.get("embed_weight"))
+        return Retriever.load(index_dir, embedder=embedder, embed_weight=meta.get("embed_weight"))
     except (OSError, ValueError, KeyError) as exc:
-        raise AssistantDirError(f"{folder}'s retrieval index cannot be read ({exc}): export it again") from None
+        raise AssistantDirError(f"the retrieval index in {index_dir} cannot be read ({exc})") from None
 
 
 def load_assistant_dir(folder, *, state_dir=None, cache_dir=None, new_key: bool = False) -> ServedAssistant:
@@ -253,7 +255,7 @@ def load_assistant_dir(folder, *, state_dir=None, cache_dir=None, new_key: bool 
 
     folder = Path(folder)
     manifest = verify_assistant_dir(folder)
-    index = _load_index(folder, manifest, cache_dir=cache_dir)
+    index = _load_index(folder / "retrieval", cache_dir=cache_dir)
     state = Path(state_dir) if state_dir else folder / STATE_DIR
     stamp = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
     created = None

@@ -79,7 +79,7 @@ def _assistant_source(app, args):
     from tuning.export_assistant import source_from_train_folder, source_from_version
 
     if args.model:
-        return source_from_train_folder(args.model)
+        return source_from_train_folder(args.model, cache_dir=app.settings.models_cache)
     assistant, version = _assistant_version(app, args)
     source = source_from_version(app.store, assistant, version, indexes=app.indexes,
                                  adapter_dir=local_dir(version.adapter_path, cache_dir=app.settings.models_cache))
