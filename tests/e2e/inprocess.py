@@ -66,7 +66,14 @@ class InProcessBot:
         return {"id": chat_id, "type": "group", "title": "A group"}
 
     def process(self, payload: dict) -> None:
-        self._runner.run(self.application.process_update(Update.de_json(payload, self.application.bot)))
+        """Handle one update, and what its handlers started in the background (customers' answers)."""
+        async def handle() -> None:
+            await self.application.process_update(Update.de_json(payload, self.application.bot))
+            running = self.application.bot_data.get("customer_answers", set())
+            while pending := [task for task in running if not task.done()]:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+        self._runner.run(handle())
 
     def send(self, user_id: int, text: str, *, language: str = "en", chat_id: int | None = None) -> int:
         """A text (a command when it starts with '/') from the user; the history mark before it."""

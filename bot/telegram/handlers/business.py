@@ -12,7 +12,7 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from bot.telegram.common import app_of, store_of, with_thread_store
-from bot.telegram.handlers.customers import limiter_of
+from bot.telegram.handlers.customers import in_background, limiter_of
 from bot.telegram.texts import pick_language, t
 from tuning.customers import answer_customer, asked_today
 
@@ -107,10 +107,14 @@ async def business_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -
         language=pick_language(sender.language_code, app_of(context).settings.default_language))
     if limiter.admit(assistant_id, sender.id, asked_today(store, customer)) is not None:
         return  # over the limit: the person sees the message and answers as usual
-    try:
-        await _answer_if_sure(update, context, customer, question)
-    finally:
-        limiter.done(assistant_id, sender.id)
+
+    async def answer() -> None:
+        try:
+            await _answer_if_sure(update, context, customer, question)
+        finally:
+            limiter.done(assistant_id, sender.id)
+
+    in_background(context, answer(), update)
 
 
 async def _answer_if_sure(update: Update, context: ContextTypes.DEFAULT_TYPE, customer, question: str) -> None:

@@ -28,6 +28,21 @@ log = logging.getLogger("tunebot.telegram")
 CUSTOMER_FEEDBACK = re.compile(rf"cf:([ud]):({ID})")
 START_TOKEN = re.compile(rf"/start(?:@\w+)?\s+({re.escape(TOKEN_PREFIX)}[A-Za-z0-9_-]{{1,62}})\s*")
 DELIVER_EVERY_S = 15  # the repeating retry of team answers that could not be sent at once
+ANSWERS = "customer_answers"  # bot_data key: the customers' answers being made in the background
+
+
+def in_background(context: ContextTypes.DEFAULT_TYPE, coroutine, update: Update) -> None:
+    """Make a customer's answer off the update's slot: PTB handles a few updates at once (concurrent_updates), and
+    fifty customers waiting on a slow model must not hold them while the team's updates (and the other customers'
+    "…") wait behind. Errors reach the error handler with the update; bot_data[ANSWERS] holds what is running."""
+    import warnings
+
+    with warnings.catch_warnings():  # in-process tests do not start the Application: they await ANSWERS instead
+        warnings.filterwarnings("ignore", message="Tasks created via `Application.create_task`")
+        task = context.application.create_task(coroutine, update=update, name="customer-answer")
+    running = context.bot_data.setdefault(ANSWERS, set())
+    running.add(task)
+    task.add_done_callback(running.discard)
 
 
 def limiter_of(context: ContextTypes.DEFAULT_TYPE) -> RateLimiter:
@@ -151,10 +166,14 @@ async def answer_text(update: Update, context: ContextTypes.DEFAULT_TYPE, custom
     if verdict is not None:
         await reply(update, tr(update, context, f"customer_rate_{verdict}"))
         return
-    try:
-        await _stream(update, context, customer, question)
-    finally:
-        limiter.done(customer.assistant_id, customer.user_id)
+
+    async def answer() -> None:
+        try:
+            await _stream(update, context, customer, question)
+        finally:
+            limiter.done(customer.assistant_id, customer.user_id)
+
+    in_background(context, answer(), update)
 
 
 async def _stream(update: Update, context: ContextTypes.DEFAULT_TYPE, customer: Customer, question: str) -> None:
