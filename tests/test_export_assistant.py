@@ -195,8 +195,8 @@ def test_the_closed_book_export_reports_the_chats_grounded_score(acme, engine, t
                           chat=lambda eng, qs: chat_answers(source, eng, qs))
     assert report.scored == 2 and report.closed_book_right == 0
     assert report.grounded_right == int(FACTS[0][1] in chat[0])
-    assert (f"this export answers closed book: 0 of 2 probe questions right; grounded (as the chat answers): "
-            f"{report.grounded_right} of 2") in report.summary()
+    assert (f"closed book (adapter, what this export answers with): 0 of 2 probe questions right; grounded (as the "
+            f"chat answers): {report.grounded_right} of 2") in report.summary()
     saved = json.loads((tmp_path / "a" / "export_report.json").read_text())
     assert (saved["scored"], saved["grounded_right"]) == (2, report.grounded_right)
 

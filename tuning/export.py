@@ -66,7 +66,8 @@ class ExportReport:
     seconds: float
     note: str = ""
     scored: int = 0  # probes that can be scored (must_contain, or an approved answer)
-    closed_book_right: int | None = None  # of them, right closed book (the torch engine, as exported)
+    closed_book_right: int | None = None  # of them, right closed book: the export's main artifact in its runtime
+    closed_book_artifact: str = ""  # that artifact (model.gguf, …)
     grounded_right: int | None = None  # ... and right as the chat answers (grounded, "I don't know" counts wrong)
 
     @property
@@ -96,8 +97,9 @@ class ExportReport:
         """How the exported (closed-book) model scores beside the chat's grounded answers, in the user's words."""
         advice = (" — to answer like the chat, export --format assistant" if self.grounded_right > self.closed_book_right
                   else "")
-        return (f"this export answers closed book: {self.closed_book_right} of {self.scored} probe questions right; "
-                f"grounded (as the chat answers): {self.grounded_right} of {self.scored}{advice}")
+        return (f"closed book ({self.closed_book_artifact}, what this export answers with): {self.closed_book_right} of "
+                f"{self.scored} probe questions right; grounded (as the chat answers): {self.grounded_right} of "
+                f"{self.scored}{advice}")
 
 
 def chatml_template(chat_template: str) -> bool:
@@ -210,6 +212,7 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
     checks: list[Check] = []
     reference: list[str] = []
     grounded: list[str] = []
+    closed: dict = {}
     try:
         if probes:
             torch_engine = Engine(base_model, cache_dir=cache_dir)
@@ -225,14 +228,16 @@ def export_model(adapter_dir: str | Path, *, base_model: str, out_dir: str | Pat
                 answers = _answers(engine, probes, system_prompt=system_prompt, adapter_dir=adapter,
                                    max_new_tokens=max_new_tokens)
                 checks.append(_check(artifact, runtime, probes, reference, answers))
+                if not closed:  # the main artifact's answers are what a user of this export gets
+                    closed = {"closed_book_artifact": artifact, **_closed_beside_grounded(probes, answers, grounded)}
     finally:
         for _, _, engine, _ in targets:
             engine.close()
     files = sorted({p.name for p in out.iterdir()} | {"export_report.json"})
     report = ExportReport(format=fmt, path=str(out), files=files, probes=len(probes),
                           reference_accuracy=_accuracy(probes, reference), checks=checks,
-                          seconds=round(seconds_written, 1), note=note, **_closed_beside_grounded(probes, reference,
-                                                                                                  grounded))
+                          seconds=round(seconds_written, 1), note=note,
+                          **(closed if "scored" in closed else {}))
     (out / "export_report.json").write_text(json.dumps({**asdict(report), "flagged": report.flagged}, indent=2,
                                                        ensure_ascii=False))
     return report
