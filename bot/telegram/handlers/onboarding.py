@@ -16,7 +16,7 @@ from bot.telegram.texts import LANGUAGES
 from storage import StorageError
 from storage.records import ROLES
 from storage.common import INVITE_MAX_USES, INVITE_TTL_HOURS
-from tuning.models import display_name
+from tuning.models import display_name, licence_of
 
 CREATE_NAME, CREATE_DESCRIPTION, CREATE_PROMPT, CREATE_MODEL = range(4)
 # Callback data is untrusted: only these shapes are accepted (fullmatch).
@@ -166,8 +166,17 @@ async def create_description(update: Update, context: ContextTypes.DEFAULT_TYPE)
 async def create_prompt(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Take the system prompt, then offer the base models the admin allows."""
     context.user_data.setdefault("new_assistant", {})["system_prompt"] = update.message.text.strip()
-    await reply(update, tr(update, context, "create_ask_model"), buttons=_model_buttons(update, context))
+    await reply(update, tr(update, context, "create_ask_model") + _licences(update, context),
+                buttons=_model_buttons(update, context))
     return CREATE_MODEL
+
+
+def _licences(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
+    """The licence of each offered bundled model (Gemma's terms bind whoever picks it), one line each."""
+    found = [(display_name(m), licence_of(m)) for m in app_of(context).settings.offered_base_models]
+    lines = [tr(update, context, "create_model_licence", model=name, licence=lic[0], url=lic[1])
+             for name, lic in found if lic is not None]
+    return "\n\n" + "\n".join([tr(update, context, "create_model_licences"), *lines]) if lines else ""
 
 
 def _model_buttons(update: Update, context: ContextTypes.DEFAULT_TYPE) -> list:
