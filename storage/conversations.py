@@ -144,7 +144,7 @@ class ConversationStore:
                                 "changed_by, changed_at) values (?, 'edit', ?, ?, 'approved', ?, ?)",
                                 [example_id, dup[1], answer, by, now])
             self.db.execute("update unanswered set status = 'answered', example_id = ?, answered_by = ?, "
-                            "answered_at = ? where id = ?", [example_id, by, now, item_id])
+                            "answered_at = ?, answer = ? where id = ?", [example_id, by, now, answer, item_id])
             self.audit("unanswered.answer", user_id=by, assistant_id=item.assistant_id,
                        details={"item_id": item_id, "example_id": example_id, "existing": dup is not None})
         return self.get_example(example_id)

@@ -210,7 +210,8 @@ class CustomerStore:
                     f"and conversation_id in (select id from conversations where customer_id in ({marks}))",
                     [now, *ids]).rowcount
                 questions = self.db.execute(
-                    f"update unanswered set question = '—', status = case status when 'open' then 'dismissed' "
+                    f"update unanswered set question = '—', answer = null, "
+                    f"status = case status when 'open' then 'dismissed' "
                     f"else status end, answered_at = coalesce(answered_at, ?), "
                     f"delivered_at = coalesce(delivered_at, ?) where customer_id in ({marks}) and question != '—'",
                     [now, now, *ids]).rowcount
@@ -224,7 +225,7 @@ class CustomerStore:
     def undelivered_team_answers(self) -> list[tuple[Unanswered, str, Customer]]:
         """Customers' questions the team answered that have not reached them yet: (item, answer, customer)."""
         rows = self.db.execute(
-            "select u.id, e.answer from unanswered u join examples e on e.id = u.example_id "
+            "select u.id, coalesce(u.answer, e.answer) from unanswered u join examples e on e.id = u.example_id "
             "join customers cu on cu.id = u.customer_id where u.status = 'answered' and u.delivered_at is null "
             "and cu.forgotten_at is null order by u.id").fetchall()
         out = []
@@ -259,7 +260,8 @@ class CustomerStore:
                 "assistant_id": item.assistant_id, "question": item.question, "answer": answer, "source": "expert",
                 "status": "pending", "split": "train", "author_id": by}, now)
             self.db.execute("update unanswered set status = 'answered', example_id = ?, answered_by = ?, "
-                            "answered_at = ?, delivered_at = ? where id = ?", [example_id, by, now, now, item.id])
+                            "answered_at = ?, delivered_at = ?, answer = ? where id = ?",
+                            [example_id, by, now, now, answer, item.id])
             self.audit("unanswered.human_reply", user_id=by, assistant_id=item.assistant_id,
                        details={"item_id": item.id, "example_id": example_id})
         return self.get_example(example_id)

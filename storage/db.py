@@ -220,6 +220,13 @@ def m0006_customers(db: sqlite_utils.Database) -> None:
     db["unanswered"].create_index(["status", "delivered_at"], if_not_exists=True)
 
 
+def m0007_unanswered_answer(db: sqlite_utils.Database) -> None:
+    """The answer given to each item as it was given: a customer receives that one, even when several items
+    share one example (the same question asked twice) or the example is edited later."""
+    if "answer" not in db["unanswered"].columns_dict:
+        db["unanswered"].add_column("answer", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", m0001_initial),
     ("0002_dedup_index_and_policies", m0002_dedup_index_and_policies),
@@ -227,6 +234,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0004_workers", m0004_workers),
     ("0005_grounding_and_unanswered", m0005_grounding_and_unanswered),
     ("0006_customers", m0006_customers),
+    ("0007_unanswered_answer", m0007_unanswered_answer),
 ]
 
 

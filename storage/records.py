@@ -233,6 +233,7 @@ class Unanswered:
     chat_id: int | None = None
     reply_to_message_id: int | None = None
     delivered_at: str | None = None
+    answer: str | None = None  # as the expert gave it (the example may be shared or edited later)
 
 
 CHANNELS = ("link", "groups", "business")

@@ -254,3 +254,18 @@ def test_the_team_may_answer_a_customers_question_in_its_general_form(cstore, ac
     [(delivered, answer, _)] = cstore.undelivered_team_answers()
     assert delivered.question == "Where is parcel 42 for Alice Smith?" and answer == "Track it on acme.test/track."
 
+
+
+def test_each_customer_gets_the_answer_given_to_their_own_item(cstore, acme):
+    """The same question asked twice is one example in the end; each customer still gets what was answered to
+    them, and a later edit of the example changes nothing already answered."""
+    cstore.publish(acme.id)
+    alice = cstore.open_customer(acme.id, ALICE, ALICE)
+    bob = cstore.open_customer(acme.id, BOB, BOB)
+    _, first = ask(cstore, alice, "Do you ship to Mars?", "passed on", abstained=True)
+    _, second = ask(cstore, bob, "Do you ship to Mars?", "passed on", abstained=True)
+    example = cstore.answer_unanswered(first.id, "Not yet.", by=OWNER)
+    assert cstore.answer_unanswered(second.id, "Not before 2030.", by=OWNER).id == example.id
+    cstore.edit_example(example.id, answer="Edited later.", by=OWNER)
+    sent = {customer.user_id: answer for _, answer, customer in cstore.undelivered_team_answers()}
+    assert sent == {ALICE: "Not yet.", BOB: "Not before 2030."}

@@ -227,3 +227,29 @@ def test_crafted_publish_buttons(bot):
     assert greeted.text == "Welcome to ACME! Ask about parcels."
     assert re.search(r"Greeting: Welcome to ACME", bot.ask(OWNER, "/publish")[0].text)
     assert not bot.errors
+
+
+def test_a_team_answer_that_could_not_be_sent_goes_out_with_the_next_one(bot):
+    """Three customers ask the same unknown question (one example answers them all in the end): each gets the
+    answer the expert gave to their own item, once; a passing fault is retried, a blocked bot is not."""
+    acme = bot.store.find_assistant("acme")
+    for uid in (8301, 8302, 8303):
+        bot.ask(uid, f"/start {link_token(bot)}")
+        assert bot.ask(uid, UNKNOWN)[-1].text == ABSTAIN_EN
+    items = {u.user_id: u for u in bot.store.list_unanswered(acme.id) if u.user_id in (8301, 8302, 8303)}
+    # 8301's chat fails twice: when its answer is saved, and again when the next answer's delivery retries it
+    bot.emu.post("/failSends", {"token": bot.emu.token, "chat_id": 8301, "status": 500, "times": 2})
+    bot.emu.post("/failSends", {"token": bot.emu.token, "chat_id": 8302, "status": 403, "times": 1})
+    for uid in (8301, 8302):
+        bot.press(EXPERT, f"un:a:{items[uid].id}")
+        bot.ask(EXPERT, f"Answer for {uid}.")
+    assert not any("Answer for" in m.text for m in bot.emu.bot_messages(8301) + bot.emu.bot_messages(8302))
+    assert bot.store.get_unanswered(items[8301].id).delivered_at is None  # a passing fault: tried again later
+    assert bot.store.get_unanswered(items[8302].id).delivered_at is not None  # blocked: never again
+    bot.press(EXPERT, f"un:a:{items[8303].id}")
+    bot.ask(EXPERT, "Answer for 8303.")
+    for uid in (8301, 8303):
+        assert [m.text.rsplit("\n", 1)[-1] for m in bot.emu.bot_messages(uid) if "team's answer" in m.text] == [
+            f"Answer for {uid}."]
+    assert not any("Answer for" in m.text for m in bot.emu.bot_messages(8302))
+    assert bot.store.undelivered_team_answers() == [] and not bot.errors

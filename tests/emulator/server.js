@@ -29,6 +29,7 @@ const upload = multer({ storage: multer.memoryStorage(), limits: { fileSize: 200
 const files = new Map(); // file_id -> {buffer, name, mime}
 const drafts = []; // sendMessageDraft calls, for tests to read
 const businessConnections = new Map(); // `${token}:${id}` -> the business_connection as last sent
+const failingSends = new Map(); // `${token}:${chat_id}` -> {status, times}: sendMessage fails like this next
 
 const BOT = { id: 666, is_bot: true, first_name: 'Tunebot Test', username: 'TunebotTestBot' };
 
@@ -122,6 +123,12 @@ api.all('/sendMessage', (req, res) => {
   if (String(req.body.text).length > 4096) return res.fail(400, 'Bad Request: message is too long');
   const refusal = businessRefusal(req);
   if (refusal) return res.fail(400, refusal);
+  const failing = failingSends.get(`${req.params.token}:${req.body.chat_id}`);
+  if (failing && failing.times > 0) {
+    failing.times -= 1;
+    return res.fail(failing.status, failing.status === 403 ? 'Forbidden: bot was blocked by the user'
+      : 'Internal Server Error');
+  }
   res.ok(botMessageResult(tg.addBotMessage(req.body, req.params.token)));
 });
 const refusingDrafts = new Set(); // tokens whose server acts as one before Bot API 9.3 (no sendMessageDraft)
@@ -270,6 +277,12 @@ front.post('/userUpdate', (req, res) => {
   tg.storage.userMessages.push(entry);
   tg.emit('AddedUserMessage');
   res.ok({ update_id: entry.updateId, ...raw });
+});
+// The next `times` sendMessage calls to chat_id fail with `status` (500: a passing fault; 403: blocked by the user).
+front.post('/failSends', (req, res) => {
+  const { token, chat_id: chatId, status, times } = req.body;
+  failingSends.set(`${token}:${chatId}`, { status: Number(status) || 500, times: Number(times) || 1 });
+  res.ok(true);
 });
 front.post('/getDrafts', (req, res) => res.ok(drafts.filter((d) => d.token === req.body.token)));
 front.post('/refuseDrafts', (req, res) => {
