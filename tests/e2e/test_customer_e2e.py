@@ -253,3 +253,12 @@ def test_a_team_answer_that_could_not_be_sent_goes_out_with_the_next_one(bot):
             f"Answer for {uid}."]
     assert not any("Answer for" in m.text for m in bot.emu.bot_messages(8302))
     assert bot.store.undelivered_team_answers() == [] and not bot.errors
+
+
+def test_a_customer_invited_to_the_team_joins_it(bot):
+    acme = bot.store.find_assistant("acme")
+    bot.ask(8400, f"/start {link_token(bot)}")
+    invite = bot.store.create_invite(acme.id, "tester", created_by=OWNER)
+    [joined] = bot.ask(8400, f"/start {invite.token}")
+    assert "tester" in joined.text and bot.store.role_of(acme.id, 8400) == "tester"
+    assert "Every message is a question" in bot.ask(8400, "/chat")[0].text  # the team's side now

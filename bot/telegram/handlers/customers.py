@@ -80,6 +80,8 @@ async def route(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         raise ApplicationHandlerStop
     if store.list_assistants(user_id=user.id):  # the team: their own handlers
         return
+    if _command(update) == "start" and len(message.text.split()) > 1:
+        return  # another link (an invite to a team): onboarding redeems it
     customer = store.link_customer(user.id)
     if customer is None:
         if not store.is_customer_anywhere(user.id) or _command(update) in ("start", "create", "lang", "forget"):
