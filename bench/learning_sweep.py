@@ -29,8 +29,8 @@ SYSTEMS = {"acme": "You answer customer questions for ACME Parcel, a parcel deli
            "harbor": "You answer customer questions for Harbor Line, a ferry and marina company.",
            "ru": "Ты отвечаешь на вопросы пациентов клиники «Здоровье+»."}
 MODES = ("base", "fewshot", "lookup", "tuned", "grounded")
-FAQ_OF = {"harbor_ru": "harbor"}  # a question set asked of another set's FAQ
-SYSTEMS["harbor_ru"] = SYSTEMS["harbor"]
+FAQ_OF = {"harbor_ru": "harbor", "acme_ru": "acme"}  # Russian questions asked of an English FAQ
+SYSTEMS.update({name: SYSTEMS[faq] for name, faq in FAQ_OF.items()})
 
 
 def parse_setting(text: str) -> dict:

@@ -234,3 +234,13 @@ def test_citation_probability_is_the_models_choice(tiny_model_dir):
     probs = [choice[right] for right, choice in choices]  # the probability of the right citation
     assert all(sum(choice.values()) == pytest.approx(1.0) for _, choice in choices)
     assert len(probs) == 3 and all(0 < p < 1 for p in probs)
+
+
+def test_a_question_in_another_language_is_judged_by_the_embedding_similarity():
+    from tuning.grounding import judged
+
+    english = Hit(key="1", question="Can I bring my dog?", answer="Yes, €2.", group="1", score=0.55, similarity=0.83)
+    assert judged("можно с собакой?", [english], 0.6, 0.8) == (0.83, 0.8)  # cross-lingual: similarity, its own
+    assert judged("dog allowed?", [english], 0.6, 0.8) == (0.55, 0.6)  # same language: the hybrid score
+    assert judged("можно с собакой?", [english], 0.6, None) == (0.55, 0.6)  # not calibrated for it (older adapter)
+    assert judged("можно с собакой?", [], 0.6, 0.8) == (0.0, 0.6)

@@ -101,7 +101,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     or one built from `fewshot` pairs. A question whose retrieval confidence is below the adapter's calibrated
     threshold counts as abstained (the assistant would say it does not know) in abstain_rate.
     """
-    from tuning.grounding import Grounding, confidence
+    from tuning.grounding import Grounding, judged
 
     items, oos = _checked_questions(items, modes, adapter_dir, out_of_scope)
     if adapter_dir and not system_prompt:
@@ -114,7 +114,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                              "or a model folder with its retrieval index")
     questions = [it.question for it in items] + oos
     hits_of = [index.search(q, max(k, FEWSHOT_K)) if index is not None else [] for q in questions]
-    conf = [confidence(h) for h in hits_of]
+    judgements = [judged(q, h, grounding.threshold, grounding.similarity_threshold) for q, h in zip(questions, hits_of)]
+    conf = [c for c, _ in judgements]
     n_in = len(items)
     results: dict = {"n": n_in, "modes": {}, "k": k, "backend": backend, "abstain_threshold": grounding.threshold,
                      "no_answer_above": grounding.no_answer_above, "recipe": grounding.recipe}
@@ -132,7 +133,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
             answers = [_lookup_answer(h) for h in hits_of] if mode == "lookup" else _answers(
                 mode, engines, questions, hits_of, k=k, system_prompt=system_prompt,
                 max_new_tokens=max_new_tokens, on_progress=on_progress)
-            abstained = [c < grounding.threshold for c in conf]
+            abstained = [c < t for c, t in judgements]
             if mode == "grounded":  # the citation: the text without it, and the model's own "I don't know"
                 answers, abstained, read = _read_citations(answers, hits_of, abstained, k=k, grounding=grounding)
             results["modes"][mode] = _metrics(items, answers, abstained)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tuning.retrieval import Doc, Hit, Retriever
+from tuning.retrieval import Doc, Hit, Retriever, has_cyrillic
 from tuning.scoring import token_f1
 
 GROUNDING_FILE = "grounding.json"  # written beside a trained adapter: recipe, k, calibrated threshold
@@ -45,6 +45,9 @@ MARGIN = 0.5  # with no left-out scores: half the lowest in-scope confidence
 DEFAULT_THRESHOLD = 0.03  # n-grams with no calibration (no validation split): only questions sharing almost nothing
 DEFAULT_HYBRID_THRESHOLD = 0.6  # with the embedder, before any calibration: below the median left-out question
 #   of the tuning sets (0.63-0.66), so only clearly unrelated questions
+CROSS_LINGUAL_OFFSET = 0.02  # chosen on Russian questions to ACME's English FAQ (examples/acme_ru_*.jsonl): their
+#   out-of-scope questions' similarities sit this far below the English left-out ones at the quantile
+DEFAULT_SIMILARITY_THRESHOLD = 0.78  # cross-lingual, before any calibration: only clearly unrelated questions
 NEVER = 2.0  # a P([0]) threshold no probability reaches: the model's own "I don't know" is not used
 
 
@@ -252,6 +255,8 @@ class Grounding:
     no_answer_above: float | None = None  # P([0]) from which the answer is "I don't know" (None: older adapter,
     #   the greedy citation and min_choice_probability decide)
     calibrated_on: int = 0  # validation questions the threshold was set on (0: the default)
+    similarity_threshold: float | None = None  # the embedding similarity below which a question in another
+    #   language than the examples is "I don't know" (None: no embedder, or an older adapter)
     abstain_by: str = "model"  # "retrieval": only the retrieval threshold says "I don't know" (the model's P([0])
     #   is measured and kept, but withheld 45-82% of answerable questions on held-out sets); "model": both
 
@@ -277,6 +282,22 @@ def answer_mode(adapter_dir) -> str:
     return "grounded" if Grounding.load(adapter_dir).recipe == "grounded" else "tuned"
 
 
+def cross_lingual(question: str, hit: Hit) -> bool:
+    """A question in another script than the example it found (Russian asking English examples, or back): the
+    n-grams share nothing there, so the embedding's similarity alone says how close they are."""
+    return has_cyrillic(question) != has_cyrillic(hit.question)
+
+
+def judged(question: str, hits: Sequence[Hit], threshold: float, similarity_threshold: float | None
+           ) -> tuple[float, float]:
+    """(confidence, the threshold it is compared with): the hybrid score, or for a question in another language
+    than its examples the embedding's similarity against its own threshold."""
+    if hits and hits[0].similarity is not None and similarity_threshold is not None \
+            and cross_lingual(question, hits[0]):
+        return round(float(hits[0].similarity), 4), similarity_threshold
+    return confidence(hits), threshold
+
+
 def confidence(hits: Sequence[Hit]) -> float:
     """0..1: how similar the question is to the best example (the retrieval half of "am I sure")."""
     return round(float(hits[0].score), 4) if hits else 0.0
@@ -290,27 +311,43 @@ def retrieval_scores(index: Retriever, items) -> tuple[list[float], list[float]]
     return inside, outside
 
 
+def similarity_threshold(index: Retriever, items) -> float | None:
+    """The embedding similarity below which a question in another language than the examples is "I don't know":
+    left_out_quantile of the validation questions with their fact left out, less CROSS_LINGUAL_OFFSET (a question
+    and its example in two languages are less similar than in one); None without an embedder."""
+    if index.embedder is None or not items:
+        return None
+    left_out = sorted(h[0].similarity for i in items
+                      if (h := index.search(i.question, 1, exclude=lambda d, g=i.group: d.group == g)))
+    if not left_out:
+        return None
+    at = left_out[min(len(left_out) - 1, max(0, int(math.ceil(LEFT_OUT_QUANTILE * len(left_out))) - 1))]
+    return round(at - CROSS_LINGUAL_OFFSET, 4)
+
+
 def calibrate_threshold(inside: Sequence[float], outside: Sequence[float] = (), *,
                         in_scope_withheld: float = IN_SCOPE_WITHHELD, left_out_quantile: float = LEFT_OUT_QUANTILE,
                         ) -> float:
     """The retrieval confidence below which the assistant says it does not know, from validation questions in
     scope and with their fact left out (retrieval_scores): above left_out_quantile of the left-out ones, but
-    never above in_scope_withheld of the in-scope ones. With no left-out scores, a margin below every in-scope
-    one."""
+    never above in_scope_withheld of the in-scope ones, unless that is a single question (mutations such as a
+    wrong keyboard layout make outliers of a few). With no left-out scores, a margin below every in-scope one."""
     if not inside:
         return DEFAULT_THRESHOLD
     ordered = sorted(inside)
     if not outside:
         return round(ordered[0] * MARGIN, 4)
-    high = ordered[min(len(ordered) - 1, int(math.floor(in_scope_withheld * len(ordered))))]
+    high = ordered[min(len(ordered) - 1, max(1, int(math.floor(in_scope_withheld * len(ordered)))))]
     out = sorted(outside)
     low = out[min(len(out) - 1, max(0, int(math.ceil(left_out_quantile * len(out))) - 1))] + 1e-4
     return round(min(low, high), 4)
 
 
-def default_threshold(retriever: Retriever) -> float:
-    """The "I don't know" threshold of an assistant with nothing calibrated yet (no trained version)."""
-    return DEFAULT_HYBRID_THRESHOLD if retriever.embedder is not None else DEFAULT_THRESHOLD
+def default_thresholds(retriever: Retriever) -> tuple[float, float | None]:
+    """The "I don't know" thresholds (hybrid, cross-lingual similarity) with nothing calibrated yet."""
+    if retriever.embedder is None:
+        return DEFAULT_THRESHOLD, None
+    return DEFAULT_HYBRID_THRESHOLD, DEFAULT_SIMILARITY_THRESHOLD
 
 
 def citation_distributions(model, tokenizer, items, *, system_prompt: str, device,

@@ -44,7 +44,7 @@ def translit(text: str) -> str:
     return "".join(_TRANSLIT.get(ch, ch) for ch in text.lower())
 
 
-def _has_cyrillic(text: str) -> bool:
+def has_cyrillic(text: str) -> bool:
     return any("\u0400" <= ch <= "\u04ff" for ch in text)
 
 
@@ -52,7 +52,7 @@ def query_forms(question: str) -> list[str]:
     """The question as typed, plus what it would be with the other keyboard layout (only when that makes sense)."""
     forms = [question]
     letters = [ch for ch in question if ch.isalpha()]
-    if letters and not _has_cyrillic(question):
+    if letters and not has_cyrillic(question):
         forms.append(question.lower().translate(_TO_RU))  # "ntktajy" -> "телефон"
     return forms
 
@@ -60,7 +60,7 @@ def query_forms(question: str) -> list[str]:
 def document_text(question: str, answer: str) -> str:
     """What an example is indexed by: its question and answer, and for Cyrillic text its transliteration too."""
     text = f"{question}\n{answer}"
-    return f"{text}\n{translit(text)}" if _has_cyrillic(text) else text
+    return f"{text}\n{translit(text)}" if has_cyrillic(text) else text
 
 
 @dataclass(frozen=True)

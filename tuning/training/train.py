@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 from tuning.data.dataset import Encoded, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
 from tuning.grounding import (Grounding, calibrate_no_answer, calibrate_threshold, citation_distributions,
-                              grounded_items, retrieval_scores, training_index, unanswerable_items)
+                              grounded_items, retrieval_scores, similarity_threshold, training_index,
+                              unanswerable_items)
 from tuning.retrieval import Retriever
 from tuning.training import hparams as hp
 from tuning.training.checkpoints import TrainState, load_best, resume as resume_from, save_best, save_checkpoint
@@ -341,6 +342,7 @@ def _write_results(loop: _Loop, out: Path, *, n_items: int, started: float) -> T
     data.index.save(out / "retrieval")
     grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
                           threshold=calibrate_threshold(*retrieval_scores(data.index, splits.val)),
+                          similarity_threshold=similarity_threshold(data.index, splits.val),
                           no_answer_above=no_answer, calibrated_on=len(splits.val), abstain_by="retrieval")
     grounding.save(out)
     plot_loss_curve(state.epochs, out / "loss_curve.png", step_losses=state.step_losses)
