@@ -97,6 +97,30 @@ def test_gemma_trains_and_answers_in_its_turn_format(gemma_dir, model_cache):
     assert tok.decode(answer) == "At 06:45.<end_of_turn>" and enc.input_ids[0] == tok.bos_token_id
 
 
+@pytest.mark.slow
+def test_the_torch_engine_answers_gemma_as_transformers_generates(gemma_dir, model_cache):
+    """Gemma 3's sliding-window cache: the engine's own decoding loop gives transformers' greedy answer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuning.answering.engine import Engine
+    from tuning.prompts import build_messages, encode_prompt
+
+    engine = Engine(GEMMA, cache_dir=model_cache, max_new_tokens=12)
+    try:
+        got = engine.answer("What is the capital of France?", system_prompt="Answer briefly.")
+        tok = engine.tokenizer
+        ids = encode_prompt(tok, build_messages("What is the capital of France?", system_prompt="Answer briefly."))
+        model = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False,
+                                 eos_token_id=sorted(engine.stop_ids))[0, ids.shape[1]:].tolist()
+        expected = tok.decode([t for t in out if t not in engine.stop_ids])
+        assert got.text == expected and got.n_tokens >= 1
+    finally:
+        engine.close()
+
+
 def _random_adapter(model_dir: str, out: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
