@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-TUNING_SETS = ("acme", "gen:40:en", "gen:40:ru")
+TUNING_SETS = ("acme", "gen:40:en", "gen:40:ru", "acme_ru")
 REPORT_SETS = ("harbor", "ru", "harbor_ru")
 
 
@@ -63,7 +63,7 @@ def measure(name: str, weights, embedder, *, per_example: int = 3) -> list[dict]
 
     from tuning.data.dataset import TrainItem, add_mutations, split_items
     from tuning.evaluate import as_eval_items, contains_all
-    from tuning.grounding import calibrate_threshold, retrieval_scores
+    from tuning.grounding import calibrate_threshold, judged, retrieval_scores, similarity_threshold
     from tuning.retrieval import Doc, Retriever
 
     pairs, held_out, oos, _ = load_data(name)
@@ -78,24 +78,27 @@ def measure(name: str, weights, embedder, *, per_example: int = 3) -> list[dict]
         index.embed_weight = weight
         inside, outside = retrieval_scores(index, splits.val)
         threshold = calibrate_threshold(inside, outside)
+        cross = similarity_threshold(index, splits.val) if weight > 0 else None
         hits = [index.search(it.question, 3) for it in items_eval]
         oos_top = [index.search(q, 1) for q in oos]
         checked = [(it, h) for it, h in zip(items_eval, hits) if it.must_contain]
         right1 = [bool(h) and contains_all(h[0].answer, it.must_contain) for it, h in checked]
         top_in = [h[0].score if h else 0.0 for _, h in checked]
         top_out = [h[0].score if h else 0.0 for h in oos_top]
-        withheld_in = [s < threshold for s in top_in]
+        # what the assistant does: the hybrid score, or the similarity for a question in another language
+        withheld_in = [c < t for c, t in (judged(it.question, h, threshold, cross) for it, h in checked)]
+        withheld_out = [c < t for c, t in (judged(q, h, threshold, cross) for q, h in zip(oos, oos_top))]
         rows.append({
             "data": name, "embed_weight": weight, "n": len(checked), "n_out_of_scope": len(oos),
             "recall@1": round(sum(right1) / len(checked), 4),
             "recall@3": round(sum(any(contains_all(x.answer, it.must_contain) for x in h) for it, h in checked)
                               / len(checked), 4),
             "auc": round(auc(top_in, top_out), 4),
-            "threshold": threshold,
+            "threshold": threshold, "similarity_threshold": cross,
             "validation": {"in": len(inside), "in_withheld": round(sum(s < threshold for s in inside) / len(inside), 4),
                            "left_out_withheld": round(sum(s < threshold for s in outside) / len(outside), 4)},
             "in_scope_withheld": round(sum(withheld_in) / len(checked), 4),
-            "out_of_scope_withheld": round(sum(s < threshold for s in top_out) / max(1, len(top_out)), 4),
+            "out_of_scope_withheld": round(sum(withheld_out) / max(1, len(withheld_out)), 4),
             "lookup_answered_correctly": round(sum(r and not w for r, w in zip(right1, withheld_in)) / len(checked),
                                                4),
         })
