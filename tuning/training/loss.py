@@ -30,11 +30,15 @@ def _chunked(hidden, weight, bias, targets, chunk, softcap, need_h=False, need_w
         if softcap:
             capped = torch.tanh(logits / softcap)
             logits = capped * softcap
-        lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+        # log-sum-exp and softmax in the logits' own memory (torch.logsumexp would take another chunk-sized copy)
+        target_logit = logits.gather(1, t[:, None])[:, 0]
+        top = logits.max(dim=-1, keepdim=True).values
+        exp = logits.sub_(top).exp_()
+        sums = exp.sum(dim=-1)
+        total += (top[:, 0] + sums.log() - target_logit).sum()
         if not (need_h or need_w or need_b):
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax - one-hot = d loss / d logits, in the logits' memory
+        g = exp.div_(sums[:, None])  # softmax - one-hot = d loss / d logits
         g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
         if softcap:
             g.mul_(1.0 - capped * capped)
