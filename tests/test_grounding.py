@@ -244,3 +244,5 @@ def test_a_question_in_another_language_is_judged_by_the_embedding_similarity():
     assert judged("dog allowed?", [english], 0.6, 0.8) == (0.55, 0.6)  # same language: the hybrid score
     assert judged("можно с собакой?", [english], 0.6, None) == (0.55, 0.6)  # not calibrated for it (older adapter)
     assert judged("можно с собакой?", [], 0.6, 0.8) == (0.0, 0.6)
+    layout = Hit(key="2", question="Сфт Ш икштп ьн вщп?", answer="Yes, €2.", group="1", score=0.5, similarity=0.9)
+    assert judged("dog allowed?", [layout], 0.6, 0.8) == (0.5, 0.6)  # an English fact typed on the Russian layout

@@ -284,8 +284,9 @@ def answer_mode(adapter_dir) -> str:
 
 def cross_lingual(question: str, hit: Hit) -> bool:
     """A question in another script than the example it found (Russian asking English examples, or back): the
-    n-grams share nothing there, so the embedding's similarity alone says how close they are."""
-    return has_cyrillic(question) != has_cyrillic(hit.question)
+    n-grams share nothing there, so the embedding's similarity alone says how close they are. The answer tells
+    the example's language (a variation's question may be an English one typed with the Russian layout on)."""
+    return has_cyrillic(question) != has_cyrillic(hit.answer)
 
 
 def judged(question: str, hits: Sequence[Hit], threshold: float, similarity_threshold: float | None
