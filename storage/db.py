@@ -239,19 +239,22 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
 
 
 def migrate(db: sqlite_utils.Database, *, upto: str | None = None) -> list[str]:
-    """Apply the migrations not yet recorded in `_migrations`; return the names applied."""
+    """Apply the migrations not yet recorded in `_migrations`, all in one transaction (a process killed midway
+    leaves the database as it was, never between two migrations); return the names applied."""
     db["_migrations"].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
     done = {row["name"] for row in db["_migrations"].rows}
-    applied = []
+    pending = []
     for name, fn in MIGRATIONS:
         if name not in done:
-            with transaction(db):
-                fn(db)
-                db["_migrations"].insert({"name": name, "applied_at": _now()})
-            applied.append(name)
+            pending.append((name, fn))
         if name == upto:
             break
-    return applied
+    if pending:
+        with transaction(db):
+            for name, fn in pending:
+                fn(db)
+                db["_migrations"].insert({"name": name, "applied_at": _now()})
+    return [name for name, _ in pending]
 
 
 def open_db(path: str | Path, *, migrate_to: str | None = None) -> sqlite_utils.Database:

@@ -159,7 +159,7 @@ def test_a_later_start_keeps_its_store_and_key(acme, capsys, tmp_path):
     other = export_assistant(source_from_version(acme["store"], acme["assistant"], acme["version"],
                                                  adapter_dir=acme["adapter"], indexes=acme["indexes"]),
                              tmp_path / "other")
-    with pytest.raises(AssistantDirError, match="state of another export"):
+    with pytest.raises(AssistantDirError, match="folder at another place"):
         load_assistant_dir(other.path, state_dir=out / ".serve")
 
 

@@ -170,15 +170,13 @@ def test_calibrated_threshold_sits_below_the_in_scope_questions():
     assert calibrate_threshold([]) > 0
 
 
-def test_threshold_withholds_most_left_out_questions_but_few_in_scope_ones():
+def test_threshold_withholds_most_left_out_questions():
     inside = [0.80 + i / 100 for i in range(20)]  # 0.80 .. 0.99
     outside = [0.50 + i / 100 for i in range(20)]  # 0.50 .. 0.69
     t = calibrate_threshold(inside, outside)
-    assert sum(s < t for s in outside) / 20 >= 0.7 and sum(s < t for s in inside) == 0
-    # overlapping: the left-out quantile would withhold a third of the in-scope ones; at most 5% are
-    inside = [0.60 + i / 100 for i in range(20)]  # 0.60 .. 0.79
-    t = calibrate_threshold(inside, outside)
-    assert sum(s < t for s in inside) <= 1 and t == pytest.approx(0.61)
+    assert sum(s < t for s in outside) / 20 == 0.7 and sum(s < t for s in inside) == 0
+    # a few in-scope outliers (mutations no retriever reads) do not pull it down
+    assert calibrate_threshold([0.1, 0.2] + inside, outside) == t
 
 
 def test_retrieval_scores_leave_the_questions_own_fact_out():
