@@ -244,3 +244,16 @@ def test_a_question_in_another_language_is_judged_by_the_embedding_similarity():
     assert judged("можно с собакой?", [], 0.6, 0.8) == (0.0, 0.6)
     layout = Hit(key="2", question="Сфт Ш икштп ьн вщп?", answer="Yes, €2.", group="1", score=0.5, similarity=0.9)
     assert judged("dog allowed?", [layout], 0.6, 0.8) == (0.5, 0.6)  # an English fact typed on the Russian layout
+
+
+def test_abstention_goes_to_the_evidence_that_separates_validation_better():
+    from tuning.grounding import abstention
+
+    inside, outside = [0.8, 0.85, 0.9, 0.95], [0.5, 0.55, 0.6, 0.9]  # retrieval: J = 0.75
+    blurred = [0.5, 0.5, 0.5, 0.5]  # P([0]) that tells nothing
+    by, t = abstention(inside, outside, blurred, blurred, 0.5)
+    assert by == "retrieval" and t == calibrate_threshold(inside, outside)
+    sharp_in, sharp_out = [0.05, 0.1, 0.1, 0.2], [0.9, 0.95, 0.97, 0.99]  # P([0]): J = 1.0
+    by, t = abstention(inside, outside, sharp_in, sharp_out, 0.5)
+    assert by == "model" and t == calibrate_threshold(inside) < min(inside)
+    assert abstention(inside, outside, [], [], None)[0] == "retrieval"  # a closed-book run: no P([0])

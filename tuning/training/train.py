@@ -24,9 +24,8 @@ from typing import Callable, Sequence
 
 from tuning.data.dataset import Encoded, Splits, TrainItem, data_hash, encode_items, epoch_rows, pack, split_items
 from tuning.errors import TrainingError
-from tuning.grounding import (Grounding, calibrate_no_answer, calibrate_threshold, citation_distributions,
-                              grounded_items, retrieval_scores, similarity_threshold, training_index,
-                              unanswerable_items)
+from tuning.grounding import (Grounding, abstention, calibrate_no_answer, citation_distributions, grounded_items,
+                              retrieval_scores, similarity_threshold, training_index, unanswerable_items)
 from tuning.retrieval import Retriever
 from tuning.training import hparams as hp
 from tuning.training.checkpoints import TrainState, load_best, resume as resume_from, save_best, save_checkpoint
@@ -326,7 +325,7 @@ def _write_results(loop: _Loop, out: Path, *, n_items: int, started: float) -> T
     splits = data.splits
     if state.best_epoch is not None:
         load_best(loop.ckpt_dir / "best", loop.model)
-    no_answer = None
+    no_answer, answerable, unanswerable = None, [], []
     if config.recipe == "grounded" and data.val_items:
         # P([0]) of each validation question shown its own fact (measured at the best epoch, whose weights the
         # model now has), and shown only other facts: the threshold that separates them decides "I don't know"
@@ -340,10 +339,10 @@ def _write_results(loop: _Loop, out: Path, *, n_items: int, started: float) -> T
     if config.method == "full":
         loop.tokenizer.save_pretrained(out)
     data.index.save(out / "retrieval")
-    grounding = Grounding(recipe=config.recipe, k=config.grounded_k,
-                          threshold=calibrate_threshold(*retrieval_scores(data.index, splits.val)),
+    abstain_by, threshold = abstention(*retrieval_scores(data.index, splits.val), answerable, unanswerable, no_answer)
+    grounding = Grounding(recipe=config.recipe, k=config.grounded_k, threshold=threshold,
                           similarity_threshold=similarity_threshold(data.index, splits.val),
-                          no_answer_above=no_answer, calibrated_on=len(splits.val), abstain_by="retrieval")
+                          no_answer_above=no_answer, calibrated_on=len(splits.val), abstain_by=abstain_by)
     grounding.save(out)
     plot_loss_curve(state.epochs, out / "loss_curve.png", step_losses=state.step_losses)
     note = {"recall": "validation = held-out variations of trained examples: it measures recall of the facts",
