@@ -65,13 +65,11 @@ def val_rows(tokenizer, val, batch_tokens: int):
 
 
 def run_tunebot(args) -> dict:
-    import torch
-
     from tuning.data.dataset import TrainItem, encode_items
     from tuning.models import load_tokenizer
     from tuning.training.config import TrainConfig
+    from tuning.training.model import peak_rss_mb
     from tuning.training.run import train
-    from tuning.training.model import evaluate_loss, peak_rss_mb
 
     train_pairs, val = split(build_pairs(), args.train, args.val)
     items = [TrainItem(q, a, group=f"t{i}") for i, (q, a) in enumerate(train_pairs)]
