@@ -342,18 +342,16 @@ def calibrate_threshold(inside: Sequence[float], outside: Sequence[float] = (), 
 def abstention(inside: Sequence[float], outside: Sequence[float], answerable: Sequence[float],
                unanswerable: Sequence[float], no_answer_above: float | None) -> tuple[str, float]:
     """(abstain_by, retrieval threshold): whichever evidence separates the run's validation questions better,
-    by Youden's J at its threshold: the retrieval (in scope against left out) or the model's P([0]) (shown its
-    own fact against shown only others). The model reads what retrieval blurs, such as another entity's name
-    in the same question; then the retrieval keeps only a margin below every in-scope question."""
+    by Youden's J at its threshold: the retrieval (in scope against left out) alone, or the model's P([0])
+    (shown its own fact against shown only others) beside it. The model reads what retrieval blurs, such as
+    another entity's name in the same question."""
     threshold = calibrate_threshold(inside, outside)
     if no_answer_above is None or not (inside and outside and answerable and unanswerable):
         return "retrieval", threshold
     j_retrieval = sum(s < threshold for s in outside) / len(outside) - sum(s < threshold for s in inside) / len(inside)
     j_model = (sum(p >= no_answer_above for p in unanswerable) / len(unanswerable)
                - sum(p >= no_answer_above for p in answerable) / len(answerable))
-    if j_model > j_retrieval:
-        return "model", calibrate_threshold(inside)
-    return "retrieval", threshold
+    return ("model" if j_model > j_retrieval else "retrieval"), threshold
 
 
 def default_thresholds(retriever: Retriever) -> tuple[float, float | None]:
