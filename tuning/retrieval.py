@@ -90,10 +90,6 @@ class Hit:
     similarity: float | None = None
 
     @property
-    def evidence(self) -> float:
-        return self.score if self.similarity is None else self.similarity
-
-    @property
     def example_id(self) -> int | None:
         return int(self.key) if self.key.isdigit() else None
 
