@@ -354,11 +354,11 @@ def abstention(inside: Sequence[float], outside: Sequence[float], answerable: Se
     return ("model" if j_model > j_retrieval else "retrieval"), threshold
 
 
-def default_thresholds(retriever: Retriever) -> tuple[float, float | None]:
-    """The "I don't know" thresholds (hybrid, cross-lingual similarity) with nothing calibrated yet: the hybrid
-    judges every question (one in another language than the examples scores low there, so it goes to the
-    experts until a trained version calibrates the similarity: before that, gibberish scored as high)."""
-    return (DEFAULT_HYBRID_THRESHOLD if retriever.embedder is not None else DEFAULT_THRESHOLD), None
+def default_threshold(retriever: Retriever) -> float:
+    """The "I don't know" threshold with nothing calibrated yet. It judges every question by the hybrid score:
+    one in another language than the examples scores low there, so it goes to the experts until a trained
+    version calibrates the similarity threshold (before that, gibberish scored as high a similarity)."""
+    return DEFAULT_HYBRID_THRESHOLD if retriever.embedder is not None else DEFAULT_THRESHOLD
 
 
 def citation_distributions(model, tokenizer, items, *, system_prompt: str, device,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from tuning.answering.requests import MODES, InferenceError, NoActiveVersion, prepare_messages
-from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, default_thresholds, judged,
+from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, default_threshold, judged,
                               read_grounded, render_question)
 
 ABSTAIN_TEXT = ("I'm not sure about this one, so I've passed your question to our experts: "
@@ -127,7 +127,7 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
     retriever = _retriever(store, assistant_id, indexes)
     hits = tuple(retriever.search(question, max(grounding.k, fewshot_k)))
     thresholds = (grounding.threshold, grounding.similarity_threshold) if grounding.calibrated_on \
-        else default_thresholds(retriever)
+        else (default_threshold(retriever), None)
     score, threshold = judged(question, hits, *thresholds)
     common = {"assistant_id": assistant_id, "system_prompt": assistant.system_prompt, "confidence": score,
               "threshold": threshold, "min_choice_probability": grounding.min_choice_probability,
