@@ -30,6 +30,16 @@ def assistant(store):
     return store.create_assistant("acme", system_prompt="You answer for ACME Logistics.", owner_id=1)
 
 
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """The CLI's environment: a fresh data dir, no config file (e2e modules define their own)."""
+    monkeypatch.chdir(tmp_path)  # no stray ./tunebot.toml
+    monkeypatch.delenv("TUNEBOT_CONFIG", raising=False)
+    monkeypatch.delenv("TUNEBOT_DATABASE", raising=False)
+    monkeypatch.setenv("TUNEBOT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)

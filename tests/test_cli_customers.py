@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from bot.cli import main
 from storage import Store, open_db
-from test_cli_data import data_dir  # noqa: F401  (the CLI's environment: a fresh data dir, no config file)
 
 
 @pytest.fixture

@@ -18,15 +18,6 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture
-def data_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # no stray ./tunebot.toml
-    monkeypatch.delenv("TUNEBOT_CONFIG", raising=False)
-    monkeypatch.delenv("TUNEBOT_DATABASE", raising=False)
-    monkeypatch.setenv("TUNEBOT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
-
-
-@pytest.fixture
 def acme(data_dir, capsys) -> str:
     assert main(["assistants", "create", "acme", "--system-prompt", "You answer for ACME Parcel."]) == 0
     capsys.readouterr()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
 
 from storage import Store, open_db
 from tuning.jobs import EventBus, Worker, cancel_job, enqueue_generation, enqueue_training

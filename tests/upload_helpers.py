@@ -57,7 +57,7 @@ def pdf_from_streams(contents: list[bytes], *, flate: bool = False) -> bytes:
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
                b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(n)), n)]
     for i, content in enumerate(contents):
-        page, stream = 3 + 2 * i, 4 + 2 * i
+        stream = 4 + 2 * i
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
                        b"/Resources << /Font << /F1 %d 0 R >> >> >>" % (stream, font))
         body = zlib.compress(content, 9) if flate else content
