@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -98,6 +99,7 @@ def main() -> None:
             report = train(items, out_dir=tmp, config=TrainConfig(base_model=args.base, **given),
                            system_prompt=system, cache_dir=args.cache_dir)
             trained_s = time.perf_counter() - started
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training is the first thing run
             started = time.perf_counter()
             ev = evaluate(held_out, base_model=args.base, adapter_dir=tmp, modes=modes, system_prompt=system,
                           cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens, out_of_scope=oos,
@@ -114,7 +116,8 @@ def main() -> None:
                "abstain_threshold": ev["abstain_threshold"], "no_answer_above": ev.get("no_answer_above"),
                "epochs_run": len(report.epochs),
                "epochs_planned": report.hyperparameters["epochs"], "best_epoch": report.best_epoch,
-               "best_val_loss": report.best_val_loss, "train_s": round(trained_s, 1), "eval_s": round(eval_s, 1),
+               "best_val_loss": report.best_val_loss, "train_s": round(trained_s, 1),
+               "train_peak_rss_mb": round(peak_mb), "eval_s": round(eval_s, 1),
                "tokens_per_s": report.tokens_per_s, "train_rows": report.counts.get("train_rows"),
                "learning_rate": report.hyperparameters["learning_rate"]}
         if args.answers:

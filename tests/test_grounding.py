@@ -246,6 +246,19 @@ def test_a_question_in_another_language_is_judged_by_the_embedding_similarity():
     assert judged("dog allowed?", [layout], 0.6, 0.8) == (0.5, 0.6)  # an English fact typed on the Russian layout
 
 
+def test_the_models_i_dont_know_is_not_read_for_a_question_in_another_language():
+    from tuning.grounding import NEVER
+
+    english = Hit(key="1", question="Can I bring my dog?", answer="Yes, €2.", group="1", score=0.55, similarity=0.83)
+    grounding = Grounding(no_answer_above=0.4, similarity_threshold=0.8, abstain_by="model")
+    assert grounding.no_answer_above_for("dog allowed?", [english]) == 0.4
+    assert grounding.no_answer_above_for("можно с собакой?", [english]) == NEVER  # calibrated on English only
+    assert grounding.no_answer_above_for("можно с собакой?", []) == 0.4
+    older = Grounding(no_answer_above=0.4)  # no similarity threshold: no embedder, or an older adapter
+    assert older.no_answer_above_for("можно с собакой?", [english]) == 0.4
+    assert Grounding().no_answer_above_for("можно с собакой?", [english]) is None  # the greedy citation decides
+
+
 def test_abstention_goes_to_the_evidence_that_separates_validation_better():
     from tuning.grounding import abstention
 

@@ -115,7 +115,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     questions = [it.question for it in items] + oos
     hits_of = [index.search(q, max(k, FEWSHOT_K)) if index is not None else [] for q in questions]
     judgements = [judged(q, h, grounding.threshold, grounding.similarity_threshold) for q, h in zip(questions, hits_of)]
-    conf = [c for c, _ in judgements]
+    above = [grounding.no_answer_above_for(q, h) for q, h in zip(questions, hits_of)]  # the model's P([0]) rule
     n_in = len(items)
     results: dict = {"n": n_in, "modes": {}, "k": k, "backend": backend, "abstain_threshold": grounding.threshold,
                      "no_answer_above": grounding.no_answer_above, "recipe": grounding.recipe}
@@ -135,7 +135,8 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
                 max_new_tokens=max_new_tokens, on_progress=on_progress)
             abstained = [c < t for c, t in judgements]
             if mode == "grounded":  # the citation: the text without it, and the model's own "I don't know"
-                answers, abstained, read = _read_citations(answers, hits_of, abstained, k=k, grounding=grounding)
+                answers, abstained, read = _read_citations(answers, hits_of, abstained, above, k=k,
+                                                           grounding=grounding)
             results["modes"][mode] = _metrics(items, answers, abstained)
             if oos:
                 results["out_of_scope"][mode] = {"abstain_rate": round(sum(abstained[n_in:]) / len(oos), 4)}
@@ -143,7 +144,7 @@ def evaluate(items: Sequence, *, base_model: str, adapter_dir=None, modes: Seque
     finally:
         engines.close()
     if include_answers:
-        results.update(_answer_records(items, oos, texts, read, conf, hits_of, k=k))
+        results.update(_answer_records(items, oos, texts, read, judgements, above, hits_of, k=k))
     return results
 
 
@@ -227,19 +228,19 @@ def _answers(mode: str, engines: _Engines, questions: Sequence[str], hits_of: Se
     return answers
 
 
-def _read_citations(answers: list, hits_of: Sequence, abstained: list[bool], *, k: int, grounding):
+def _read_citations(answers: list, hits_of: Sequence, abstained: list[bool], above: Sequence[float | None], *,
+                    k: int, grounding):
     """Grounded answers without their citations, whether each says "I don't know", and the citations read."""
     from dataclasses import replace
 
     from tuning.answering.service import grounded_unsure
     from tuning.grounding import read_grounded
 
-    read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives,
-                          no_answer_above=grounding.model_no_answer_above) for a, h in zip(answers, hits_of)]
+    read = [read_grounded(a.text, h[:k], a.token_logprobs, a.alternatives, no_answer_above=t)
+            for a, h, t in zip(answers, hits_of, above)]
     answers = [replace(a, text=r.text) for a, r in zip(answers, read)]
-    abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability,
-                                                     grounding.model_no_answer_above)
-                 for x, r in zip(abstained, read)]
+    abstained = [x or r.abstained or grounded_unsure(r, grounding.min_choice_probability, t)
+                 for x, r, t in zip(abstained, read, above)]
     return answers, abstained, read
 
 
@@ -255,14 +256,17 @@ def _metrics(items: Sequence[EvalItem], answers: Sequence, abstained: Sequence[b
     return metrics
 
 
-def _answer_records(items, oos, texts: dict, read: list, conf, hits_of, *, k: int) -> dict:
-    """Every answer of every mode with its confidence, for analyses: the grounded citation's probabilities and
-    which retrieved examples hold the right answer (precision and coverage of "I don't know")."""
+def _answer_records(items, oos, texts: dict, read: list, judgements, above, hits_of, *, k: int) -> dict:
+    """Every answer of every mode with its confidence and the threshold it was judged by, for analyses: the
+    grounded citation's probabilities and which retrieved examples hold the right answer (precision and coverage
+    of "I don't know"; bench/answer_rules.py replays the answer rules on them)."""
     n_in = len(items)
 
     def record(i: int, question: str) -> dict:
         r = read[i] if read else None
-        return {"question": question, "confidence": conf[i], **{m: v[i] for m, v in texts.items()},
+        confidence, threshold = judgements[i]
+        return {"question": question, "confidence": confidence, "threshold": threshold, "no_answer_above": above[i],
+                **{m: v[i] for m, v in texts.items()},
                 "choice_probability": {m: (r.choice_probability if m == "grounded" and r else None) for m in texts},
                 "no_answer_probability": {"grounded": r.no_answer_probability} if r else {},
                 "citation": {str(d): round(p, 4) for d, p in r.choice.items()} if r and r.choice else None,

@@ -263,6 +263,15 @@ class Grounding:
         """The P([0]) threshold answers are read with (NEVER when the retrieval alone decides)."""
         return NEVER if self.abstain_by == "retrieval" and self.no_answer_above is not None else self.no_answer_above
 
+    def no_answer_above_for(self, question: str, hits: Sequence[Hit]) -> float | None:
+        """The P([0]) threshold for this question: NEVER for a question in another language than its examples
+        (P([0]) was calibrated on questions in the examples' language: Russian questions to the English Harbor
+        Line FAQ reached it for 98% of answerable ones; the similarity threshold judges them)."""
+        if self.model_no_answer_above is not None and self.similarity_threshold is not None and hits \
+                and cross_lingual(question, hits[0]):
+            return NEVER
+        return self.model_no_answer_above
+
     def save(self, folder) -> None:
         Path(folder, GROUNDING_FILE).write_text(json.dumps(self.__dict__, indent=1))
 

@@ -131,7 +131,7 @@ def plan_answer(store, assistant_id: int, question: str, *, mode: str = "auto", 
     score, threshold = judged(question, hits, *thresholds)
     common = {"assistant_id": assistant_id, "system_prompt": assistant.system_prompt, "confidence": score,
               "threshold": threshold, "min_choice_probability": grounding.min_choice_probability,
-              "no_answer_above": grounding.model_no_answer_above, "may_abstain": auto,
+              "no_answer_above": grounding.no_answer_above_for(question, hits), "may_abstain": auto,
               "retrieved_from": len(retriever)}
     if mode in ("tuned", "grounded"):
         shown = hits[:grounding.k] if mode == "grounded" else ()
