@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import zipfile
 
 import pytest
@@ -64,11 +65,17 @@ def test_owner_gets_a_checked_gguf_adapter_and_an_expert_cannot(emulator, tmp_pa
         names = set(zipfile.ZipFile(io.BytesIO(emulator.bot_file(sent.document["file_id"]))).namelist())
         assert names == {"adapter.gguf", "Modelfile.adapter", "export_report.json"}
         done = texts[-1]
-        assert "проверена в llama.cpp" in done and "model.gguf: тот же ответ, что в /chat, на" in done, done
+        assert "проверена в llama.cpp" in done and "model.gguf: тот же ответ, что у обученной модели без ваших " \
+            "примеров, на" in done, done
         assert "adapter.gguf: тот же ответ" in done and "из 2 вопросов" in done
+        # the model alone beside /chat (grounded in the examples), scored on the approved answers
+        compare = re.search(r"Верных ответов на 2 ваших вопросов: (\d) у этого файла .* (\d) в /chat", done)
+        assert compare is not None, done
+        assert "tunebot export-model --assistant severo --format assistant" in done
         modelfile = zipfile.ZipFile(io.BytesIO(emulator.bot_file(sent.document["file_id"]))).read("Modelfile.adapter")
         assert modelfile.decode().startswith("FROM ./SmolLM2-135M-Instruct.Q4_1.gguf\nADAPTER ./adapter.gguf\n")
-        noise = [latin_noise(t, ["severo", "llama.cpp", "ollama create ИМЯ -f Modelfile.adapter", "Modelfile.adapter"])
+        noise = [latin_noise(t, ["severo", "llama.cpp", "ollama create ИМЯ -f Modelfile.adapter", "Modelfile.adapter",
+                                 "tunebot export-model --assistant severo --format assistant"])
                  for t in texts]
         assert noise == [[]] * len(texts), noise
         assert bot.errors == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import re
 import time
@@ -83,6 +84,7 @@ async def export_model_button(update: Update, context: ContextTypes.DEFAULT_TYPE
     adapter with a Modelfile (small enough for Telegram); the merged GGUF stays on the server."""
     from tuning.artifacts import local_dir
     from tuning.export import Probe, export_model
+    from tuning.export_assistant import chat_answers, source_from_version
 
     if callback_match(update, MODEL_EXPORT_BUTTON) is None:
         await button_invalid(update, context)
@@ -94,19 +96,27 @@ async def export_model_button(update: Update, context: ContextTypes.DEFAULT_TYPE
     version = store.get_model_version(assistant.active_version_id)
     pool = (store.list_examples(assistant.id, status="approved", split="test")
             or store.list_examples(assistant.id, status="approved"))[:EXPORT_PROBES]
-    probes = [Probe(e.question, tuple(e.must_contain or ())) for e in pool]
+    probes = [Probe(e.question, tuple(e.must_contain or ()), answer=e.answer) for e in pool]
     await reply(update, tr(update, context, "export_gguf_started", id=version.id, n=len(probes)))
     out = settings.data_dir / "exports" / f"{assistant.id}-v{version.id}-{int(time.time())}"
+    base_model = version.base_model or assistant.base_model or settings.base_model
     try:
+        adapter = await asyncio.to_thread(local_dir, version.adapter_path, cache_dir=settings.models_cache)
+        source = await with_thread_store(context, lambda thread_store: dataclasses.replace(source_from_version(
+            thread_store, assistant, version, adapter_dir=adapter, indexes=app_of(context).indexes),
+            base_model=base_model))  # the index may be built (embedded) now: not on the event loop
         report = await asyncio.to_thread(
-            export_model, local_dir(version.adapter_path, cache_dir=settings.models_cache),
-            base_model=version.base_model or assistant.base_model or settings.base_model, out_dir=out, fmt="ollama",
-            probes=probes, system_prompt=assistant.system_prompt or "", cache_dir=settings.models_cache)
+            export_model, adapter, base_model=base_model, out_dir=out, fmt="ollama", probes=probes,
+            system_prompt=assistant.system_prompt or "", cache_dir=settings.models_cache,
+            chat=lambda engine, questions: chat_answers(source, engine, questions, cache_dir=settings.models_cache))
     except TuningError as exc:
         await reply(update, tr(update, context, "export_gguf_unavailable", reason=error_reason(exc, lang_of(update, context))))
         return
     lines = [tr(update, context, "export_gguf_check", artifact=c.artifact.split()[0], same=c.same, n=report.probes)
              for c in report.checks]
+    if report.grounded_right is not None:  # what leaves is the model alone; /chat answers from the examples
+        lines.append(tr(update, context, "export_gguf_compare", closed=report.closed_book_right,
+                        grounded=report.grounded_right, n=report.scored, name=assistant.name))
     if report.flagged:
         lines.append(tr(update, context, "export_gguf_flagged"))
     data = await asyncio.to_thread(_gguf_zip, out)
