@@ -156,7 +156,7 @@ def test_each_assistant_is_answered_by_the_engine_of_its_base_model(store, engin
 def test_unsure_answers_say_so_and_reach_the_experts(store, engine, tiny_model_dir, tmp_path):
     """A grounded version: a question unlike every example is "I don't know" (never an invented fact), recorded
     as abstained and queued as an unanswered item; a close question is answered and cites its source."""
-    from tuning.answering.service import ABSTAIN_TEXT
+    from tuning.answering.service import ABSTAIN_TEXT, ABSTAIN_TEXT_RU
     from tuning.grounding import Grounding
     from tuning.retrieval import AssistantIndexes
 
@@ -176,8 +176,11 @@ def test_unsure_answers_say_so_and_reach_the_experts(store, engine, tiny_model_d
             if ch.choices)
         close = c.chat.completions.create(model="acme", messages=[{"role": "user", "content": "small parcel cost?"}],
                                           max_tokens=5).choices[0].message.content
+        russian = c.chat.completions.create(model="acme", messages=[{"role": "user", "content": "щщфы жжэ?"}],
+                                            max_tokens=5).choices[0].message.content
     assert unsure == ABSTAIN_TEXT and streamed == ABSTAIN_TEXT
-    assert [u.question for u in store.list_unanswered(acme.id)] == ["zzqx vvkj?", "qqqz wwkx?"]
+    assert russian == ABSTAIN_TEXT_RU  # in the question's language
+    assert [u.question for u in store.list_unanswered(acme.id)] == ["zzqx vvkj?", "qqqz wwkx?", "щщфы жжэ?"]
     assert close != ABSTAIN_TEXT and not close.startswith("[")  # never the citation marker
     answered = store.list_unanswered(acme.id)[0].message_id
     assert store.get_message(answered)["abstained"] == 1

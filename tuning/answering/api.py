@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import Store, StorageError, ThreadStores
 from tuning.answering.requests import ContextLengthExceeded, InferenceError
-from tuning.answering.service import (ABSTAIN_TEXT, finish_answer, plan_answer, record_answer,
+from tuning.answering.service import (abstain_text_for, finish_answer, plan_answer, record_answer,
                                       streamed_citation)
 from tuning.errors import ModelLoadError, TuningError
 from tuning.grounding import CitationFilter
@@ -181,7 +181,7 @@ def create_api_app(store: Store, engine, *, engine_for=None, max_body_bytes: int
         except StorageError as exc:  # e.g. the version was deleted meanwhile
             raise ApiError(404, str(exc), code="model_not_found") from None
         if plan.unsure:
-            pieces, generation = iter([ABSTAIN_TEXT]), None
+            pieces, generation = iter([abstain_text_for(question)]), None
         else:
             try:
                 pieces, generation = await run_in_threadpool(_start, assistant_engine(assistant), req, plan)
@@ -265,7 +265,8 @@ class _Completion:
         prompt = generation.prompt_tokens if generation else 0
         completion = generation.n_tokens if generation else len(raw.split())
         outcome = finish_answer(plan, raw, generation.token_logprobs if generation else (),
-                                generation.alternatives if generation else ())
+                                generation.alternatives if generation else (),
+                                abstain_text=abstain_text_for(self.question))
         store_ = self.get_store()
         conversation_id, message_id = record_answer(store_, plan, self.question, outcome.text,
                                                     abstained=outcome.abstained, sources=outcome.sources,

@@ -19,6 +19,15 @@ from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, defa
 
 ABSTAIN_TEXT = ("I'm not sure about this one, so I've passed your question to our experts: "
                 "they will add the answer.")
+ABSTAIN_TEXT_RU = "Я не уверен в ответе, поэтому передал ваш вопрос нашим экспертам: они добавят ответ."
+
+
+def abstain_text_for(question: str) -> str:
+    """The "I don't know" in the question's language (Russian or English), for callers with no text of their own
+    (the CLI, the demo, the API); the bot passes its own, in the user's language."""
+    from tuning.retrieval import has_cyrillic
+
+    return ABSTAIN_TEXT_RU if has_cyrillic(question) else ABSTAIN_TEXT
 FEWSHOT_K = 4
 
 
@@ -170,6 +179,8 @@ def answer_question(store, engine, assistant_id: int, question: str, *, mode: st
     the question on (abstain_text, in the user's language), and the question is queued for the experts.
     """
     plan = plan_answer(store, assistant_id, question, mode=mode, version_id=version_id, indexes=indexes)
+    if abstain_text is None:
+        abstain_text = abstain_text_for(question)
     start = time.perf_counter()
     first, pieces, logprobs, alternatives, streamed = None, [], (), (), False
     if not plan.unsure:
