@@ -16,6 +16,7 @@ from typing import Sequence
 from tuning.answering.requests import MODES, InferenceError, NoActiveVersion, prepare_messages
 from tuning.grounding import (DEFAULT_THRESHOLD, CitationFilter, Grounding, default_threshold, judged,
                               read_grounded, render_question)
+from tuning.retrieval import has_cyrillic
 
 ABSTAIN_TEXT = ("I'm not sure about this one, so I've passed your question to our experts: "
                 "they will add the answer.")
@@ -25,9 +26,9 @@ ABSTAIN_TEXT_RU = "Я не уверен в ответе, поэтому пере
 def abstain_text_for(question: str) -> str:
     """The "I don't know" in the question's language (Russian or English), for callers with no text of their own
     (the CLI, the demo, the API); the bot passes its own, in the user's language."""
-    from tuning.retrieval import has_cyrillic
-
     return ABSTAIN_TEXT_RU if has_cyrillic(question) else ABSTAIN_TEXT
+
+
 FEWSHOT_K = 4
 
 
