@@ -19,23 +19,23 @@ import json
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
 SHARES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, None)  # None: never another example than the first
 ABSTAIN = ("retrieval", "retrieval+model")
 
 
 def choose(citation: dict | None, share: float | None, no_answer_above: float | None, abstain: str) -> int:
-    """0 for "I don't know" (by the model), else the 1-based example the answer comes from."""
+    """0 for "I don't know" (by the model), else the 1-based example the answer comes from: the service's
+    decide_citation with the rule's share (None: NEVER, no share reaches it) and P([0]) threshold."""
+    from tuning.grounding import NEVER, decide_citation
+
     if not citation:
         return 1
-    choice = {int(d): p for d, p in citation.items()}
-    if abstain == "retrieval+model" and no_answer_above is not None and choice.get(0, 0.0) >= no_answer_above:
-        return 0
-    examples = {d: p for d, p in choice.items() if d}
-    if not examples or share is None:
-        return 1
-    best = max(examples, key=examples.get)
-    total = sum(examples.values())
-    return best if best == 1 or (total > 0 and examples[best] / total >= share) else 1
+    model_says = abstain == "retrieval+model" and no_answer_above is not None
+    return decide_citation({int(d): p for d, p in citation.items()}, no_answer_above if model_says else NEVER,
+                           share=NEVER if share is None else share)
 
 
 def withheld_by_retrieval(record: dict, threshold: float) -> bool:

@@ -156,7 +156,7 @@ def citation_choice(alternatives: Sequence[Sequence[tuple[str, float]]], k: int)
     return None
 
 
-def decide_citation(choice: dict[int, float], no_answer_above: float) -> int:
+def decide_citation(choice: dict[int, float], no_answer_above: float, *, share: float = OTHER_EXAMPLE_SHARE) -> int:
     """The example a grounded answer draws on (its number), or 0 for "I don't know": P([0]) at the threshold.
     The retrieval's best example ([1]) unless the model is sure of another one (OTHER_EXAMPLE_SHARE of the
     probability it gives the examples). With n-gram retrieval, on ACME, the model's own choice among the three was
@@ -167,7 +167,7 @@ def decide_citation(choice: dict[int, float], no_answer_above: float) -> int:
         return 0
     best = max((d for d in choice if d), key=lambda d: choice[d])
     examples = sum(p for d, p in choice.items() if d)
-    if best != 1 and examples > 0 and choice[best] / examples < OTHER_EXAMPLE_SHARE:
+    if best != 1 and examples > 0 and choice[best] / examples < share:
         return 1
     return best
 
